@@ -1,0 +1,17 @@
+"""The `decomp-hooks` command: one click group, one module per command."""
+from __future__ import annotations
+
+import click
+
+from decomp_hooks.cli.decompose import decompose_command
+from decomp_hooks.cli.toy import toy_group
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="decomp-hooks")
+def main() -> None:
+    """Parameter decomposition (SPD) of the models you already load, from the command line."""
+
+
+main.add_command(decompose_command)
+main.add_command(toy_group)

@@ -1,0 +1,123 @@
+"""Causal-importance functions and the hard sigmoids that turn their raw output into importances in [0, 1].
+
+`g = σ_lower(z)` makes the masks, `g⁺ = σ_upper(z)` enters the importance-minimality loss (methods.md §1.4).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _LowerLeakyHard(torch.autograd.Function):
+    """Forward clamp(z, 0, 1); backward passes γ on (0, 1], 0 above 1, and 0.01·γ below 0 only when γ < 0."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(z)
+        return z.clamp(0.0, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (z,) = ctx.saved_tensors
+        inside = (z > 0) & (z <= 1)
+        below = (z <= 0) & (grad < 0)
+        return torch.where(inside, grad, torch.where(below, 0.01 * grad, torch.zeros_like(grad)))
+
+
+def lower_leaky_hard_sigmoid(z: torch.Tensor) -> torch.Tensor:
+    return _LowerLeakyHard.apply(z)
+
+
+def upper_leaky_hard_sigmoid(z: torch.Tensor) -> torch.Tensor:
+    """0 below 0, z on [0, 1], 1 + 0.01 (z − 1) above 1, with ordinary gradients."""
+    return torch.where(z > 1, 1 + 0.01 * (z - 1), z.clamp(min=0.0))
+
+
+SIGMOIDS = {
+    "leaky_hard": (lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid),
+    "hard": (lambda z: z.clamp(0.0, 1.0),) * 2,
+    "normal": (torch.sigmoid,) * 2,
+    "upper_leaky_hard": (upper_leaky_hard_sigmoid,) * 2,
+}
+
+
+def _kaiming(shape: tuple[int, ...], fan_in: int, gain: float) -> nn.Parameter:
+    return nn.Parameter(torch.randn(shape) * (gain / math.sqrt(fan_in)))
+
+
+class PerComponentMLP(nn.Module):
+    """`mlp`: each component's own small GELU MLP on its scalar inner activation h_c = (a V)_c (the paper's)."""
+
+    takes_inner_acts = True
+
+    def __init__(self, d_in: int, C: int, hidden: list[int]):
+        super().__init__()
+        dims = [1, *hidden]
+        self.weights = nn.ParameterList(_kaiming((C, a, b), a, math.sqrt(2)) for a, b in zip(dims[:-1], dims[1:]))
+        self.biases = nn.ParameterList(nn.Parameter(torch.zeros(C, b)) for b in dims[1:])
+        self.w_out = _kaiming((C, dims[-1]), dims[-1], 1.0)
+        self.b_out = nn.Parameter(torch.zeros(C))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = h.unsqueeze(-1)  # [..., C, 1]
+        for w, b in zip(self.weights, self.biases):
+            x = F.gelu(torch.einsum("...ca,cab->...cb", x, w) + b)
+        return (x * self.w_out).sum(-1) + self.b_out
+
+
+class VectorMLP(nn.Module):
+    """`vector_mlp`: each component's own GELU MLP on the full site input a."""
+
+    takes_inner_acts = False
+
+    def __init__(self, d_in: int, C: int, hidden: list[int]):
+        super().__init__()
+        self.C, self.h0 = C, hidden[0]
+        self.w_in = _kaiming((C * hidden[0], d_in), d_in, math.sqrt(2))
+        self.b_in = nn.Parameter(torch.zeros(C * hidden[0]))
+        dims = hidden
+        self.weights = nn.ParameterList(_kaiming((C, a, b), a, math.sqrt(2)) for a, b in zip(dims[:-1], dims[1:]))
+        self.biases = nn.ParameterList(nn.Parameter(torch.zeros(C, b)) for b in dims[1:])
+        self.w_out = _kaiming((C, dims[-1]), dims[-1], 1.0)
+        self.b_out = nn.Parameter(torch.zeros(C))
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(F.linear(a, self.w_in, self.b_in)).unflatten(-1, (self.C, self.h0))
+        for w, b in zip(self.weights, self.biases):
+            x = F.gelu(torch.einsum("...ca,cab->...cb", x, w) + b)
+        return (x * self.w_out).sum(-1) + self.b_out
+
+
+class SharedMLP(nn.Module):
+    """`shared_mlp`: one GELU MLP per site from the site input a to all C raw importances."""
+
+    takes_inner_acts = False
+
+    def __init__(self, d_in: int, C: int, hidden: list[int]):
+        super().__init__()
+        dims = [d_in, *hidden]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.out = nn.Linear(dims[-1], C)
+        for layer in self.layers:
+            nn.init.normal_(layer.weight, std=math.sqrt(2 / layer.in_features))
+            nn.init.zeros_(layer.bias)
+        nn.init.normal_(self.out.weight, std=1 / math.sqrt(dims[-1]))
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            a = F.gelu(layer(a))
+        return self.out(a)
+
+
+CI_FUNCTIONS = {"mlp": PerComponentMLP, "vector_mlp": VectorMLP, "shared_mlp": SharedMLP}
+
+
+def make_ci_fn(kind: str, site_kind: str, d_in: int, C: int, hidden: list[int]) -> nn.Module:
+    """Build one site's CI function; embeddings allow only `mlp` (their input is a token id, not a vector)."""
+    if site_kind == "embedding" and kind != "mlp":
+        raise ValueError(f"ci.type={kind!r} cannot read an embedding site's token ids; use ci.type='mlp' for embeddings.")
+    return CI_FUNCTIONS[kind](d_in, C, hidden)

@@ -1,0 +1,141 @@
+"""The target model with its sites' components and CI functions: forwards with chosen site masks.
+
+One `forward(x, masks=..., cache=...)` serves every method: hooks installed for the call read each site's input and,
+for sites with a mask, replace the output with `SiteComponents.forward`.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from decomp_hooks.causal_importance import SIGMOIDS, make_ci_fn
+from decomp_hooks.components import SiteComponents, SiteMask
+from decomp_hooks.config import CIConfig
+from decomp_hooks.sites import Site, SiteError
+
+
+@dataclass
+class CausalImportance:
+    """One site's importances: `lower` (g, for masks) and `upper` (g⁺, for the importance loss), both `[..., C]`."""
+
+    lower: torch.Tensor
+    upper: torch.Tensor
+
+
+def key(name: str) -> str:
+    """Site names contain dots, which ModuleDict keys may not."""
+    return name.replace(".", "-")
+
+
+def output_tensor(out: Any) -> torch.Tensor:
+    """The tensor a loss compares: the model output itself, its `.logits`, or the first element of a tuple."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot find an output tensor in a {type(out).__name__}; return a tensor or an object with .logits")
+
+
+class ComponentModel(nn.Module):
+    """A frozen target model plus components and CI functions for each site."""
+
+    def __init__(self, target: nn.Module, sites: list[Site], C: dict[str, int], ci: CIConfig,
+                 tied: list[list[str]] | None = None, init: str = "kaiming"):
+        super().__init__()
+        self.target = target.requires_grad_(False)
+        self.sites = {s.name: s for s in sites}
+        self.ci_config = ci
+        tied_of = _tied_sources(tied or [], self.sites, C)
+        self.components = nn.ModuleDict()
+        for s in sites:
+            source = self.components[key(tied_of[s.name])] if s.name in tied_of else None
+            self.components[key(s.name)] = SiteComponents(s, C[s.name], init, tied_to=source)
+        self.ci_fns = nn.ModuleDict({key(s.name): make_ci_fn(ci.type, s.kind, s.d_in, C[s.name], ci.hidden) for s in sites})
+        self.lower_sigmoid, self.upper_sigmoid = SIGMOIDS[ci.sigmoid]
+
+    @property
+    def site_names(self) -> list[str]:
+        return list(self.sites)
+
+    def component(self, name: str) -> SiteComponents:
+        return self.components[key(name)]
+
+    def component_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.components.parameters() if p.requires_grad]
+
+    def ci_parameters(self) -> list[nn.Parameter]:
+        return list(self.ci_fns.parameters())
+
+    @contextmanager
+    def _hooks(self, masks: dict[str, SiteMask], inputs: dict[str, torch.Tensor] | None,
+               delta_ws: dict[str, torch.Tensor] | None) -> Iterator[None]:
+        handles = []
+        for name, site in self.sites.items():
+            if name not in masks and inputs is None:
+                continue
+            handles.append(site.hook(self._site_fn(name, masks.get(name), inputs, delta_ws)))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _site_fn(self, name, mask, inputs, delta_ws):
+        comps = self.component(name)
+
+        def fn(x: torch.Tensor, target_out: torch.Tensor) -> torch.Tensor | None:
+            if inputs is not None:
+                inputs[name] = x
+            if mask is None:
+                return None
+            dw = delta_ws.get(name) if delta_ws else None
+            return comps(x, mask, target_out=target_out, delta_w=dw).to(target_out.dtype)
+        return fn
+
+    def forward(self, x: Any, masks: dict[str, SiteMask] | None = None, cache: bool = False,
+                delta_ws: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Run the target with the given site masks (others untouched); returns (output tensor, site inputs if cached)."""
+        inputs: dict[str, torch.Tensor] | None = {} if cache else None
+        with self._hooks(masks or {}, inputs, delta_ws):
+            out = self.target(**x) if isinstance(x, dict) else self.target(x)
+        return output_tensor(out), inputs or {}
+
+    def causal_importances(self, inputs: dict[str, torch.Tensor], noise: bool = False) -> dict[str, CausalImportance]:
+        """CI per site from the target's site inputs; `noise` adds the binomial-sampling perturbation of z."""
+        out = {}
+        for name, x in inputs.items():
+            comps, fn = self.component(name), self.ci_fns[key(name)]
+            if fn.takes_inner_acts:
+                z = fn(comps.inner_acts(x if comps.kind == "embedding" else x.to(comps.V.dtype)))
+            else:
+                z = fn(x.to(comps.V.dtype))
+            if noise and self.ci_config.sampling == "binomial":
+                lower_z = 1.05 * z - 0.05 * torch.rand_like(z)
+            else:
+                lower_z = z
+            out[name] = CausalImportance(self.lower_sigmoid(lower_z), self.upper_sigmoid(z))
+        return out
+
+
+def _tied_sources(tied: list[list[str]], sites: dict[str, Site], C: dict[str, int]) -> dict[str, str]:
+    """Map each tied site to its source: `[source, tied]` pairs whose weights are transposes of each other."""
+    result = {}
+    for pair in tied:
+        if len(pair) != 2 or any(p not in sites for p in pair):
+            raise SiteError(f"tied={pair!r}: each entry is [source_site, tied_site], both decomposed sites; sites are {list(sites)}.")
+        src, dst = pair
+        a, b = sites[src], sites[dst]
+        if (a.d_in, a.d_out) != (b.d_out, b.d_in) or C[src] != C[dst]:
+            raise SiteError(f"tied sites {src!r} and {dst!r} need transposed shapes and equal C.")
+        if not torch.allclose(a.weight(), b.weight().T):
+            raise SiteError(f"tied sites {src!r} and {dst!r}: the target weights are not transposes of each other.")
+        result[dst] = src
+    return result

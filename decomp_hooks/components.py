@@ -1,0 +1,95 @@
+"""Rank-one components of one site, the delta component, and the one masked forward every consumer shares.
+
+`out = ((a V) ⊙ m) U + m_δ · a ΔWᵀ + b` with ΔW = W_target − (V U)ᵀ (methods.md §1.1, §1.3); unrouted positions
+keep the target output. Training, evaluation, interventions and exports all call `SiteComponents.forward`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from decomp_hooks.sites import Site
+
+
+@dataclass
+class SiteMask:
+    """How one site runs in a forward: component mask `[..., C]`, delta mask `[...]` (None = no delta), routing `[...]`."""
+
+    component: torch.Tensor
+    delta: torch.Tensor | None = None
+    route: torch.Tensor | None = None
+
+
+class SiteComponents(nn.Module):
+    """C rank-one components `V [d_in, C]`, `U [C, d_out]` of one site, with its frozen target weight and bias."""
+
+    def __init__(self, site: Site, C: int, init: str = "kaiming", tied_to: "SiteComponents | None" = None):
+        super().__init__()
+        self.kind, self.C, self.d_in, self.d_out = site.kind, C, site.d_in, site.d_out
+        weight = site.weight().float()
+        self.register_buffer("target_weight", weight.T.contiguous().clone())  # [d_in, d_out], as the forward uses it
+        bias = site.bias()
+        self.register_buffer("bias", None if bias is None else bias.float().clone())
+        self._tied = [tied_to] if tied_to is not None else []  # a list keeps the source out of this module's params
+        if tied_to is None:
+            self.V_param = nn.Parameter(torch.empty(self.d_in, C))
+            self.U_param = nn.Parameter(torch.empty(C, self.d_out))
+            self.reset_parameters(init)
+
+    @property
+    def tied(self) -> bool:
+        return bool(self._tied)
+
+    @property
+    def V(self) -> torch.Tensor:
+        return self._tied[0].U_param.T if self._tied else self.V_param
+
+    @property
+    def U(self) -> torch.Tensor:
+        return self._tied[0].V_param.T if self._tied else self.U_param
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str) -> None:
+        """Kaiming normal (SPD main), or the paper's unit-norm factors scaled by their overlap with W."""
+        nn.init.normal_(self.V_param, std=1 / math.sqrt(self.d_in))
+        nn.init.normal_(self.U_param, std=1 / math.sqrt(self.C))
+        if init == "paper":
+            self.V_param.div_(self.V_param.norm(dim=0, keepdim=True))
+            self.U_param.div_(self.U_param.norm(dim=1, keepdim=True))
+            overlap = torch.einsum("ic,co,io->c", self.V_param, self.U_param, self.target_weight)
+            self.V_param.mul_(overlap)
+
+    def weight(self) -> torch.Tensor:
+        """The decomposed weight `(V U)ᵀ` in canonical orientation `[d_out, d_in]`."""
+        return (self.V @ self.U).T
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW in forward orientation `[d_in, d_out]`; gradients flow into U and V."""
+        return self.target_weight - self.V @ self.U
+
+    def inner_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """Component activations `a V` (`[..., C]`); for embeddings the rows of V at the token ids."""
+        return self.V[x] if self.kind == "embedding" else x @ self.V
+
+    def _apply_delta(self, x: torch.Tensor, delta_w: torch.Tensor) -> torch.Tensor:
+        return delta_w[x] if self.kind == "embedding" else x @ delta_w
+
+    def forward(self, x: torch.Tensor, mask: SiteMask, target_out: torch.Tensor | None = None,
+                delta_w: torch.Tensor | None = None) -> torch.Tensor:
+        """The masked site output; `delta_w` may be passed in to share one ΔW across several forwards."""
+        if self.kind != "embedding" and x.dtype != self.V.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.V.dtype)
+        out = (self.inner_acts(x) * mask.component) @ self.U
+        if mask.delta is not None:
+            dw = self.delta_weight() if delta_w is None else delta_w
+            out = out + mask.delta.unsqueeze(-1) * self._apply_delta(x, dw)
+        if self.bias is not None:
+            out = out + self.bias
+        if mask.route is not None:
+            if target_out is None:
+                raise ValueError("a routed site mask needs the target output to fall back on")
+            out = torch.where(mask.route.unsqueeze(-1), out, target_out.to(out.dtype))
+        return out

@@ -1,0 +1,150 @@
+"""The result of a decomposition: components and CI functions attached to the target model; save and load."""
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from decomp_hooks import store
+from decomp_hooks.component_model import ComponentModel
+from decomp_hooks.components import SiteComponents, SiteMask
+from decomp_hooks.config import DecomposeConfig, from_dict
+
+FORMAT = "decomp-hooks/decomposition"
+VERSION = 1
+PACKAGES = ("torch", "transformers", "nnsight", "transformer-lens", "sae-lens", "decomp-hooks")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+class Decomposition:
+    """Components per site (`components[name].V`, `.U`, `.weight()`), CI functions, config, metrics, provenance."""
+
+    def __init__(self, cm: ComponentModel, config: DecomposeConfig, metrics: list[dict] | None = None,
+                 provenance: dict | None = None, step: int = 0):
+        self.cm, self.config, self.metrics = cm, config, metrics or []
+        self.provenance, self.step = provenance or {}, step
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.cm.target
+
+    @property
+    def site_names(self) -> list[str]:
+        return self.cm.site_names
+
+    @property
+    def components(self) -> dict[str, SiteComponents]:
+        return {n: self.cm.component(n) for n in self.cm.site_names}
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.cm.components.buffers())).device
+
+    @torch.no_grad()
+    def causal_importance(self, batch: Any, upper: bool = False) -> dict[str, torch.Tensor]:
+        """Per site, the causal importance of each component at each position: `{site: [..., C]}`."""
+        _, inputs = self.cm(batch, cache=True)
+        ci = self.cm.causal_importances(inputs)
+        return {n: (c.upper if upper else c.lower) for n, c in ci.items()}
+
+    @torch.no_grad()
+    def component_acts(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Per site, the components' signed inner activations `a V`: `{site: [..., C]}`."""
+        _, inputs = self.cm(batch, cache=True)
+        return {n: self.cm.component(n).inner_acts(x) for n, x in inputs.items()}
+
+    @torch.no_grad()
+    def run(self, batch: Any, masks: dict[str, SiteMask] | None = None) -> torch.Tensor:
+        """The model output with the given site masks (sites without one run as the target)."""
+        out, _ = self.cm(batch, masks=masks)
+        return out
+
+    def fingerprints(self) -> dict[str, str]:
+        return {n: store.fingerprint(s.weight()) for n, s in self.cm.sites.items()}
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write `decomposition.safetensors` + `decomposition.json` into directory `path`, atomically."""
+        path = Path(path)
+        tensors = {k: v for k, v in self.cm.named_parameters() if not k.startswith("target.")}
+        sites = [{"name": n, "kind": s.kind, "d_in": s.d_in, "d_out": s.d_out, "C": self.cm.component(n).C}
+                 for n, s in self.cm.sites.items()]
+        meta = {"format": FORMAT, "version": VERSION, "step": self.step, "sites": sites,
+                "fingerprints": self.fingerprints(), "config": self.config.to_dict(),
+                "provenance": self.provenance, "final_metrics": self.final_metrics()}
+        with store.atomic_dir(path, overwrite=overwrite) as tmp:
+            store.write_tensors(tmp / "decomposition.safetensors", tensors)
+            store.write_json(tmp / "decomposition.json", meta)
+        return path
+
+    def final_metrics(self) -> dict:
+        """The last evaluation record (metrics logged with an `eval/` prefix)."""
+        evals = [r for r in self.metrics if any(k.startswith("eval/") for k in r)]
+        return evals[-1] if evals else {}
+
+
+class FingerprintError(ValueError):
+    """The model's target weights differ from those the decomposition was trained on."""
+
+
+def read_meta(path: str | Path) -> dict:
+    meta = store.read_json(Path(path) / "decomposition.json")
+    if meta.get("format") != FORMAT:
+        raise store.StoreError(f"{str(path)!r} is not a decomp-hooks decomposition (format {meta.get('format')!r}).")
+    if meta.get("version") != VERSION:
+        raise store.StoreError(f"{str(path)!r} has format version {meta.get('version')}; this release reads {VERSION}.")
+    return meta
+
+
+def load(path: str | Path, model: Any = None, strict: bool = True, device: str | torch.device | None = None) -> Decomposition:
+    """Re-attach a saved decomposition to `model` (or the toy target saved beside it); refuse different weights."""
+    from decomp_hooks.adapters import resolve
+
+    path = Path(path)
+    meta = read_meta(path)
+    config = from_dict(DecomposeConfig, meta["config"])
+    if model is None:
+        model = _saved_target(path)
+    targets = {s["name"]: s["C"] for s in meta["sites"] if s["kind"] != "identity"}
+    identity = {s["name"].removesuffix(".pre_identity"): s["C"] for s in meta["sites"] if s["kind"] == "identity"}
+    module, sites, cs = resolve(model, targets, identity)
+    cm = ComponentModel(module, sites, cs, config.ci, config.tied, config.init)
+    for site in sites:
+        saved = meta["fingerprints"].get(site.name)
+        if strict and saved != store.fingerprint(site.weight()):
+            raise FingerprintError(
+                f"site {site.name!r}: the model's weight differs from the one this decomposition was trained on "
+                f"(fingerprint {store.fingerprint(site.weight())} vs {saved}); load the original model, or pass strict=False.")
+    tensors = store.read_tensors(path / "decomposition.safetensors")
+    params = {k: v for k, v in cm.named_parameters() if not k.startswith("target.")}
+    missing = sorted(set(params) - set(tensors))
+    if missing:
+        raise store.StoreError(f"{str(path)!r} lacks tensors {missing[:5]}; the file is not from this decomposition.")
+    with torch.no_grad():
+        for k, p in params.items():
+            if tensors[k].shape != p.shape:
+                raise store.StoreError(f"{str(path)!r}: tensor {k!r} has shape {tuple(tensors[k].shape)}, expected {tuple(p.shape)}.")
+            p.copy_(tensors[k])
+    if device is not None:
+        cm.to(device)
+    return Decomposition(cm, config, provenance=meta.get("provenance"), step=meta.get("step", 0))
+
+
+def _saved_target(path: Path) -> torch.nn.Module:
+    """A toy target saved next to the decomposition (`target/` in the run directory or inside `path`)."""
+    from decomp_hooks.toy import load_toy
+
+    for candidate in (path / "target", path.parent / "target"):
+        if (candidate / "toy.json").is_file():
+            return load_toy(candidate)
+    raise ValueError(f"no model given and no saved toy target next to {str(path)!r}; pass model=<the target model>.")

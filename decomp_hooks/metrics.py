@@ -1,0 +1,126 @@
+"""Evaluation metrics (methods.md Part 5): CI-L0, MMCS/ML2R, CI-pattern errors, component norms, KL/CE/MSE.
+
+Layouts: a site's components are ``V`` [d_in, C] and ``U`` [C, d_out]; the target weight ``W`` is [d_out, d_in];
+causal importances ``ci`` are [..., C]. All functions are pure and never modify their inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+HUNGARIAN_MAX_DIM = 500
+_EPS = 1e-12
+
+
+def ci_l0(ci: Tensor, threshold: float) -> float:
+    """Mean over positions (all leading dims) of how many components have CI above ``threshold``."""
+    return (ci > threshold).sum(-1).double().mean().item()
+
+
+def mmcs_ml2r(V: Tensor, U: Tensor, W: Tensor) -> tuple[float, float]:
+    """Mean max cosine similarity and mean L2 ratio of the best component per feature column ``W[:, j]``.
+
+    Component c's contribution to column j is ``V[j, c] * U[c, :]``; it is never materialised: its dot product with
+    ``W[:, j]`` is ``V[j, c] * (U @ W)[c, j]`` and its norm ``|V[j, c]| * ||U[c]||``.
+    """
+    V, U, W = V.detach().double(), U.detach().double(), W.detach().double()
+    dots = V * (U @ W).T  # [d_in, C]
+    contrib_norms = V.abs() * U.norm(dim=1)  # [d_in, C]
+    w_norms = W.norm(dim=0)  # [d_in]
+    cos = dots / (contrib_norms * w_norms[:, None]).clamp_min(_EPS)
+    best_cos, best_c = cos.max(dim=1)
+    ratio = contrib_norms.gather(1, best_c[:, None]).squeeze(1) / w_norms.clamp_min(_EPS)
+    return best_cos.mean().item(), ratio.mean().item()
+
+
+def _match_hungarian(scores: np.ndarray) -> np.ndarray:
+    """Optimal row -> column assignment maximising the summed scores (rows <= columns)."""
+    _, cols = linear_sum_assignment(scores, maximize=True)
+    return cols
+
+
+def _match_greedy(scores: np.ndarray) -> np.ndarray:
+    """Rows, most confident first, each take their best still-free column (rows <= columns); O(rows * columns)."""
+    free = np.ones(scores.shape[1], dtype=bool)
+    cols = np.empty(scores.shape[0], dtype=np.int64)
+    for row in np.argsort(-scores.max(axis=1), kind="stable"):
+        col = int(np.argmax(np.where(free, scores[row], -np.inf)))
+        cols[row], free[col] = col, False
+    return cols
+
+
+def permute_to_identity(ci: Tensor) -> Tensor:
+    """Column order of ``ci`` [n, C] placing each row's matched column on the diagonal, then the rest by mass.
+
+    The matching maximises total CI (Hungarian when min(n, C) < 500, else greedy); unmatched columns follow in
+    descending column mass. Returns a permutation of all C column indices (int64, on ``ci``'s device).
+    """
+    n, C = ci.shape
+    m = min(n, C)
+    scores = ci[:m].detach().double().cpu().numpy()
+    matcher = _match_hungarian if m < HUNGARIAN_MAX_DIM else _match_greedy
+    matched = torch.as_tensor(matcher(scores), dtype=torch.long, device=ci.device)
+    unmatched = torch.ones(C, dtype=torch.bool, device=ci.device)
+    unmatched[matched] = False
+    rest = unmatched.nonzero().squeeze(1)
+    mass = ci.detach().sum(0)[rest]
+    rest = rest[torch.argsort(mass, descending=True, stable=True)]
+    return torch.cat([matched, rest])
+
+
+def identity_ci_error(ci: Tensor, tol: float = 0.1) -> int:
+    """Entries of the identity-permuted ``ci`` [n, C] breaking the one-component-per-feature pattern; 0 = perfect.
+
+    Counts off-diagonal entries > ``tol`` plus diagonal entries < 1 - ``tol``.
+    """
+    permuted = ci[:, permute_to_identity(ci)]
+    diag = torch.eye(*ci.shape, dtype=torch.bool, device=ci.device)
+    return int(((permuted > tol) & ~diag).sum() + ((permuted < 1 - tol) & diag).sum())
+
+
+def dense_ci_error(ci: Tensor, k: int, tol: float = 0.1) -> int:
+    """Entries of ``ci`` [n, C] breaking the pattern "k columns always on, all others off"; 0 = perfect.
+
+    The k columns of largest mass must be >= 1 - ``tol`` on every probe, every other column <= ``tol``.
+    """
+    on = torch.zeros(ci.shape[1], dtype=torch.bool, device=ci.device)
+    on[torch.topk(ci.detach().sum(0), k).indices] = True
+    return int(((ci < 1 - tol) & on).sum() + ((ci > tol) & ~on).sum())
+
+
+def one_hot_probes(n_features: int, value: float = 0.75, device: torch.device | str | None = None) -> Tensor:
+    """The CI probe batch ``value * e_i``, i = 1..n_features, as an [n, n] matrix."""
+    return value * torch.eye(n_features, device=device)
+
+
+def norms(V: Tensor, U: Tensor) -> Tensor:
+    """Per-component norm ``||V[:, c]|| * ||U[c, :]||`` (the Frobenius norm of the rank-one matrix), shape [C]."""
+    return V.detach().norm(dim=0) * U.detach().norm(dim=1)
+
+
+def n_non_negligible(V: Tensor, U: Tensor, rel: float = 0.05) -> int:
+    """How many components have norm >= ``rel`` times the site's largest (all-zero components never count)."""
+    component_norms = norms(V, U)
+    return int(((component_norms >= rel * component_norms.max()) & (component_norms > 0)).sum())
+
+
+def kl_logits(pred_logits: Tensor, target_logits: Tensor) -> Tensor:
+    """KL(softmax(target) || softmax(pred)) summed over the last dim and averaged over all leading dims (fp32)."""
+    log_p = F.log_softmax(target_logits.float(), dim=-1)
+    log_q = F.log_softmax(pred_logits.float(), dim=-1)
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1).mean()
+
+
+def mse(pred: Tensor, target: Tensor) -> Tensor:
+    """Sum of squared errors divided by the number of elements."""
+    return (pred - target).pow(2).mean()
+
+
+def ce_loss(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Next-token cross-entropy of ``logits`` [..., T, V] against ``tokens`` [..., T] (logits at t predict t + 1)."""
+    return F.cross_entropy(logits[..., :-1, :].flatten(0, -2).float(), tokens[..., 1:].flatten())

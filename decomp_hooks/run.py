@@ -1,0 +1,102 @@
+"""`decompose()`: from the user's model, data and config to a trained Decomposition (and a run directory)."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from decomp_hooks import store
+from decomp_hooks.component_model import ComponentModel
+from decomp_hooks.config import ConfigError, DecomposeConfig, load_config, validate
+from decomp_hooks.data import make_source
+from decomp_hooks.decomposition import Decomposition, package_versions
+from decomp_hooks.spd import SPD
+from decomp_hooks.train import Trainer, set_seed
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={str(device)!r} but CUDA is not available here; use device='cpu'.")
+    return device
+
+
+def build_config(config: Any, targets: dict[str, int] | None, steps: int | None, seed: int | None,
+                 identity_targets: dict[str, int] | None) -> DecomposeConfig:
+    """The config with explicit arguments taking precedence over the file's values."""
+    cfg = load_config(config)
+    if targets is not None:
+        cfg.targets = dict(targets)
+    if identity_targets is not None:
+        cfg.identity_targets = dict(identity_targets)
+    if steps is not None:
+        cfg.train = dataclasses.replace(cfg.train, steps=steps)
+    if seed is not None:
+        cfg.seed = seed
+    validate(cfg)
+    if not cfg.targets and not cfg.identity_targets:
+        raise ConfigError("no targets: pass targets={'<module glob>': C, ...} or set `targets:` in the config.")
+    if not cfg.losses:
+        raise ConfigError("no loss terms: set `losses:` in the config (see examples/*.yaml).")
+    return cfg
+
+
+def latest_checkpoint(out_dir: Path) -> Path:
+    found = sorted((out_dir / "checkpoints").glob("step-*"))
+    if not found:
+        raise store.StoreError(f"no checkpoint to resume in {str(out_dir)!r} (expected {str(out_dir / 'checkpoints')}/step-*).")
+    return found[-1]
+
+
+def decompose(model: Any, data: Any, targets: dict[str, int] | None = None, method: str = "spd",
+              config: DecomposeConfig | dict | str | Path | None = None, steps: int | None = None,
+              device: str | torch.device | None = None, seed: int | None = None, out_dir: str | Path | None = None,
+              identity_targets: dict[str, int] | None = None, resume: bool = False, progress: bool = True,
+              evaluate: Callable[[Decomposition, int], dict] | None = None) -> Decomposition:
+    """Decompose the chosen weight matrices of `model` into rank-one components with causal importances.
+
+    `targets` maps fnmatch globs of the model's module names to C; `data` is a sampler `f(batch_size)`, a tensor or an
+    iterable of batches; `config` a DecomposeConfig, dict or YAML path. With `out_dir`, writes config, metrics.jsonl,
+    checkpoints and the final decomposition there; `resume=True` continues from its latest checkpoint.
+    """
+    from decomp_hooks.adapters import resolve
+
+    cfg = build_config(config, targets, steps, seed, identity_targets)
+    if method != cfg.method:
+        cfg.method = method
+        validate(cfg)
+    dev = resolve_device(device)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and not resume and (out / "checkpoints").exists():
+        raise store.StoreError(f"{str(out)!r} already holds a run; pass resume=True (--resume) to continue it, or another out_dir.")
+    set_seed(cfg.seed)
+    module, sites, cs = resolve(model, cfg.targets, cfg.identity_targets)
+    cm = ComponentModel(module, sites, cs, cfg.ci, cfg.tied, cfg.init).to(dev)
+    source = make_source(data, cfg.train.batch_size, cfg.seed)
+    dec = Decomposition(cm, cfg, provenance=_provenance(cfg, dev, cm))
+    extra = (lambda step: evaluate(dec, step)) if evaluate is not None else None
+    trainer = Trainer(cm, SPD(cfg), source, cfg, dev, out, extra, progress)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.to_yaml())
+        if resume:
+            trainer.load_checkpoint(latest_checkpoint(out))
+    start = time.perf_counter()
+    dec.metrics = trainer.train()
+    dec.step = cfg.train.steps
+    dec.provenance["wall_time_s"] = time.perf_counter() - start
+    if out is not None:
+        dec.save(out / "decomposition", overwrite=True)
+    return dec
+
+
+def _provenance(cfg: DecomposeConfig, device: torch.device, cm: ComponentModel) -> dict:
+    return {"method": cfg.method, "seed": cfg.seed, "device": str(device), "world_size": 1,
+            "autocast_bf16": cfg.train.autocast_bf16 and device.type == "cuda", "dtype": "float32",
+            "versions": package_versions(), "target_class": type(cm.target).__name__}

@@ -1,0 +1,63 @@
+"""Sites: the contract between adapters and methods.
+
+A site is one weight matrix seen as `W [d_out, d_in]`, plus the ability to read its input during a forward pass and
+replace its output by a function of that input. Methods see only this; adapters build sites from a toolkit's model.
+"""
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+#: fn(site_input, target_output) -> replacement output, or None to keep the target output.
+SiteHook = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
+class SiteError(ValueError):
+    """A target pattern or module that cannot become a site; the message names it and the candidates."""
+
+
+class Site(Protocol):
+    """What every method needs from a site, whatever toolkit it lives in."""
+
+    name: str
+    kind: str  # "linear" (input is an activation) | "embedding" (input is token ids) | "identity" (inserted I_d)
+    d_in: int
+    d_out: int
+
+    def weight(self) -> torch.Tensor:
+        """The target weight in canonical orientation `[d_out, d_in]` (for embeddings: `[vocab, d]` as `W.T`)."""
+
+    def bias(self) -> torch.Tensor | None:
+        """The frozen target bias `[d_out]`, or None."""
+
+    def hook(self, fn: SiteHook) -> RemovableHandle:
+        """Call `fn` on every forward through the site; a returned tensor replaces the site's output."""
+
+
+def match_targets(names: Iterable[str], patterns: dict[str, int], what: str = "module") -> dict[str, int]:
+    """Resolve fnmatch globs to concrete names with their C; a glob matching nothing or a name matched twice is an error."""
+    names = list(names)
+    resolved: dict[str, int] = {}
+    owner: dict[str, str] = {}
+    for pattern, c in patterns.items():
+        hits = fnmatch.filter(names, pattern)
+        if not hits:
+            raise SiteError(
+                f"target pattern {pattern!r} matches no {what}. Candidates: {_preview(names)}. "
+                "Patterns are fnmatch globs such as 'layers.*.mlp_in'."
+            )
+        for name in hits:
+            if name in owner:
+                raise SiteError(f"{what} {name!r} is matched by both {owner[name]!r} and {pattern!r}; make the patterns disjoint.")
+            owner[name] = pattern
+            resolved[name] = c
+    return resolved
+
+
+def _preview(names: list[str], limit: int = 40) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "") if names else "(none)"

@@ -1,0 +1,220 @@
+"""Stochastic Parameter Decomposition: its loss terms on a ComponentModel (methods.md §1.5–§1.6).
+
+Every reconstruction term is one of three mask kinds (stochastic, CI-masked, unmasked) or PGD, under one of three
+routings (all sites, one site at a time, a random subset per position); fresh masks are drawn for every term.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from decomp_hooks.component_model import CausalImportance, ComponentModel
+from decomp_hooks.components import SiteMask
+from decomp_hooks.config import DecomposeConfig, LossConfig
+from decomp_hooks.metrics import ci_l0, kl_logits, mse
+
+#: loss type -> (mask kind, routing)
+RECON_TERMS = {
+    "stochastic_recon": ("stochastic", "all"),
+    "stochastic_recon_layerwise": ("stochastic", "layerwise"),
+    "stochastic_recon_subset": ("stochastic", "subset"),
+    "ci_masked_recon": ("ci", "all"),
+    "ci_masked_recon_layerwise": ("ci", "layerwise"),
+    "ci_masked_recon_subset": ("ci", "subset"),
+    "unmasked_recon": ("unmasked", "all"),
+    "pgd_recon": ("pgd", "all"),
+    "pgd_recon_layerwise": ("pgd", "layerwise"),
+    "pgd_recon_subset": ("pgd", "subset"),
+}
+
+Forward = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class StepContext:
+    """What every loss term of one step reads: the batch, target output and site inputs, CI, and ΔW per site."""
+
+    fwd: Forward
+    batch: object
+    target_out: torch.Tensor
+    inputs: dict[str, torch.Tensor]
+    ci: dict[str, CausalImportance]
+    delta_ws: dict[str, torch.Tensor]
+
+
+def annealed_p(loss: LossConfig, frac: float) -> float:
+    """p(t) = p₀ + (p_f − p₀)·clip((t/T − f_s)/(f_e − f_s), 0, 1)."""
+    if loss.p_anneal_final_p is None:
+        return loss.pnorm
+    span = max(loss.p_anneal_end_frac - loss.p_anneal_start_frac, 1e-12)
+    t = min(max((frac - loss.p_anneal_start_frac) / span, 0.0), 1.0)
+    return loss.pnorm + (loss.p_anneal_final_p - loss.pnorm) * t
+
+
+def importance_minimality(ci: dict[str, CausalImportance], p: float, eps: float, beta: float, world_size: int) -> torch.Tensor:
+    """Σ_l Σ_c [μ + β μ log₂(1 + N·W·μ)], μ_{l,c} = mean over positions of (g⁺ + ε)^p."""
+    total = 0.0
+    for c in ci.values():
+        g = c.upper.flatten(0, -2).float()
+        mu = (g + eps).pow(p).mean(0)
+        term = mu + beta * mu * torch.log2(1 + g.shape[0] * world_size * mu) if beta else mu
+        total = total + term.sum()
+    return total
+
+
+def faithfulness(cm: ComponentModel, delta_ws: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Σ_l ‖W_l − (V_l U_l)ᵀ‖²_F / Σ_l numel(W_l), over the decomposed parameters."""
+    sq = sum(dw.float().pow(2).sum() for dw in delta_ws.values())
+    return sq / sum(dw.numel() for dw in delta_ws.values())
+
+
+class SPD:
+    """The SPD objective: the configured loss terms, each with its coefficient."""
+
+    def __init__(self, cfg: DecomposeConfig, world_size: int = 1):
+        self.cfg = cfg
+        self.world_size = world_size
+        self.divergence = kl_logits if cfg.output_loss == "kl" else mse
+
+    def prepare(self, cm: ComponentModel, fwd: Forward, batch: object, noise: bool = True) -> StepContext:
+        """Target forward caching site inputs, CI, and ΔW per site: the shared start of every step."""
+        with torch.no_grad():
+            target_out, inputs = fwd(batch, cache=True)
+        ci = cm.causal_importances(inputs, noise=noise)
+        delta_ws = {n: cm.component(n).delta_weight() for n in cm.site_names}
+        return StepContext(fwd, batch, target_out, inputs, ci, delta_ws)
+
+    def loss(self, cm: ComponentModel, fwd: Forward, batch: object, frac: float) -> tuple[torch.Tensor, dict[str, float], StepContext]:
+        """Total loss and each term's raw value, at training-progress fraction `frac`."""
+        ctx = self.prepare(cm, fwd, batch)
+        total = torch.zeros((), device=ctx.target_out.device)
+        terms: dict[str, float] = {}
+        for lc in self.cfg.losses:
+            value = self.term(lc, cm, ctx, frac)
+            if not torch.isfinite(value):
+                raise FloatingPointError(f"loss term {lc.type!r} is {value.item()} (not finite)")
+            terms[lc.type] = value.detach()
+            total = total + lc.coeff * value
+        return total, terms, ctx
+
+    def current_p(self, frac: float) -> float | None:
+        """The importance-minimality exponent at progress `frac`, or None without that term."""
+        return next((annealed_p(lc, frac) for lc in self.cfg.losses if lc.type == "importance_minimality"), None)
+
+    def evaluate(self, cm: ComponentModel, fwd: Forward, batch: object) -> dict[str, float]:
+        """Faithfulness, reconstruction under each mask kind, the PGD probe, and CI-L0 / live components per site."""
+        ctx = self.prepare(cm, fwd, batch, noise=False)
+        everywhere = {n: None for n in ctx.ci}
+        out = {"faithfulness": faithfulness(cm, ctx.delta_ws).item()}
+        for kind in ("stochastic", "ci", "unmasked"):
+            out[f"{kind}_recon"] = self.recon(ctx, self.masks(ctx, kind, everywhere)).item()
+        out["pgd_probe"] = pgd_probe(self, ctx)
+        tau = self.cfg.ci_alive_threshold
+        for name, c in ctx.ci.items():
+            g = c.lower.flatten(0, -2).float()
+            out[f"l0/{name}"] = ci_l0(g, tau)
+            out[f"live/{name}"] = int((g.max(0).values > tau).sum())
+        return out
+
+    def term(self, lc: LossConfig, cm: ComponentModel, ctx: StepContext, frac: float) -> torch.Tensor:
+        if lc.type == "faithfulness":
+            return faithfulness(cm, ctx.delta_ws)
+        if lc.type == "importance_minimality":
+            return importance_minimality(ctx.ci, annealed_p(lc, frac), lc.eps, lc.beta, self.world_size)
+        if lc.type == "stochastic_hidden_acts_recon":
+            return self.hidden_acts_recon(ctx)
+        kind, routing = RECON_TERMS[lc.type]
+        groups = self.site_groups(ctx, routing, lc)
+        if kind == "pgd":
+            return torch.stack([self.pgd_recon(ctx, g, lc) for g in groups]).mean()
+        return torch.stack([self.recon(ctx, self.masks(ctx, kind, g)) for g in groups]).mean()
+
+    # -- masks and routing -------------------------------------------------------------------------------------
+
+    def site_groups(self, ctx: StepContext, routing: str, lc: LossConfig | None) -> list[dict[str, torch.Tensor | None]]:
+        """Which sites are masked in each forward of a term: {site: route or None (all positions)}."""
+        names = list(ctx.ci)
+        if routing == "all":
+            return [{n: None for n in names}]
+        if routing == "layerwise":
+            return [{n: None} for n in names]
+        shape = next(iter(ctx.ci.values())).lower.shape[:-1]
+        device = next(iter(ctx.ci.values())).lower.device
+        if lc.routing == "static_probability":
+            route = torch.rand(*shape, len(names), device=device) < lc.routing_p
+        else:
+            ranks = torch.rand(*shape, len(names), device=device).argsort(-1).argsort(-1)
+            k = torch.randint(1, len(names) + 1, (*shape, 1), device=device)
+            route = ranks < k
+        return [{n: route[..., i] for i, n in enumerate(names)}]
+
+    def masks(self, ctx: StepContext, kind: str, group: dict[str, torch.Tensor | None]) -> dict[str, SiteMask]:
+        """Component (and delta) masks of one mask kind for the sites in `group`."""
+        out = {}
+        for name, route in group.items():
+            g = ctx.ci[name].lower
+            if kind == "stochastic":
+                r = torch.rand_like(g) if self.cfg.ci.sampling == "continuous" else torch.randint_like(g, 2)
+                delta = torch.rand(g.shape[:-1], device=g.device, dtype=g.dtype) if self.cfg.use_delta_component else None
+                out[name] = SiteMask(g + (1 - g) * r, delta, route)
+            elif kind == "ci":
+                out[name] = SiteMask(g, None, route)
+            else:
+                out[name] = SiteMask(torch.ones_like(g), None, route)
+        return out
+
+    def recon(self, ctx: StepContext, masks: dict[str, SiteMask]) -> torch.Tensor:
+        out, _ = ctx.fwd(ctx.batch, masks=masks, delta_ws=ctx.delta_ws)
+        return self.divergence(out, ctx.target_out)
+
+    def hidden_acts_recon(self, ctx: StepContext) -> torch.Tensor:
+        """Σ_l ‖a_l(masked) − a_l(target)‖² / Σ_l numel(a_l) over the sites' inputs, under stochastic masks."""
+        masks = self.masks(ctx, "stochastic", {n: None for n in ctx.ci})
+        _, masked_inputs = ctx.fwd(ctx.batch, masks=masks, cache=True, delta_ws=ctx.delta_ws)
+        names = [n for n, x in ctx.inputs.items() if x.is_floating_point()]
+        sq = sum((masked_inputs[n].float() - ctx.inputs[n].float()).pow(2).sum() for n in names)
+        return sq / max(sum(ctx.inputs[n].numel() for n in names), 1)
+
+    # -- PGD -----------------------------------------------------------------------------------------------------
+
+    def pgd_sources(self, ctx: StepContext, names: list[str], lc: LossConfig) -> dict[str, torch.Tensor]:
+        """Adversarial sources s ∈ [0,1]^{C+1} per site (last entry: the delta mask), per position or shared."""
+        sources = {}
+        for name in names:
+            g = ctx.ci[name].lower
+            shape = g.shape[:-1] if lc.mask_scope == "unique_per_datapoint" else (1,) * (g.dim() - 1)
+            shape = (*shape, g.shape[-1] + 1)
+            init = {"random": torch.rand, "ones": torch.ones, "zeroes": torch.zeros}[lc.init]
+            sources[name] = init(shape, device=g.device)
+        return sources
+
+    def pgd_masks(self, ctx: StepContext, sources: dict[str, torch.Tensor], group: dict, detach_ci: bool) -> dict[str, SiteMask]:
+        out = {}
+        for name, route in group.items():
+            g = ctx.ci[name].lower.detach() if detach_ci else ctx.ci[name].lower
+            s = sources[name]
+            delta = s[..., -1].expand(g.shape[:-1]) if self.cfg.use_delta_component else None
+            out[name] = SiteMask(g + (1 - g) * s[..., :-1], delta, route)
+        return out
+
+    def pgd_recon(self, ctx: StepContext, group: dict, lc: LossConfig) -> torch.Tensor:
+        """n_steps of sign ascent on the sources, then the reconstruction loss at the final sources."""
+        sources = self.pgd_sources(ctx, list(group), lc)
+        delta_ws = {n: dw.detach() for n, dw in ctx.delta_ws.items()}
+        for _ in range(lc.n_steps):
+            for s in sources.values():
+                s.requires_grad_(True)
+            out, _ = ctx.fwd(ctx.batch, masks=self.pgd_masks(ctx, sources, group, True), delta_ws=delta_ws)
+            grads = torch.autograd.grad(self.divergence(out, ctx.target_out), list(sources.values()))
+            sources = {n: (s.detach() + lc.step_size * gr.sign()).clamp(0, 1) for (n, s), gr in zip(sources.items(), grads)}
+        return self.recon(ctx, self.pgd_masks(ctx, sources, group, False))
+
+
+def pgd_probe(spd: SPD, ctx: StepContext, n_steps: int = 20, step_size: float = 0.1) -> float:
+    """The evaluation PGD probe: fresh sign-PGD over all sites, per position."""
+    lc = LossConfig(type="pgd_recon", n_steps=n_steps, step_size=step_size, mask_scope="unique_per_datapoint")
+    with torch.enable_grad():
+        return spd.pgd_recon(ctx, {n: None for n in ctx.ci}, lc).item()
+

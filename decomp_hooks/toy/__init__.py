@@ -1,0 +1,118 @@
+"""Ground-truth toy targets (TMS, residual MLP): a preset registry, training by name, and safetensors + JSON save/load."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from decomp_hooks.toy.resid_mlp import (
+    RESID_MLP_PRESETS,
+    ResidMLP,
+    ResidMLPConfig,
+    ResidMLPSampler,
+    train_resid_mlp,
+)
+from decomp_hooks.toy.tms import TMS_PRESETS, TMSConfig, TMSModel, TMSSampler, train_tms
+
+ToyConfig = TMSConfig | ResidMLPConfig
+ToyModel = TMSModel | ResidMLP
+Sampler = Callable[[int], Tensor]
+
+TOYS: dict[str, tuple[ToyConfig, dict[str, Any]]] = {**TMS_PRESETS, **RESID_MLP_PRESETS}
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """How to build, train and sample one family of toys."""
+
+    config: type
+    model: type[nn.Module]
+    train: Callable[..., nn.Module]
+    sampler: Callable[..., Sampler]
+
+
+_KINDS = {
+    "tms": _Kind(TMSConfig, TMSModel, train_tms, TMSSampler),
+    "resid_mlp": _Kind(ResidMLPConfig, ResidMLP, train_resid_mlp, ResidMLPSampler),
+}
+
+
+def toy_names() -> list[str]:
+    """Names accepted by `make_toy`."""
+    return list(TOYS)
+
+
+def _kind_name(config: ToyConfig) -> str:
+    return next(name for name, kind in _KINDS.items() if isinstance(config, kind.config))
+
+
+def toy_sampler(model: ToyModel, device: str | torch.device | None = None) -> Sampler:
+    """The data callable `sampler(batch_size) -> batch` for a toy target, drawing from the global RNG."""
+    return _KINDS[_kind_name(model.config)].sampler(model.config, device=device)
+
+
+def make_toy(
+    name: str,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    steps: int | None = None,
+) -> tuple[ToyModel, Sampler]:
+    """Train the named preset with its reference recipe (`steps` overrides the step count); returns it and its sampler."""
+    if name not in TOYS:
+        raise ValueError(f"unknown toy {name!r}; valid names: {', '.join(toy_names())}")
+    config, recipe = TOYS[name]
+    kwargs = recipe if steps is None else {**recipe, "steps": steps}
+    model = _KINDS[_kind_name(config)].train(config, seed=seed, device=device, progress=progress, **kwargs)
+    return model, toy_sampler(model, device)
+
+
+def save_toy(model: ToyModel, path: str | os.PathLike[str]) -> None:
+    """Write `model.safetensors` + `toy.json` into directory `path`, atomically (built aside, then renamed in)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; the saved toy should read like any other directory
+    try:
+        tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+        save_file(tensors, str(tmp / "model.safetensors"))
+        preset = next((name for name, (config, _) in TOYS.items() if config == model.config), None)
+        meta = {"kind": _kind_name(model.config), "preset": preset, "config": asdict(model.config)}
+        (tmp / "toy.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename `src` onto `dst`; an existing `dst` is moved aside first, since `os.replace` refuses non-empty dirs."""
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    old = src.with_name(src.name + ".old")
+    os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old)
+
+
+def load_toy(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> ToyModel:
+    """Rebuild a toy saved by `save_toy` from its JSON config and load its weights (no pickle); in eval mode."""
+    root = Path(path)
+    meta = json.loads((root / "toy.json").read_text())
+    if meta.get("kind") not in _KINDS:
+        raise ValueError(f"{root / 'toy.json'}: unknown toy kind {meta.get('kind')!r}; valid kinds: {', '.join(_KINDS)}")
+    kind = _KINDS[meta["kind"]]
+    with torch.random.fork_rng(devices=[]):  # the init draws are overwritten; keep the global RNG as it was
+        model = kind.model(kind.config(**meta["config"]))
+    model.load_state_dict(load_file(str(root / "model.safetensors")))
+    return model.to(device).eval()

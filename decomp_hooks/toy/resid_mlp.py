@@ -1,0 +1,128 @@
+"""Residual MLP toys (compressed computation, 1/2/3 layers): ground-truth targets of the SPD paper (methods.md 4.2)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class ResidMLPConfig:
+    """Shape and data distribution of a residual MLP target; frozen so presets can be shared safely."""
+
+    n_features: int = 100
+    d_embed: int = 1000
+    d_mlp: int = 50
+    n_layers: int = 1
+    feature_prob: float = 0.01
+
+
+class ResidMLPBlock(nn.Module):
+    """One bias-free ReLU MLP writing into the residual stream; its sites are `mlp_in` and `mlp_out`."""
+
+    def __init__(self, d_embed: int, d_mlp: int) -> None:
+        super().__init__()
+        self.mlp_in = nn.Linear(d_embed, d_mlp, bias=False)
+        self.mlp_out = nn.Linear(d_mlp, d_embed, bias=False)
+
+    def forward(self, r: Tensor) -> Tensor:
+        return self.mlp_out(F.relu(self.mlp_in(r)))
+
+
+class ResidMLP(nn.Module):
+    """`ŷ = r_L W_Eᵀ` with `r_0 = x W_E` and `r ← r + MLP(r)`; `W_E` is a fixed random buffer with unit-norm rows."""
+
+    def __init__(self, config: ResidMLPConfig, seed: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        embed = torch.randn(config.n_features, config.d_embed, generator=torch.Generator().manual_seed(seed))
+        self.register_buffer("W_E", embed / embed.norm(dim=1, keepdim=True))
+        self.layers = nn.ModuleList(ResidMLPBlock(config.d_embed, config.d_mlp) for _ in range(config.n_layers))
+
+    def forward(self, x: Tensor) -> Tensor:
+        r = x @ self.W_E
+        for layer in self.layers:
+            r = r + layer(r)
+        return r @ self.W_E.T
+
+
+def sample_resid_mlp(
+    batch_size: int,
+    n_features: int,
+    feature_prob: float,
+    generator: torch.Generator | None = None,
+    device: str | torch.device | None = None,
+) -> Tensor:
+    """Sparse inputs `[batch_size, n_features]`: each feature on with prob `feature_prob`, value U[-1, 1], else 0."""
+    if device is None and generator is not None:
+        device = generator.device
+    shape = (batch_size, n_features)
+    active = torch.rand(shape, generator=generator, device=device) < feature_prob
+    values = 2 * torch.rand(shape, generator=generator, device=device) - 1
+    return values * active
+
+
+def resid_mlp_labels(x: Tensor) -> Tensor:
+    """Target-training labels `y = x + ReLU(x)` (the reference's `act_plus_resid` with unit coefficients)."""
+    return x + F.relu(x)
+
+
+class ResidMLPSampler:
+    """Data callable `sampler(batch_size) -> batch` for a residual MLP target; global RNG unless given a generator."""
+
+    def __init__(
+        self, config: ResidMLPConfig, device: str | torch.device | None = None, generator: torch.Generator | None = None
+    ) -> None:
+        self.config = config
+        self.device = device
+        self.generator = generator
+
+    def __call__(self, batch_size: int) -> Tensor:
+        return sample_resid_mlp(batch_size, self.config.n_features, self.config.feature_prob, self.generator, self.device)
+
+
+def _cosine_lr(lr: float, step: int, steps: int) -> float:
+    """Half-period cosine decay from `lr` at step 0 to 0 at the last step."""
+    return lr * 0.5 * (1 + math.cos(math.pi * step / max(steps - 1, 1)))
+
+
+def train_resid_mlp(
+    config: ResidMLPConfig,
+    steps: int = 1000,
+    batch_size: int = 2048,
+    lr: float = 3e-3,
+    weight_decay: float = 0.01,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> ResidMLP:
+    """Train a residual MLP target (AdamW, cosine lr to 0, MSE to `x + ReLU(x)`); leaves the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ResidMLP(config, seed=seed).to(device)
+    sampler = ResidMLPSampler(config, device, torch.Generator(device).manual_seed(seed))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    bar = tqdm(range(steps), desc="train ResidMLP", disable=not progress)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine_lr(lr, step, steps)
+        x = sampler(batch_size)
+        loss = F.mse_loss(model(x), resid_mlp_labels(x))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if progress and step % 100 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3e}")
+    return model.eval()
+
+
+RESID_MLP_PRESETS: dict[str, tuple[ResidMLPConfig, dict[str, Any]]] = {
+    "resid_mlp1": (ResidMLPConfig(n_features=100, d_mlp=50, n_layers=1), {"steps": 1000, "batch_size": 2048}),
+    "resid_mlp2": (ResidMLPConfig(n_features=100, d_mlp=25, n_layers=2), {"steps": 1000, "batch_size": 2048}),
+    "resid_mlp3": (ResidMLPConfig(n_features=102, d_mlp=17, n_layers=3), {"steps": 10_000, "batch_size": 2048}),
+}

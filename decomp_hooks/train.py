@@ -1,0 +1,264 @@
+"""One optimisation loop for every parameter-space method: schedule, AMP, clipping, logging, checkpoints, resume.
+
+A method supplies `loss(cm, fwd, batch, frac) -> (total, terms, ctx)` and `evaluate(cm, fwd, batch) -> dict`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import signal
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from decomp_hooks import store
+from decomp_hooks.component_model import ComponentModel
+from decomp_hooks.config import DecomposeConfig, ScheduleConfig
+from decomp_hooks.data import check_finite, to_device
+from decomp_hooks.metrics import ci_l0
+from decomp_hooks.spd import faithfulness
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_at(step: int, total: int, base: float, sched: ScheduleConfig) -> float:
+    """Linear warmup from 0 over warmup_pct·T steps, then constant / linear / half-cosine to final_val_frac·base."""
+    warmup = int(sched.warmup_pct * total)
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if sched.fn == "constant" or total <= warmup:
+        return base
+    t = (step - warmup) / max(total - warmup, 1)
+    final = sched.final_val_frac * base
+    if sched.fn == "linear":
+        return base + (final - base) * t
+    return final + (base - final) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when enabled (parameters stay fp32); a no-op elsewhere."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@contextmanager
+def stop_on_signal() -> Any:
+    """Turn SIGTERM/SIGINT into a flag the loop checks, so it can checkpoint before exiting."""
+    flag = {"signal": None}
+    previous = {}
+
+    def handler(signum, frame):
+        flag["signal"] = signum
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield flag
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+class Interrupted(RuntimeError):
+    """The run received SIGTERM/SIGINT and stopped after writing a checkpoint."""
+
+
+class Trainer:
+    """Runs a method's loss over batches from `source`, writing metrics and checkpoints under `out_dir`."""
+
+    def __init__(self, cm: ComponentModel, method: Any, source: Any, cfg: DecomposeConfig, device: torch.device,
+                 out_dir: Path | None = None, evaluate: Callable[[int], dict] | None = None, progress: bool = True,
+                 fwd: Callable | None = None, rank: int = 0, world_size: int = 1):
+        self.cm, self.method, self.source, self.cfg, self.device = cm, method, source, cfg, device
+        self.fwd = fwd or cm
+        self.out_dir, self.extra_eval, self.progress = out_dir, evaluate, progress
+        self.rank, self.world_size = rank, world_size
+        self.opt = torch.optim.AdamW([
+            {"params": cm.component_parameters(), "name": "components"},
+            {"params": cm.ci_parameters(), "name": "ci_fns"},
+        ], lr=cfg.train.lr, weight_decay=0.0)
+        self.step = 0
+        self.records: list[dict] = []
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_root(self) -> Path | None:
+        return self.out_dir / "checkpoints" if self.out_dir is not None else None
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {f"model.{k}": v for k, v in self.cm.named_parameters() if v.requires_grad}
+
+    def save_checkpoint(self) -> Path | None:
+        if self.checkpoint_root is None or self.rank != 0:
+            return None
+        tensors = self.trainable_state()
+        opt_t, opt_meta = store.optimizer_state(self.opt)
+        rng_t, rng_meta = store.rng_state()
+        path = self.checkpoint_root / f"step-{self.step:08d}"
+        with store.atomic_dir(path, overwrite=True) as tmp:
+            store.write_tensors(tmp / "state.safetensors", {**tensors, **opt_t, **rng_t})
+            store.write_json(tmp / "state.json", {"step": self.step, "optimizer": opt_meta, "rng": rng_meta,
+                                                  "data": self.source.state_dict(), "config": self.cfg.to_dict()})
+        for old in sorted(self.checkpoint_root.glob("step-*"))[:-self.cfg.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        tensors = store.read_tensors(path / "state.safetensors")
+        meta = store.read_json(path / "state.json")
+        params = dict(self.cm.named_parameters())
+        with torch.no_grad():
+            for name, value in tensors.items():
+                if name.startswith("model."):
+                    if name[6:] not in params:
+                        raise store.StoreError(f"checkpoint {str(path)!r} holds {name[6:]!r}, which this model lacks.")
+                    params[name[6:]].copy_(value)
+        store.load_optimizer_state(self.opt, tensors, meta["optimizer"])
+        store.set_rng_state(tensors, meta["rng"])
+        self.source.load_state_dict(meta["data"])
+        self.step = meta["step"]
+        self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Drop log lines written after the checkpoint we resume from, so metrics.jsonl has no duplicate steps."""
+        path = self.out_dir / "metrics.jsonl" if self.out_dir else None
+        if path is None or not path.exists():
+            return
+        kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        self.records = [r for r in kept if r.get("step", 0) < self.step]
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        tmp.replace(path)
+
+    # -- the loop --------------------------------------------------------------------------------------------
+
+    def faithfulness_warmup(self) -> None:
+        """Before training, fit U, V to the target weights alone with a separate AdamW (SPD main's warmup)."""
+        t = self.cfg.train
+        if t.faithfulness_warmup_steps <= 0:
+            return
+        opt = torch.optim.AdamW(self.cm.component_parameters(), lr=t.faithfulness_warmup_lr,
+                                weight_decay=t.faithfulness_warmup_weight_decay)
+        for _ in range(t.faithfulness_warmup_steps):
+            loss = faithfulness(self.cm, {n: self.cm.component(n).delta_weight() for n in self.cm.site_names})
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    def log(self, record: dict) -> None:
+        record = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
+        self.records.append(record)
+        if self.out_dir is not None and self.rank == 0:
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def grad_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip (if configured) and return the gradient norms of the component and CI parameter groups."""
+        t = self.cfg.train
+        norms = []
+        for params, clip in ((self.cm.component_parameters(), t.grad_clip_components), (self.cm.ci_parameters(), t.grad_clip_ci_fns)):
+            grads = [p for p in params if p.grad is not None]
+            if not grads:
+                norms.append(torch.zeros((), device=self.device))
+            elif clip is not None:
+                norms.append(torch.nn.utils.clip_grad_norm_(grads, clip))
+            else:
+                norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in grads]))))
+        return norms[0], norms[1]
+
+    def train(self) -> list[dict]:
+        cfg, t = self.cfg, self.cfg.train
+        if self.step == 0:
+            self.faithfulness_warmup()
+        if self.step == 0:
+            set_seed(cfg.seed * self.world_size + self.rank)
+        bar = tqdm(total=t.steps + 1, initial=self.step, disable=not self.progress or self.rank != 0, desc="decompose")
+        step_times: list[float] = []
+        with stop_on_signal() as flag:
+            while self.step <= t.steps:
+                begin = time.perf_counter()
+                last = self.step == t.steps
+                if not last:
+                    terms, ctx = self.train_step()
+                    step_times.append(time.perf_counter() - begin)
+                    if self.step % t.log_every == 0:
+                        self.log_train(terms, ctx, step_times)
+                if self.step % t.eval_every == 0 or last:
+                    self.log(self.evaluate())
+                self.step += 1
+                bar.update(1)
+                if self.step % t.checkpoint_every == 0 or self.step > t.steps:
+                    self.save_checkpoint()
+                if flag["signal"] is not None:
+                    self.save_checkpoint()
+                    bar.close()
+                    raise Interrupted(f"stopped by signal {flag['signal']} at step {self.step}; resume from {self.out_dir}")
+        bar.close()
+        return self.records
+
+    def train_step(self) -> tuple[dict[str, torch.Tensor], Any]:
+        t = self.cfg.train
+        lr = lr_at(self.step, t.steps, t.lr, t.schedule)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        batch = to_device(self.source.next(), self.device)
+        check_finite(batch, self.step)
+        with autocast(self.device, t.autocast_bf16):
+            try:
+                total, terms, ctx = self.method.loss(self.cm, self.fwd, batch, self.step / max(t.steps, 1))
+            except FloatingPointError as err:
+                raise FloatingPointError(f"step {self.step}: {err}; the last good checkpoint is kept in {self.checkpoint_root}") from None
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        g_comp, g_ci = self.grad_norms()
+        if not (torch.isfinite(g_comp) and torch.isfinite(g_ci)):
+            raise FloatingPointError(f"step {self.step}: non-finite gradient (components {g_comp.item()}, CI functions "
+                                     f"{g_ci.item()}); the last good checkpoint is kept in {self.checkpoint_root}")
+        self.opt.step()
+        terms = {**terms, "total": total.detach(), "lr": lr, "grad_norm/components": g_comp, "grad_norm/ci_fns": g_ci}
+        return terms, ctx
+
+    def log_train(self, terms: dict, ctx: Any, step_times: list[float]) -> None:
+        tau = self.cfg.ci_alive_threshold
+        l0 = {f"train/l0/{n}": ci_l0(c.lower.detach(), tau) for n, c in ctx.ci.items()}
+        recent = step_times[-self.cfg.train.log_every:]
+        record = {"step": self.step, **{f"train/{k}": v for k, v in terms.items()}, **l0,
+                  "train/l0/total": sum(l0.values()),
+                  "time_per_step_s": sum(recent) / len(recent), "steps_per_s": len(recent) / sum(recent),
+                  "peak_memory_mb": peak_memory_mb(self.device)}
+        p = self.method.current_p(self.step / max(self.cfg.train.steps, 1))
+        if p is not None:
+            record["train/importance_p"] = p
+        self.log(record)
+
+    def evaluate(self) -> dict:
+        batch = to_device(self.source.next(), self.device)
+        with torch.no_grad(), autocast(self.device, self.cfg.train.autocast_bf16):
+            record = {"step": self.step, **{f"eval/{k}": v for k, v in self.method.evaluate(self.cm, self.fwd, batch).items()}}
+        if self.extra_eval is not None:
+            record.update({f"eval/{k}": v for k, v in self.extra_eval(self.step).items()})
+        return record
