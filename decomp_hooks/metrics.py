@@ -118,7 +118,7 @@ def kl_logits(pred_logits: Tensor, target_logits: Tensor) -> Tensor:
 
 def mse(pred: Tensor, target: Tensor) -> Tensor:
     """Sum of squared errors divided by the number of elements."""
-    return (pred - target).pow(2).mean()
+    return (pred.float() - target.float()).pow(2).mean()
 
 
 def ce_loss(logits: Tensor, tokens: Tensor) -> Tensor:
