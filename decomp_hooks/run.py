@@ -31,8 +31,8 @@ def build_config(config: Any, targets: dict[str, int] | None, steps: int | None,
                  identity_targets: dict[str, int] | None) -> DecomposeConfig:
     """The config with explicit arguments taking precedence over the file's values."""
     cfg = load_config(config)
-    if targets is not None:
-        cfg.targets = dict(targets)
+    if targets is not None:  # the config's site choices belong to its own target model
+        cfg.targets, cfg.identity_targets, cfg.tied = dict(targets), {}, []
     if identity_targets is not None:
         cfg.identity_targets = dict(identity_targets)
     if steps is not None:
@@ -62,7 +62,8 @@ def decompose(model: Any, data: Any, targets: dict[str, int] | None = None, meth
     """Decompose the chosen weight matrices of `model` into rank-one components with causal importances.
 
     `targets` maps fnmatch globs of the model's module names to C; `data` is a sampler `f(batch_size)`, a tensor or an
-    iterable of batches; `config` a DecomposeConfig, dict or YAML path. With `out_dir`, writes config, metrics.jsonl,
+    iterable of batches; `config` a DecomposeConfig, dict or YAML path (explicit `targets` replace its targets,
+    identity targets and ties). With `out_dir`, writes config, metrics.jsonl,
     checkpoints and the final decomposition there; `resume=True` continues from its latest checkpoint.
     """
     from decomp_hooks.adapters import resolve

@@ -1,0 +1,45 @@
+"""Shared fixtures: offline hub, one torch thread for tiny models, a quickly trained TMS 5-2 target."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SPD_5_2 = {
+    "targets": {"linear1": 20, "linear2": 20},
+    "tied": [["linear1", "linear2"]],
+    "ci": {"type": "mlp", "hidden": [16]},
+    "losses": [
+        {"type": "stochastic_recon", "coeff": 1.0},
+        {"type": "stochastic_recon_layerwise", "coeff": 1.0},
+        {"type": "importance_minimality", "coeff": 3e-3, "pnorm": 1.0},
+    ],
+    "train": {"steps": 20, "batch_size": 256, "lr": 1e-3, "log_every": 5, "eval_every": 10, "checkpoint_every": 10},
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The test models are tiny: one thread avoids intra-op sync costs on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tms52():
+    from decomp_hooks.toy import make_toy
+
+    model, _ = make_toy("tms_5-2", seed=0, progress=False)
+    return model
+
+
+@pytest.fixture
+def spd_config():
+    import copy
+
+    return copy.deepcopy(SPD_5_2)

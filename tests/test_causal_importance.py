@@ -1,0 +1,69 @@
+"""The hard sigmoids' exact forward/backward (methods.md §1.4) and the three CI function types."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from decomp_hooks.causal_importance import (
+    PerComponentMLP, SharedMLP, VectorMLP, lower_leaky_hard_sigmoid, make_ci_fn, upper_leaky_hard_sigmoid,
+)
+
+Z = torch.tensor([-2.0, -0.5, 0.0, 0.3, 1.0, 1.5, 3.0])
+
+
+def grad_of(fn, z, upstream):
+    z = z.clone().requires_grad_(True)
+    fn(z).backward(upstream)
+    return z.grad
+
+
+def test_lower_leaky_forward_clamps():
+    torch.testing.assert_close(lower_leaky_hard_sigmoid(Z), torch.tensor([0, 0, 0, 0.3, 1, 1, 1.0]))
+
+
+def test_lower_leaky_backward_is_one_sided():
+    neg = grad_of(lower_leaky_hard_sigmoid, Z, -torch.ones_like(Z))   # loss wants g up: leak below 0
+    pos = grad_of(lower_leaky_hard_sigmoid, Z, torch.ones_like(Z))    # loss wants g down: no leak below 0
+    torch.testing.assert_close(neg, torch.tensor([-0.01, -0.01, -0.01, -1, -1, 0, 0]))
+    torch.testing.assert_close(pos, torch.tensor([0, 0, 0, 1, 1, 0, 0.0]))
+
+
+def test_upper_leaky_forward_and_backward():
+    torch.testing.assert_close(upper_leaky_hard_sigmoid(Z), torch.tensor([0, 0, 0, 0.3, 1, 1.005, 1.02]))
+    torch.testing.assert_close(grad_of(upper_leaky_hard_sigmoid, Z, torch.ones_like(Z)),
+                               torch.tensor([0, 0, 1, 1, 1, 0.01, 0.01]))
+
+
+@pytest.mark.parametrize("cls,takes_inner", [(PerComponentMLP, True), (VectorMLP, False), (SharedMLP, False)])
+@pytest.mark.parametrize("hidden", [[8], [8, 4]])
+def test_ci_function_shapes(cls, takes_inner, hidden):
+    torch.manual_seed(0)
+    fn = cls(6, 5, hidden)
+    x = torch.randn(2, 3, 5 if takes_inner else 6)
+    assert fn(x).shape == (2, 3, 5) and fn.takes_inner_acts is takes_inner
+
+
+def test_per_component_mlp_is_independent_per_component():
+    """Changing component 0's input must not move component 1's output (the paper's per-component CI)."""
+    torch.manual_seed(0)
+    fn = PerComponentMLP(6, 3, [8])
+    h = torch.randn(4, 3)
+    h2 = h.clone()
+    h2[:, 0] += 5
+    out, out2 = fn(h), fn(h2)
+    torch.testing.assert_close(out[:, 1:], out2[:, 1:])
+    assert not torch.allclose(out[:, 0], out2[:, 0])
+
+
+def test_per_component_mlp_formula():
+    torch.manual_seed(0)
+    fn = PerComponentMLP(6, 2, [3])
+    h = torch.randn(5, 2)
+    w1, b1 = fn.weights[0][:, 0, :], fn.biases[0]
+    expected = (torch.nn.functional.gelu(h[..., None] * w1 + b1) * fn.w_out).sum(-1) + fn.b_out
+    torch.testing.assert_close(fn(h), expected)
+
+
+def test_embedding_sites_only_take_mlp():
+    with pytest.raises(ValueError, match="use ci.type='mlp' for embeddings"):
+        make_ci_fn("vector_mlp", "embedding", 10, 3, [4])

@@ -1,0 +1,54 @@
+"""Typed configs from YAML/dicts: strict keys with a did-you-mean, type and range errors, shipped examples load."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from decomp_hooks.config import ConfigError, DecomposeConfig, load_config
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.targets and cfg.losses and cfg.target.toy
+
+
+def test_defaults_and_round_trip(tmp_path):
+    cfg = load_config({"targets": {"fc": 8}, "losses": [{"type": "stochastic_recon"}]})
+    assert cfg.ci.type == "mlp" and cfg.train.lr == 1e-3 and cfg.use_delta_component
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"tagrets": {}}, "unknown key 'tagrets'. Did you mean 'targets'"),
+    ({"train": {"stpes": 3}}, "config.train: unknown key 'stpes'. Did you mean 'steps'"),
+    ({"train": {"steps": "many"}}, r"config.train.steps: expected int, got 'many'"),
+    ({"train": {"lr": -1.0}}, r"train.lr=-1.0: must be > 0"),
+    ({"ci": {"type": "transformer"}}, "ci.type='transformer'"),
+    ({"losses": [{"type": "stochastic_recn"}]}, "Did you mean 'stochastic_recon'"),
+    ({"losses": [{"type": "importance_minimality", "pnorm": 0}]}, r"pnorm=0.0: must be > 0"),
+    ({"targets": {"fc": 0}}, r"targets\['fc'\]=0: C must be a positive integer"),
+    ({"output_loss": "l1"}, "output_loss='l1'"),
+])
+def test_bad_values_name_the_key(data, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(data)
+
+
+def test_missing_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("targets: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_config_object_is_copied():
+    cfg = DecomposeConfig(targets={"a": 2}, losses=[])
+    assert load_config(cfg) is not cfg

@@ -1,0 +1,129 @@
+"""SPD loss terms against their definitions, and short decompositions that a broken loss would fail."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import decomp_hooks as dh
+from decomp_hooks.adapters import resolve
+from decomp_hooks.component_model import CausalImportance, ComponentModel
+from decomp_hooks.config import LossConfig, load_config
+from decomp_hooks.spd import SPD, annealed_p, importance_minimality
+from decomp_hooks.toy import toy_sampler
+from decomp_hooks.toy.evaluate import toy_metrics
+
+
+def spd_setup(model, config):
+    cfg = load_config(config)
+    cm = ComponentModel(*resolve(model, cfg.targets), cfg.ci, cfg.tied)
+    return cm, SPD(cfg)
+
+
+def test_importance_minimality_formula():
+    g = torch.rand(6, 4)
+    ci = {"a": CausalImportance(g, g), "b": CausalImportance(g[:, :2], g[:, :2])}
+    p, eps, beta, world = 0.7, 1e-12, 0.3, 2
+    got = importance_minimality(ci, p, eps, beta, world)
+    expected = 0.0
+    for x in (g, g[:, :2]):
+        mu = (x + eps).pow(p).mean(0)
+        expected += (mu + beta * mu * torch.log2(1 + 6 * world * mu)).sum()
+    torch.testing.assert_close(got, expected)
+
+
+def test_p_annealing():
+    lc = LossConfig(type="importance_minimality", pnorm=2.0, p_anneal_final_p=0.5, p_anneal_start_frac=0.2, p_anneal_end_frac=0.6)
+    assert annealed_p(lc, 0.1) == 2.0 and annealed_p(lc, 0.9) == 0.5
+    assert math.isclose(annealed_p(lc, 0.4), 1.25)
+
+
+ALL_TERMS = ["faithfulness", "importance_minimality", "stochastic_recon", "stochastic_recon_layerwise",
+             "stochastic_recon_subset", "ci_masked_recon", "ci_masked_recon_layerwise", "ci_masked_recon_subset",
+             "unmasked_recon", "pgd_recon", "pgd_recon_layerwise", "pgd_recon_subset", "stochastic_hidden_acts_recon"]
+
+
+def test_every_loss_term_is_finite_and_has_gradients(tms52, spd_config):
+    spd_config["losses"] = [{"type": t, "coeff": 1.0} for t in ALL_TERMS]
+    spd_config["targets"]["hidden_layers.0"] = 4
+    from decomp_hooks.toy import make_toy
+
+    model, _ = make_toy("tms_5-2-id", steps=200, progress=False)
+    cm, spd = spd_setup(model, spd_config)
+    total, terms, ctx = spd.loss(cm, cm, toy_sampler(model)(64), 0.5)
+    assert set(terms) == set(ALL_TERMS) and all(torch.isfinite(v) for v in terms.values())
+    total.backward()
+    assert all(p.grad is not None for p in cm.component_parameters() + cm.ci_parameters())
+
+
+def test_unmasked_and_delta_terms_vanish_at_exact_weights(tms52, spd_config):
+    cm, spd = spd_setup(tms52, spd_config)
+    x = toy_sampler(tms52)(128)
+    ctx = spd.prepare(cm, cm, x)
+    # with the delta component, stochastic masks of all ones are exact whatever U, V are
+    ones = {n: None for n in ctx.ci}
+    masks = spd.masks(ctx, "unmasked", ones)
+    for m in masks.values():
+        m.delta = torch.ones(m.component.shape[:-1])
+    assert spd.recon(ctx, masks).item() < 1e-12
+
+
+def test_layerwise_and_subset_routing(tms52, spd_config):
+    cm, spd = spd_setup(tms52, spd_config)
+    ctx = spd.prepare(cm, cm, toy_sampler(tms52)(500))
+    assert spd.site_groups(ctx, "layerwise", None) == [{"linear1": None}, {"linear2": None}]
+    (group,) = spd.site_groups(ctx, "subset", LossConfig(type="stochastic_recon_subset"))
+    routed = torch.stack([group["linear1"], group["linear2"]], -1)
+    assert routed.any(-1).all()  # uniform_k_subset routes at least one site per position
+    assert 0.1 < routed.all(-1).float().mean() < 0.9  # and sometimes both
+
+
+def test_pgd_finds_worse_masks_than_random(tms52, spd_config):
+    cm, spd = spd_setup(tms52, spd_config)
+    ctx = spd.prepare(cm, cm, toy_sampler(tms52)(512))
+    group = {n: None for n in ctx.ci}
+    random_loss = spd.recon(ctx, spd.masks(ctx, "stochastic", group)).item()
+    lc = LossConfig(type="pgd_recon", n_steps=5, step_size=0.2, mask_scope="unique_per_datapoint")
+    assert spd.pgd_recon(ctx, group, lc).item() > random_loss
+
+
+def test_nan_input_is_refused(tms52, spd_config):
+    data = torch.rand(64, 5)
+    data[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        dh.decompose(tms52, data, config=spd_config, progress=False)
+
+
+def test_short_tms_5_2_recovers_the_features(tms52, spd_config):
+    """The fast bar of benchmarks.md: after a short CPU run, MMCS ≥ 0.99 and identity CI error ≤ 1."""
+    cfg = load_config("examples/tms_5-2.yaml")
+    cfg.train.batch_size, cfg.train.lr, cfg.train.eval_every, cfg.train.log_every = 1024, 3e-3, 10_000, 500
+    dec = dh.decompose(tms52, toy_sampler(tms52), config=cfg, steps=1500, seed=0, progress=False)
+    m = toy_metrics(dec)
+    assert m["mmcs"] >= 0.99 and 0.95 <= m["ml2r"] <= 1.03
+    assert m["identity_ci_error/linear1"] <= 1 and m["identity_ci_error_0p2/linear2"] <= 1
+    assert m["non_negligible/linear1"] <= 6
+    # the training log has every loss term, the lr, grad norms and CI-L0 per site
+    record = next(r for r in dec.metrics if "train/total" in r)
+    for k in ("train/stochastic_recon", "train/importance_minimality", "train/lr", "train/grad_norm/components",
+              "train/l0/linear1", "time_per_step_s", "peak_memory_mb"):
+        assert k in record
+    # CI-L0 near the derived 5 × 0.05 = 0.25 active features per input
+    assert 0.1 < dec.metrics[-1]["eval/l0/linear1"] < 0.6
+
+
+def test_own_model_with_shipped_config():
+    """A plain nn.Module (not a project toy) with a shipped YAML: the YAML's target section is ignored."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 3, bias=False), nn.ReLU(), nn.Linear(3, 6))
+
+    def sample(n):
+        return torch.rand(n, 6) * (torch.rand(n, 6) < 0.1)
+
+    dec = dh.decompose(model, sample, targets={"0": 8, "2": 8}, config="examples/tms_5-2.yaml", steps=30, progress=False)
+    assert dec.components["0"].V.shape == (6, 8) and dec.components["2"].U.shape == (8, 6)
+    assert dec.components["0"].weight().shape == model[0].weight.shape
+    ci = dec.causal_importance(sample(10))
+    assert ci["2"].shape == (10, 8) and ((ci["2"] >= 0) & (ci["2"] <= 1)).all()
