@@ -59,8 +59,11 @@ def decompose_command(config: Path, steps: int | None, device: str | None, seed:
     from decomp_hooks.run import resolve_device
 
     dev = resolve_device(device)
-    dec = dh.decompose(model, toy_sampler(model, dev), config=cfg, steps=steps, device=dev, seed=seed, out_dir=out,
-                       resume=resume, progress=not no_progress, evaluate=toy_metrics)
+    try:
+        dec = dh.decompose(model, toy_sampler(model, dev), config=cfg, steps=steps, device=dev, seed=seed, out_dir=out,
+                           resume=resume, progress=not no_progress, evaluate=toy_metrics)
+    except (ValueError, FloatingPointError) as err:  # ConfigError, StoreError, SiteError, DataError
+        raise click.ClickException(str(err)) from None
     toy_plots(dec, out)
     final = dec.final_metrics()
     click.echo(summary_table(final))
