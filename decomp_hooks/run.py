@@ -79,6 +79,8 @@ def decompose(model: Any, data: Any, targets: dict[str, int] | None = None, meth
     set_seed(cfg.seed)
     module, sites, cs = resolve(model, cfg.targets, cfg.identity_targets)
     cm = ComponentModel(module, sites, cs, cfg.ci, cfg.tied, cfg.init).to(dev)
+    if cfg.train.compile:
+        cm.compile_ci_fns()
     source = make_source(data, cfg.train.batch_size, cfg.seed)
     dec = Decomposition(cm, cfg, provenance=_provenance(cfg, dev, cm))
     extra = (lambda step: evaluate(dec, step)) if evaluate is not None else None
@@ -99,5 +101,5 @@ def decompose(model: Any, data: Any, targets: dict[str, int] | None = None, meth
 
 def _provenance(cfg: DecomposeConfig, device: torch.device, cm: ComponentModel) -> dict:
     return {"method": cfg.method, "seed": cfg.seed, "device": str(device), "world_size": 1,
-            "autocast_bf16": cfg.train.autocast_bf16 and device.type == "cuda", "dtype": "float32",
+            "autocast_bf16": cfg.train.autocast_bf16 if device.type == "cuda" else cfg.train.autocast_bf16_cpu, "dtype": "float32",
             "versions": package_versions(), "target_class": type(cm.target).__name__}

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from decomp_hooks import store
 from decomp_hooks.component_model import ComponentModel
-from decomp_hooks.config import DecomposeConfig, ScheduleConfig
+from decomp_hooks.config import DecomposeConfig, ScheduleConfig, TrainConfig
 from decomp_hooks.data import check_finite, to_device
 from decomp_hooks.metrics import ci_l0
 from decomp_hooks.spd import faithfulness
@@ -54,10 +54,10 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA when enabled (parameters stay fp32); a no-op elsewhere."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, train: TrainConfig):
+    """bf16 autocast (parameters stay fp32) where the config enables it for this device type; else a no-op."""
+    if (device.type == "cuda" and train.autocast_bf16) or (device.type == "cpu" and train.autocast_bf16_cpu):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -227,7 +227,7 @@ class Trainer:
             group["lr"] = lr
         batch = to_device(self.source.next(), self.device)
         check_finite(batch, self.step)
-        with autocast(self.device, t.autocast_bf16):
+        with autocast(self.device, t):
             try:
                 total, terms, ctx = self.method.loss(self.cm, self.fwd, batch, self.step / max(t.steps, 1))
             except FloatingPointError as err:
@@ -257,7 +257,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         batch = to_device(self.source.next(), self.device)
-        with torch.no_grad(), autocast(self.device, self.cfg.train.autocast_bf16):
+        with torch.no_grad(), autocast(self.device, self.cfg.train):
             record = {"step": self.step, **{f"eval/{k}": v for k, v in self.method.evaluate(self.cm, self.fwd, batch).items()}}
         if self.extra_eval is not None:
             record.update({f"eval/{k}": v for k, v in self.extra_eval(self.step).items()})
