@@ -1,18 +1,16 @@
 """Ground-truth toy targets (TMS, residual MLP): a preset registry, training by name, and safetensors + JSON save/load."""
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from decomp_hooks import store
 
 from decomp_hooks.toy.resid_mlp import (
     RESID_MLP_PRESETS,
@@ -78,41 +76,20 @@ def make_toy(
 
 def save_toy(model: ToyModel, path: str | os.PathLike[str]) -> None:
     """Write `model.safetensors` + `toy.json` into directory `path`, atomically (built aside, then renamed in)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it owner-only; the saved toy should read like any other directory
-    try:
-        tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-        save_file(tensors, str(tmp / "model.safetensors"))
-        preset = next((name for name, (config, _) in TOYS.items() if config == model.config), None)
-        meta = {"kind": _kind_name(model.config), "preset": preset, "config": asdict(model.config)}
-        (tmp / "toy.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename `src` onto `dst`; an existing `dst` is moved aside first, since `os.replace` refuses non-empty dirs."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = src.with_name(src.name + ".old")
-    os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old)
+    preset = next((name for name, (config, _) in TOYS.items() if config == model.config), None)
+    with store.atomic_dir(path, overwrite=True) as tmp:
+        store.write_tensors(tmp / "model.safetensors", model.state_dict())
+        store.write_json(tmp / "toy.json", {"kind": _kind_name(model.config), "preset": preset, "config": asdict(model.config)})
 
 
 def load_toy(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> ToyModel:
     """Rebuild a toy saved by `save_toy` from its JSON config and load its weights (no pickle); in eval mode."""
     root = Path(path)
-    meta = json.loads((root / "toy.json").read_text())
+    meta = store.read_json(root / "toy.json")
     if meta.get("kind") not in _KINDS:
         raise ValueError(f"{root / 'toy.json'}: unknown toy kind {meta.get('kind')!r}; valid kinds: {', '.join(_KINDS)}")
     kind = _KINDS[meta["kind"]]
     with torch.random.fork_rng(devices=[]):  # the init draws are overwritten; keep the global RNG as it was
         model = kind.model(kind.config(**meta["config"]))
-    model.load_state_dict(load_file(str(root / "model.safetensors")))
+    model.load_state_dict(store.read_tensors(root / "model.safetensors"))
     return model.to(device).eval()
