@@ -23,6 +23,20 @@ class SiteMask:
     route: torch.Tensor | None = None
 
 
+def intervention_mask(C: int, keep: list[int] | None = None, ablate: list[int] | None = None,
+                      scale: dict[int, float] | None = None, device: torch.device | None = None) -> torch.Tensor:
+    """A component mask `[C]`: only `keep` on (if given), `ablate` off, `scale` multiplying chosen components."""
+    mask = torch.ones(C, device=device)
+    if keep is not None:
+        mask = torch.zeros(C, device=device)
+        mask[list(keep)] = 1.0
+    if ablate:
+        mask[list(ablate)] = 0.0
+    if scale:
+        mask[list(scale)] *= torch.tensor(list(scale.values()), dtype=mask.dtype, device=device)
+    return mask
+
+
 class SiteComponents(nn.Module):
     """C rank-one components `V [d_in, C]`, `U [C, d_out]` of one site, with its frozen target weight and bias."""
 

@@ -9,7 +9,7 @@ import torch
 
 from decomp_hooks import store
 from decomp_hooks.component_model import ComponentModel
-from decomp_hooks.components import SiteComponents, SiteMask
+from decomp_hooks.components import SiteComponents, SiteMask, intervention_mask
 from decomp_hooks.config import DecomposeConfig, from_dict
 
 FORMAT = "decomp-hooks/decomposition"
@@ -69,6 +69,27 @@ class Decomposition:
         """The model output with the given site masks (sites without one run as the target)."""
         out, _ = self.cm(batch, masks=masks)
         return out
+
+    def site_masks(self, keep: dict[str, list[int]] | None = None, ablate: dict[str, list[int]] | None = None,
+                   scale: dict[str, dict[int, float]] | None = None, delta: bool = True) -> dict[str, SiteMask]:
+        """Masks for the sites named in `keep` / `ablate` / `scale` (the others run as the target); delta on by default."""
+        keep, ablate, scale = keep or {}, ablate or {}, scale or {}
+        unknown = [n for n in {**keep, **ablate, **scale} if n not in self.site_names]
+        if unknown:
+            raise KeyError(f"no decomposed site {unknown[0]!r}; sites are {self.site_names}.")
+        masks = {}
+        for name in {**keep, **ablate, **scale}:
+            comps = self.cm.component(name)
+            m = intervention_mask(comps.C, keep.get(name), ablate.get(name), scale.get(name), self.device)
+            masks[name] = SiteMask(m, torch.ones((), device=self.device) if delta else None)
+        return masks
+
+    def intervene(self, model: Any, keep: dict[str, list[int]] | None = None, ablate: dict[str, list[int]] | None = None,
+                  scale: dict[str, dict[int, float]] | None = None, delta: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+        """Inside `with model.trace(...)` (nnsight): edit components and read `{site: {"ci", "acts"}}` per token."""
+        from decomp_hooks.adapters.nnsight import intervene
+
+        return intervene(self, model, self.site_masks(keep, ablate, scale, delta))
 
     def fingerprints(self) -> dict[str, str]:
         return {n: store.fingerprint(s.weight()) for n, s in self.cm.sites.items()}

@@ -13,7 +13,16 @@ import torch
 from decomp_hooks.component_model import CausalImportance, ComponentModel
 from decomp_hooks.components import SiteMask
 from decomp_hooks.config import DecomposeConfig, LossConfig
-from decomp_hooks.metrics import ci_l0, kl_logits, mse
+from decomp_hooks.metrics import ce_loss, ci_l0, kl_logits, mse
+
+#: the LM evaluation mask types of methods.md §5: component mask as a function of the CI g
+MASK_TYPES = {
+    "ci_masked": lambda g: g,
+    "unmasked": torch.ones_like,
+    "stoch_masked": lambda g: g + (1 - g) * torch.rand_like(g),
+    "random_masked": torch.rand_like,
+    "zero_masked": torch.zeros_like,
+}
 
 #: loss type -> (mask kind, routing)
 RECON_TERMS = {
@@ -112,10 +121,27 @@ class SPD:
             out[f"{kind}_recon"] = self.recon(ctx, self.masks(ctx, kind, everywhere)).item()
         out["pgd_probe"] = pgd_probe(self, ctx)
         tau = self.cfg.ci_alive_threshold
+        labels = token_labels(ctx.batch)
+        if self.cfg.output_loss == "kl" and labels is not None:
+            out.update(self.lm_metrics(ctx, labels))
         for name, c in ctx.ci.items():
             g = c.lower.flatten(0, -2).float()
             out[f"l0/{name}"] = ci_l0(g, tau)
             out[f"live/{name}"] = int((g.max(0).values > tau).sum())
+        return out
+
+    def lm_metrics(self, ctx: StepContext, labels: torch.Tensor) -> dict[str, float]:
+        """KL to the target and CE against the next tokens under each mask type, plus ce_difference / ce_unrecovered."""
+        mask_fns = {**MASK_TYPES, "rounded_masked": lambda g: (g > self.cfg.ci_alive_threshold).to(g.dtype)}
+        ce_target = ce_loss(ctx.target_out, labels).item()
+        out, ce = {"ce_target": ce_target}, {}
+        for mt, fn in mask_fns.items():
+            logits, _ = ctx.fwd(ctx.batch, masks={n: SiteMask(fn(c.lower)) for n, c in ctx.ci.items()})
+            out[f"kl_{mt}"] = kl_logits(logits, ctx.target_out).item()
+            ce[mt] = ce_loss(logits, labels).item()
+        for mt, value in ce.items():
+            out[f"ce_difference_{mt}"] = value - ce_target
+            out[f"ce_unrecovered_{mt}"] = (value - ce_target) / max(ce["zero_masked"] - ce_target, 1e-12)
         return out
 
     def term(self, lc: LossConfig, cm: ComponentModel, ctx: StepContext, frac: float) -> torch.Tensor:
@@ -210,6 +236,12 @@ class SPD:
             grads = torch.autograd.grad(self.divergence(out, ctx.target_out), list(sources.values()))
             sources = {n: (s.detach() + lc.step_size * gr.sign()).clamp(0, 1) for (n, s), gr in zip(sources.items(), grads)}
         return self.recon(ctx, self.pgd_masks(ctx, sources, group, False))
+
+
+def token_labels(batch: object) -> torch.Tensor | None:
+    """The token ids of a language-model batch (a LongTensor or a dict with `input_ids`), else None."""
+    ids = batch.get("input_ids") if isinstance(batch, dict) else batch
+    return ids if isinstance(ids, torch.Tensor) and not ids.is_floating_point() else None
 
 
 def pgd_probe(spd: SPD, ctx: StepContext, n_steps: int = 20, step_size: float = 0.1) -> float:

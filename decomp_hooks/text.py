@@ -1,0 +1,118 @@
+"""Text to token batches for language models: documents joined with EOS and chunked to a context length.
+
+Accepts a `datasets.Dataset` / `IterableDataset`, local text/JSON/parquet files or a hub dataset name (both through
+`datasets.load_dataset`), or a plain list of strings. Streaming keeps memory bounded for data larger than memory.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from decomp_hooks.data import DataError
+
+LOCAL_FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_text_dataset(source: Any, split: str = "train", streaming: bool = False) -> Any:
+    """A `datasets` dataset from a Dataset object, local file(s) or a directory of them, or a hub dataset name."""
+    import datasets
+
+    if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
+        return source
+    if isinstance(source, (list, tuple)) and all(isinstance(s, str) for s in source) and not _all_paths(source):
+        return datasets.Dataset.from_dict({"text": list(source)})
+    paths = [Path(p) for p in (source if isinstance(source, (list, tuple)) else [source])]
+    if all(p.exists() for p in paths):
+        files = [f for p in paths for f in (sorted(p.iterdir()) if p.is_dir() else [p]) if f.suffix in LOCAL_FORMATS]
+        kinds = {LOCAL_FORMATS[f.suffix] for f in files}
+        if len(kinds) != 1:
+            raise DataError(f"data {source!r}: expected files of one kind among {sorted(LOCAL_FORMATS)}, found {sorted(kinds) or 'none'}.")
+        return datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split=split, streaming=streaming)
+    if isinstance(source, str):
+        return datasets.load_dataset(source, split=split, streaming=streaming)
+    raise DataError(f"cannot read text from a {type(source).__name__}; pass a datasets.Dataset, file paths or a dataset name.")
+
+
+def _all_paths(items: Iterable[str]) -> bool:
+    return all(Path(s).exists() for s in items)
+
+
+def token_stream(texts: Iterable[str], tokenizer: Any, eos_id: int | None = None) -> Iterator[int]:
+    """Token ids of each document followed by EOS, as one stream."""
+    eos = tokenizer.eos_token_id if eos_id is None else eos_id
+    if eos is None:
+        raise DataError("the tokenizer has no eos_token_id; pass eos_id= to join documents.")
+    for text in texts:
+        yield from tokenizer(text, add_special_tokens=False)["input_ids"]
+        yield eos
+
+
+def chunk_tokens(stream: Iterable[int], context_length: int, batch_size: int) -> Iterator[torch.Tensor]:
+    """Batches `[batch_size, context_length]` of consecutive tokens; the incomplete tail is dropped."""
+    row: list[int] = []
+    rows: list[list[int]] = []
+    for tok in stream:
+        row.append(tok)
+        if len(row) == context_length:
+            rows.append(row)
+            row = []
+            if len(rows) == batch_size:
+                yield torch.tensor(rows, dtype=torch.long)
+                rows = []
+
+
+class TokenBatches:
+    """Re-iterable batches of token ids from text: each pass re-reads the dataset (streamed or in memory)."""
+
+    def __init__(self, source: Any, tokenizer: Any, context_length: int, batch_size: int, text_column: str = "text",
+                 streaming: bool = False, split: str = "train", max_context: int | None = None):
+        if context_length < 1 or batch_size < 1:
+            raise DataError(f"context_length={context_length}, batch_size={batch_size}: both must be ≥ 1.")
+        if max_context is not None and context_length > max_context:
+            raise DataError(f"context_length={context_length} exceeds the model's maximum context {max_context}; "
+                            f"use a context_length ≤ {max_context}.")
+        self.dataset = load_text_dataset(source, split, streaming)
+        self.tokenizer, self.context_length, self.batch_size = tokenizer, context_length, batch_size
+        self.text_column = text_column
+
+    def texts(self) -> Iterator[str]:
+        for row in self.dataset:
+            if self.text_column not in row:
+                raise DataError(f"the dataset has no column {self.text_column!r}; its columns are {sorted(row)}; "
+                                "pass text_column=.")
+            yield row[self.text_column]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        batches = chunk_tokens(token_stream(self.texts(), self.tokenizer), self.context_length, self.batch_size)
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            raise DataError(f"the text yields fewer than {self.batch_size}×{self.context_length} tokens: not one batch; "
+                            "pass more text, or a smaller batch_size / context_length.")
+
+
+def stdlib_docstrings(min_chars: int = 200, limit: int | None = None) -> list[str]:
+    """Human-written English every machine has: the Python standard library's longer docstrings (an offline corpus)."""
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs: list[str] = []
+    for path in sorted(root.glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8", errors="ignore"))
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= min_chars:
+                    docs.append(doc)
+                    if limit is not None and len(docs) >= limit:
+                        return docs
+    return docs
