@@ -12,11 +12,14 @@ def resolve(model: Any, targets: dict[str, int], identity_targets: dict[str, int
     """The torch module to run, its sites for the target globs, and C per site."""
     from decomp_hooks.adapters import nnsight as nnsight_adapter
     from decomp_hooks.adapters import torch as torch_adapter
+    from decomp_hooks.adapters import transformer_lens as tl_adapter
 
     if nnsight_adapter.is_nnsight(model):
         module = nnsight_adapter.unwrap(model)
         sites, cs = torch_adapter.sites(module, targets, identity_targets)
         return module, sites, cs
+    if tl_adapter.is_transformer_lens(model):
+        return tl_adapter.sites(model, targets, identity_targets)
     if isinstance(model, nn.Module):
         sites, cs = torch_adapter.sites(model, targets, identity_targets)
         return model, sites, cs

@@ -25,7 +25,7 @@ def load_text_dataset(source: Any, split: str = "train", streaming: bool = False
     if isinstance(source, (list, tuple)) and all(isinstance(s, str) for s in source) and not _all_paths(source):
         return datasets.Dataset.from_dict({"text": list(source)})
     paths = [Path(p) for p in (source if isinstance(source, (list, tuple)) else [source])]
-    if all(p.exists() for p in paths):
+    if all(_is_path(p) for p in paths):
         files = [f for p in paths for f in (sorted(p.iterdir()) if p.is_dir() else [p]) if f.suffix in LOCAL_FORMATS]
         kinds = {LOCAL_FORMATS[f.suffix] for f in files}
         if len(kinds) != 1:
@@ -37,7 +37,14 @@ def load_text_dataset(source: Any, split: str = "train", streaming: bool = False
 
 
 def _all_paths(items: Iterable[str]) -> bool:
-    return all(Path(s).exists() for s in items)
+    return all(_is_path(s) for s in items)
+
+
+def _is_path(s: str | Path) -> bool:
+    try:
+        return Path(s).exists()
+    except OSError:  # e.g. a long document is not a file name
+        return False
 
 
 def token_stream(texts: Iterable[str], tokenizer: Any, eos_id: int | None = None) -> Iterator[int]:

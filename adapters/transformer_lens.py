@@ -1,0 +1,409 @@
+"""Sites on TransformerLens 3.9 models: `HookedTransformer` (and `HookedSAETransformer`) and `TransformerBridge`.
+
+Site names are the TL parameter names (`blocks.0.mlp.W_in`, `blocks.0.attn.W_Q`, `embed.W_E`, `unembed.W_U`, …).
+Training hooks the modules with plain torch hooks; `fwd_hooks` gives the same interventions as TL `(hook_name, fn)`
+pairs for `model.run_with_hooks`, and `run_with_cache` adds each site's component activations and CI.
+"""
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from decomp_hooks.adapters.torch import canonical_weight_fn
+from decomp_hooks.components import SiteMask
+from decomp_hooks.sites import SiteError, SiteHook, match_targets
+
+SUPPORTED = ("blocks.L.attn.W_Q/W_K/W_V/W_O, blocks.L.mlp.W_in/W_out (and W_gate in gated MLPs), embed.W_E, "
+             "unembed.W_U")
+_QKV = (("Q", "query_input"), ("K", "key_input"), ("V", "value_input"))
+_BRIDGE_PATHS = {"attn.W_Q": "attn.q", "attn.W_K": "attn.k", "attn.W_V": "attn.v", "attn.W_O": "attn.o",
+                 "mlp.W_in": "mlp.in", "mlp.W_gate": "mlp.gate", "mlp.W_out": "mlp.out"}
+
+
+def is_transformer_lens(model: Any) -> bool:
+    """Whether `model` is a TransformerLens model, judged by its classes' names (TL need not be imported)."""
+    return any(c.__module__.startswith("transformer_lens") and c.__name__ in ("HookedRootModule", "TransformerBridge")
+               for c in type(model).__mro__)
+
+
+def _is_class(model: Any, name: str) -> bool:
+    return any(c.__name__ == name and c.__module__.startswith("transformer_lens") for c in type(model).__mro__)
+
+
+@dataclass(frozen=True)
+class Tap:
+    """Where a site input is read: the output of module `module`, or its call argument `arg` = (name, position)."""
+
+    module: str
+    arg: tuple[str, int] | None = None
+    fn: Callable[[torch.Tensor], torch.Tensor] | None = None  # maps the tapped tensor to the site input
+
+
+@dataclass(frozen=True)
+class Route:
+    """A site's input tap and the module whose output the site replaces."""
+
+    read: Tap
+    write: str
+
+
+class _Handles:
+    """The torch hook handles of one site, removed together."""
+
+    def __init__(self, *handles: RemovableHandle):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class TLSite:
+    """One TL weight as a site. `route` serves torch hooks; `hook_route` the TL hook points (or why there are none)."""
+
+    def __init__(self, model: nn.Module, name: str, kind: str, weight: Callable[[], torch.Tensor],
+                 bias: Callable[[], torch.Tensor | None], route: Route, hook_route: Route | str):
+        self.model, self.name, self.kind = model, name, kind
+        self._weight, self._bias = weight, bias
+        self.route, self.hook_route = route, hook_route
+        self.d_out, self.d_in = self.weight().shape
+
+    def weight(self) -> torch.Tensor:
+        return self._weight().detach()
+
+    def bias(self) -> torch.Tensor | None:
+        b = self._bias()
+        return None if b is None else b.detach()
+
+    def site_input(self, x: torch.Tensor) -> torch.Tensor:
+        """A tapped tensor as the site input `[..., d_in]` (token ids for embeddings; per-head `hook_z` flattened)."""
+        return x if self.kind == "embedding" or x.shape[-1] == self.d_in else x.flatten(-2)
+
+    def replace(self, fn: SiteHook, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        """`fn` on the site input and the output as `[..., d_out]`; its result in the output's own layout."""
+        lead = x.shape if self.kind == "embedding" else x.shape[:-1]
+        new = fn(x, out.reshape(*lead, self.d_out))
+        return None if new is None else new.reshape(out.shape)
+
+    def hook(self, fn: SiteHook) -> _Handles:
+        box: dict[str, torch.Tensor] = {}
+        read, module = self.route.read, self.model.get_submodule
+        record = partial(_store, box, self, read.fn)
+        if read.arg is None:
+            h_in = module(read.module).register_forward_hook(lambda m, args, out: record(out))
+        else:
+            h_in = module(read.module).register_forward_pre_hook(
+                lambda m, args, kwargs: record(_call_arg(args, kwargs, read)), with_kwargs=True)
+        h_out = module(self.route.write).register_forward_hook(lambda m, args, out: self.replace(fn, _take(box, self), out))
+        return _Handles(h_in, h_out)
+
+
+def _store(box: dict, site: TLSite, fn: Callable | None, x: torch.Tensor) -> None:
+    box["x"] = site.site_input(x if fn is None else fn(x))
+
+
+def _take(box: dict, site: TLSite) -> torch.Tensor:
+    if "x" not in box:
+        raise SiteError(f"site {site.name!r}: its output hook ran before its input was read; this model calls its "
+                        "modules in an order the TransformerLens adapter does not support.")
+    return box.pop("x")
+
+
+def _call_arg(args: tuple, kwargs: dict, tap: Tap) -> torch.Tensor:
+    name, position = tap.arg
+    if name in kwargs:
+        return kwargs[name]
+    if len(args) > position:
+        return args[position]
+    raise SiteError(f"module {tap.module!r} was called without its {name!r} argument.")
+
+
+def _heads_in(w: torch.Tensor) -> torch.Tensor:
+    """`W_Q/W_K/W_V [n_heads, d_model, d_head]` as `[n_heads·d_head, d_model]`."""
+    return w.permute(1, 0, 2).reshape(w.shape[1], -1).T
+
+
+def _heads_out(w: torch.Tensor) -> torch.Tensor:
+    """`W_O [n_heads, d_head, d_model]` as `[d_model, n_heads·d_head]`."""
+    return w.reshape(-1, w.shape[-1]).T
+
+
+# -- HookedTransformer ------------------------------------------------------------------------------------------
+
+Candidates = Iterator[tuple[str, "Callable[[], TLSite] | str"]]
+
+
+def _norm_output(ln: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The norm's output from its `hook_normalized` activation (TL norms apply `w`, `b` after that hook)."""
+    dtype = getattr(getattr(ln, "cfg", None), "dtype", None)
+    kind = type(ln).__name__
+    if kind == "LayerNorm":
+        return lambda a: a.to(dtype) * ln.w + ln.b
+    if kind == "RMSNorm":
+        return lambda a: a.to(dtype) * ln.w
+    if kind in ("LayerNormPre", "RMSNormPre"):
+        return lambda a: a.to(dtype)
+    return None
+
+
+def _block_input_tap(model: nn.Module, layer: int, which: str) -> Tap | str:
+    """The TL hook point carrying the input of block `layer`'s attention (`which` "attn") or MLP ("mlp")."""
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    cfg, block, p = model.cfg, model.blocks[layer], f"blocks.{layer}"
+    ln = block.ln1 if which == "attn" else block.ln2
+    if cfg.original_architecture not in POST_NORM_ARCHITECTURES and not isinstance(ln, nn.Identity):
+        fn = _norm_output(ln)
+        if fn is None:
+            return f"its input comes from a {type(ln).__name__}, whose output no hook point carries"
+        return Tap(f"{p}.{'ln1' if which == 'attn' else 'ln2'}.hook_normalized", fn=fn)
+    if which == "attn":
+        return Tap(f"{p}.hook_resid_pre")
+    if cfg.use_hook_mlp_in:
+        return Tap(f"{p}.hook_mlp_in")
+    return Tap(f"{p}.hook_resid_pre" if cfg.parallel_attn_mlp else f"{p}.hook_resid_mid")
+
+
+def _block_output_hook(model: nn.Module, layer: int, which: str) -> str | None:
+    """`hook_attn_out` / `hook_mlp_out` when it carries the sublayer's output unchanged (no norm after it), else None."""
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    cfg = model.cfg
+    if cfg.use_normalization_before_and_after or cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        return None
+    return f"blocks.{layer}.hook_{which}_out"
+
+
+def _hook_route(read: Tap | str, write: str | None, what: str) -> Route | str:
+    if isinstance(read, str):
+        return read
+    return Route(read, write) if write is not None else f"a norm follows its {what} before the next hook point"
+
+
+def _ht_attention(model: nn.Module, layer: int) -> Candidates:
+    cfg, attn, p = model.cfg, model.blocks[layer].attn, f"blocks.{layer}.attn"
+    kind = type(attn).__name__
+    if kind not in ("Attention", "GroupedQueryAttention") or cfg.load_in_4bit:
+        for x in "QKVO":
+            yield f"{p}.W_{x}", f"{kind}{' (4-bit)' if cfg.load_in_4bit else ''} attention is not supported"
+        return
+    grouped = kind == "GroupedQueryAttention" and not cfg.ungroup_grouped_query_attention
+    read_tl = _block_input_tap(model, layer, "attn")
+    for position, (x, arg) in enumerate(_QKV):
+        name = f"{p}.W_{x}"
+        if cfg.use_split_qkv_input or cfg.use_attn_in:
+            yield name, ("per-head attention inputs (use_split_qkv_input / use_attn_in) are not supported; "
+                         "turn them off with model.set_use_split_qkv_input(False) / model.set_use_attn_in(False)")
+            continue
+        stored = f"_W_{x}" if grouped and x != "Q" else f"W_{x}"  # grouped K/V: the unexpanded [n_kv_heads, ...]
+        bias = stored.replace("W_", "b_")
+        hook_read = "shortformer attention adds the positional embedding to its input" \
+            if cfg.positional_embedding_type == "shortformer" and x != "V" else read_tl
+        yield name, partial(TLSite, model, name, "linear", lambda w=stored: _heads_in(getattr(attn, w)),
+                            lambda b=bias: getattr(attn, b).flatten(), Route(Tap(p, (arg, position)), f"{p}.hook_{x.lower()}"),
+                            _hook_route(hook_read, f"{p}.hook_{x.lower()}", "query/key/value"))
+    yield f"{p}.W_O", partial(TLSite, model, f"{p}.W_O", "linear", lambda: _heads_out(attn.W_O), lambda: attn.b_O,
+                              Route(Tap(f"{p}.hook_z"), p),
+                              _hook_route(Tap(f"{p}.hook_z"), _block_output_hook(model, layer, "attn"), "attention"))
+
+
+def _ht_mlp(model: nn.Module, layer: int) -> Candidates:
+    cfg, block, p = model.cfg, model.blocks[layer], f"blocks.{layer}.mlp"
+    mlp = getattr(block, "mlp", None)
+    if mlp is None:
+        return
+    kind = type(mlp).__name__
+    if kind not in ("MLP", "GatedMLP"):
+        for w in ("W_in", "W_gate", "W_out"):
+            yield f"{p}.{w}", f"{kind} MLPs are not supported (only MLP and GatedMLP)"
+        return
+    read, read_tl = Tap(p, ("x", 0)), _block_input_tap(model, layer, "mlp")
+    if kind == "MLP":
+        writes = {"W_in": ("hook_pre", lambda: mlp.b_in)}
+    else:  # GatedMLP: post = act(x W_gate) * (x W_in) + b_in, so neither input map has a bias of its own
+        writes = {"W_gate": ("hook_pre", lambda: None), "W_in": ("hook_pre_linear", lambda: None)}
+    for w, (hook, bias) in writes.items():
+        name = f"{p}.{w}"
+        if kind == "GatedMLP" and w == "W_in" and cfg.is_layer_norm_activation():
+            yield name, "a gated MLP with a LayerNorm activation (SoLU) skips hook_pre_linear; its W_in has no output hook"
+            continue
+        yield name, partial(TLSite, model, name, "linear", lambda w=w: getattr(mlp, w).T, bias,
+                            Route(read, f"{p}.{hook}"), _hook_route(read_tl, f"{p}.{hook}", "MLP input"))
+    yield f"{p}.W_out", partial(TLSite, model, f"{p}.W_out", "linear", lambda: mlp.W_out.T, lambda: mlp.b_out,
+                                Route(Tap(f"{p}.hook_post"), p),
+                                _hook_route(Tap(f"{p}.hook_post"), _block_output_hook(model, layer, "mlp"), "MLP"))
+
+
+def _ht_candidates(model: nn.Module) -> Candidates:
+    cfg = model.cfg
+    if cfg.post_embedding_ln:
+        yield "embed.W_E", "the embedding is followed by a LayerNorm inside `embed` (post_embedding_ln)"
+    else:
+        tokens = Route(Tap("hook_tokens"), "hook_embed") if cfg.use_hook_tokens else \
+            "no hook point carries the token ids; build the model with use_hook_tokens=True"
+        yield "embed.W_E", partial(TLSite, model, "embed.W_E", "embedding", lambda: model.embed.W_E.T, lambda: None,
+                                   Route(Tap("embed", ("tokens", 0)), "embed"), tokens)
+    for layer in range(cfg.n_layers):
+        yield from _ht_attention(model, layer)
+        yield from _ht_mlp(model, layer)
+    unembed = Route(Tap("unembed.hook_in"), "unembed.hook_out")
+    yield "unembed.W_U", partial(TLSite, model, "unembed.W_U", "linear", lambda: model.unembed.W_U.T,
+                                 lambda: model.unembed.b_U, unembed, unembed)
+
+
+# -- TransformerBridge -----------------------------------------------------------------------------------------
+
+def _bridge_site(model: nn.Module, name: str, path: str) -> Callable[[], TLSite] | str:
+    """The site of the HF module that bridge component `path` wraps, hooked on that module itself."""
+    try:
+        module = model.get_submodule(path).original_component
+    except AttributeError:
+        return f"the bridge has no component {path!r}"
+    weight_fn = canonical_weight_fn(module)
+    if weight_fn is None or (isinstance(module, nn.Embedding) and type(module) is not nn.Embedding):
+        return (f"{path!r} wraps a {type(module).__name__}; supported are nn.Linear, transformers Conv1D and a plain "
+                "nn.Embedding")
+    kind = "embedding" if isinstance(module, nn.Embedding) else "linear"
+    inner = f"{path}.original_component"
+    hooks = Route(Tap(f"{path}.hook_in"), f"{path}.hook_out")
+    return partial(TLSite, model, name, kind, lambda: weight_fn(module),
+                   lambda: module.bias if kind == "linear" else None, Route(Tap(inner, ("input", 0)), inner), hooks)
+
+
+def _bridge_candidates(model: nn.Module) -> Candidates:
+    cfg = model.cfg
+    yield "embed.W_E", _bridge_site(model, "embed.W_E", "embed")
+    for layer in range(cfg.n_layers):
+        for suffix, sub in _BRIDGE_PATHS.items():
+            name, path = f"blocks.{layer}.{suffix}", f"blocks.{layer}.{sub}"
+            if suffix in ("attn.W_Q", "attn.W_K", "attn.W_V") and (getattr(cfg, "use_split_qkv_input", False)
+                                                                   or getattr(cfg, "use_attn_in", False)):
+                yield name, "per-head attention inputs (use_split_qkv_input / use_attn_in) bypass the q/k/v projections"
+            else:
+                site = _bridge_site(model, name, path)
+                if suffix != "mlp.W_gate" or not isinstance(site, str):  # only gated MLPs have a W_gate
+                    yield name, site
+    yield "unembed.W_U", _bridge_site(model, "unembed.W_U", "unembed")
+
+
+# -- resolution ------------------------------------------------------------------------------------------------
+
+def _parameter_names(model: nn.Module) -> list[str]:
+    if _is_class(model, "TransformerBridge"):
+        return [n for n, _ in model.tl_named_parameters()]
+    return [n for n, _ in model.named_parameters()]
+
+
+def sites(model: nn.Module, targets: dict[str, int], identity_targets: dict[str, int] | None = None
+          ) -> tuple[nn.Module, list[TLSite], dict[str, int]]:
+    """Resolve target globs over the model's TL weight names into sites; returns the module to run, sites, C per site."""
+    if identity_targets:
+        raise SiteError(f"identity_targets={identity_targets!r}: identity insertion is not supported for "
+                        "TransformerLens models yet; pass identity_targets=None.")
+    if _is_class(model, "HookedTransformer"):
+        found = dict(_ht_candidates(model))
+    elif _is_class(model, "TransformerBridge"):
+        found = dict(_bridge_candidates(model))
+    else:
+        raise TypeError(f"cannot decompose a TransformerLens {type(model).__name__}; supported are HookedTransformer, "
+                        "HookedSAETransformer and TransformerBridge.")
+    builders = {n: b for n, b in found.items() if not isinstance(b, str)}
+    for pattern in targets:
+        if not fnmatch.filter(builders, pattern):
+            _refuse(pattern, {n: r for n, r in found.items() if isinstance(r, str)}, model, list(builders))
+    cs = match_targets(builders, targets, what="decomposable TransformerLens weight")
+    return model, [builders[n]() for n in cs], cs
+
+
+def _refuse(pattern: str, refused: dict[str, str], model: nn.Module, candidates: list[str]) -> None:
+    """Explain why `pattern` selects no site: a weight that is known but refused, or one that is not a site at all."""
+    shown = ", ".join(candidates[:40]) + (", …" if len(candidates) > 40 else "")
+    hits = fnmatch.filter(refused, pattern)
+    if hits:
+        raise SiteError(f"{hits[0]!r} cannot be decomposed: {refused[hits[0]]}. Decomposable weights: {shown or '(none)'}.")
+    hits = fnmatch.filter(_parameter_names(model), pattern)
+    if hits:
+        raise SiteError(f"parameter {hits[0]!r} is not a decomposable weight; supported: {SUPPORTED}. "
+                        f"Decomposable weights in this model: {shown or '(none)'}.")
+
+
+# -- interventions and caches where the user works -------------------------------------------------------------
+
+def site_masks(dec: Any, masks: dict[str, torch.Tensor] | None = None, keep: dict[str, list[int]] | None = None,
+               ablate: dict[str, list[int]] | None = None, delta: bool = True) -> dict[str, SiteMask]:
+    """A SiteMask for every decomposed site: `masks[site]` as given, `keep` (only these on), `ablate` (these off), else ones."""
+    given = {"masks": masks or {}, "keep": keep or {}, "ablate": ablate or {}}
+    owner: dict[str, str] = {}
+    for arg, entries in given.items():
+        for name in entries:
+            if name not in dec.site_names:
+                raise SiteError(f"{arg}[{name!r}]: not a decomposed site; the sites are {dec.site_names}.")
+            if name in owner:
+                raise SiteError(f"site {name!r} is in both {owner[name]} and {arg}; give each site one of them.")
+            owner[name] = arg
+    out = {}
+    for name in dec.site_names:
+        C = dec.cm.component(name).C
+        if name in given["masks"]:
+            m = given["masks"][name].to(dec.device, torch.float32)
+        else:
+            on = name in given["keep"]
+            m = torch.zeros(C) if on else torch.ones(C)
+            indices = given["keep"].get(name, given["ablate"].get(name, []))
+            if any(not 0 <= i < C for i in indices):
+                raise SiteError(f"component indices {list(indices)} for site {name!r} are out of range; it has C={C}.")
+            m[list(indices)] = 1.0 if on else 0.0
+            m = m.to(dec.device)
+        out[name] = SiteMask(m, torch.ones((), device=dec.device) if delta else None)
+    return out
+
+
+def fwd_hooks(dec: Any, masks: dict[str, torch.Tensor] | None = None, keep: dict[str, list[int]] | None = None,
+              ablate: dict[str, list[int]] | None = None, delta: bool = True) -> list[tuple[str, Callable]]:
+    """TL `(hook_name, fn)` pairs for `model.run_with_hooks` running every decomposed site through its components.
+
+    Each site gets a pair that records its input and one that replaces its output with `SiteComponents.forward`
+    under the mask `site_masks` builds (component masks broadcast over `[batch, pos, C]`; delta on if `delta`).
+    """
+    hooks = []
+    for name, mask in site_masks(dec, masks, keep, ablate, delta).items():
+        site = dec.cm.sites[name]
+        route = getattr(site, "hook_route", None)
+        if not isinstance(route, Route):
+            why = route or f"its model is a {type(dec.model).__name__}, not a TransformerLens model"
+            raise SiteError(f"site {name!r} cannot be reached with TL fwd_hooks: {why}. "
+                            "Use dec.run(tokens, masks=...) for this site instead.")
+        box: dict[str, torch.Tensor] = {}
+        hooks.append((route.read.module, partial(_record_hook, box, site, route.read.fn)))
+        hooks.append((route.write, partial(_replace_hook, box, site, dec.cm.component(name), mask)))
+    return hooks
+
+
+def _record_hook(box: dict, site: TLSite, fn: Callable | None, act: torch.Tensor, hook: Any) -> None:
+    _store(box, site, fn, act)
+
+
+def _replace_hook(box: dict, site: TLSite, comps: nn.Module, mask: SiteMask, act: torch.Tensor, hook: Any) -> torch.Tensor:
+    def forward(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return comps(x, mask, target_out=target).to(target.dtype)
+    return site.replace(forward, _take(box, site), act)
+
+
+@torch.no_grad()
+def run_with_cache(dec: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits and, per site, `<site>.hook_component_acts` (signed `a V`) and `<site>.hook_ci` (CI), `[batch, pos, C]`."""
+    logits, inputs = dec.cm(tokens, cache=True)
+    ci = dec.cm.causal_importances(inputs)
+    cache = {}
+    for name, x in inputs.items():
+        comps = dec.cm.component(name)
+        cache[f"{name}.hook_component_acts"] = comps.inner_acts(x if comps.kind == "embedding" else x.to(comps.V.dtype))
+        cache[f"{name}.hook_ci"] = ci[name].lower
+    return logits, cache
