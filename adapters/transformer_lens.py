@@ -27,14 +27,13 @@ _BRIDGE_PATHS = {"attn.W_Q": "attn.q", "attn.W_K": "attn.k", "attn.W_V": "attn.v
                  "mlp.W_in": "mlp.in", "mlp.W_gate": "mlp.gate", "mlp.W_out": "mlp.out"}
 
 
+def _is_class(model: Any, *names: str) -> bool:
+    """Whether one of `model`'s classes is a TransformerLens class with one of these names (TL need not be imported)."""
+    return any(c.__name__ in names and c.__module__.startswith("transformer_lens") for c in type(model).__mro__)
+
+
 def is_transformer_lens(model: Any) -> bool:
-    """Whether `model` is a TransformerLens model, judged by its classes' names (TL need not be imported)."""
-    return any(c.__module__.startswith("transformer_lens") and c.__name__ in ("HookedRootModule", "TransformerBridge")
-               for c in type(model).__mro__)
-
-
-def _is_class(model: Any, name: str) -> bool:
-    return any(c.__name__ == name and c.__module__.startswith("transformer_lens") for c in type(model).__mro__)
+    return _is_class(model, "HookedRootModule", "TransformerBridge")
 
 
 @dataclass(frozen=True)
@@ -93,27 +92,31 @@ class TLSite:
         return None if new is None else new.reshape(out.shape)
 
     def hook(self, fn: SiteHook) -> _Handles:
-        box: dict[str, torch.Tensor] = {}
-        read, module = self.route.read, self.model.get_submodule
-        record = partial(_store, box, self, read.fn)
+        relay, read, module = _Relay(self), self.route.read, self.model.get_submodule
         if read.arg is None:
-            h_in = module(read.module).register_forward_hook(lambda m, args, out: record(out))
+            h_in = module(read.module).register_forward_hook(lambda m, args, out: relay.put(out, read.fn))
         else:
             h_in = module(read.module).register_forward_pre_hook(
-                lambda m, args, kwargs: record(_call_arg(args, kwargs, read)), with_kwargs=True)
-        h_out = module(self.route.write).register_forward_hook(lambda m, args, out: self.replace(fn, _take(box, self), out))
+                lambda m, args, kwargs: relay.put(_call_arg(args, kwargs, read), read.fn), with_kwargs=True)
+        h_out = module(self.route.write).register_forward_hook(lambda m, args, out: self.replace(fn, relay.take(), out))
         return _Handles(h_in, h_out)
 
 
-def _store(box: dict, site: TLSite, fn: Callable | None, x: torch.Tensor) -> None:
-    box["x"] = site.site_input(x if fn is None else fn(x))
+class _Relay:
+    """Carries a site's input from the hook that reads it to the hook that replaces the site's output."""
 
+    def __init__(self, site: TLSite):
+        self.site, self.x = site, None
 
-def _take(box: dict, site: TLSite) -> torch.Tensor:
-    if "x" not in box:
-        raise SiteError(f"site {site.name!r}: its output hook ran before its input was read; this model calls its "
-                        "modules in an order the TransformerLens adapter does not support.")
-    return box.pop("x")
+    def put(self, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.x = self.site.site_input(x if fn is None else fn(x))
+
+    def take(self) -> torch.Tensor:
+        if self.x is None:
+            raise SiteError(f"site {self.site.name!r}: its output hook ran before its input was read; this model calls "
+                            "its modules in an order the TransformerLens adapter does not support.")
+        x, self.x = self.x, None
+        return x
 
 
 def _call_arg(args: tuple, kwargs: dict, tap: Tap) -> torch.Tensor:
@@ -137,13 +140,20 @@ def _heads_out(w: torch.Tensor) -> torch.Tensor:
 
 # -- HookedTransformer ------------------------------------------------------------------------------------------
 
-Candidates = Iterator[tuple[str, "Callable[[], TLSite] | str"]]
+Builder = Callable[[], TLSite]
+Candidates = Iterator[tuple[str, "Builder | str"]]  # (site name, builder, or why this weight cannot be a site)
+SPLIT_INPUTS = "per-head attention inputs (use_split_qkv_input / use_attn_in) are not supported"
+
+
+def _site(model: nn.Module, name: str, kind: str, weight: Callable[[], torch.Tensor],
+          bias: Callable[[], torch.Tensor | None], route: Route, hook_route: Route | str) -> Builder:
+    """A TLSite built only when a target selects it (building one materialises its canonical weight)."""
+    return partial(TLSite, model, name, kind, weight, bias, route, hook_route)
 
 
 def _norm_output(ln: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The norm's output from its `hook_normalized` activation (TL norms apply `w`, `b` after that hook)."""
-    dtype = getattr(getattr(ln, "cfg", None), "dtype", None)
-    kind = type(ln).__name__
+    dtype, kind = ln.cfg.dtype, type(ln).__name__
     if kind == "LayerNorm":
         return lambda a: a.to(dtype) * ln.w + ln.b
     if kind == "RMSNorm":
@@ -153,17 +163,16 @@ def _norm_output(ln: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None
     return None
 
 
-def _block_input_tap(model: nn.Module, layer: int, which: str) -> Tap | str:
-    """The TL hook point carrying the input of block `layer`'s attention (`which` "attn") or MLP ("mlp")."""
+def _input_hook(model: nn.Module, layer: int, which: str) -> Tap | str:
+    """The TL hook point carrying the input of block `layer`'s `which` ("attn" or "mlp"), or why there is none."""
     from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-    cfg, block, p = model.cfg, model.blocks[layer], f"blocks.{layer}"
-    ln = block.ln1 if which == "attn" else block.ln2
+    cfg, p = model.cfg, f"blocks.{layer}"
+    ln_name = "ln1" if which == "attn" else "ln2"
+    ln = getattr(model.blocks[layer], ln_name)
     if cfg.original_architecture not in POST_NORM_ARCHITECTURES and not isinstance(ln, nn.Identity):
         fn = _norm_output(ln)
-        if fn is None:
-            return f"its input comes from a {type(ln).__name__}, whose output no hook point carries"
-        return Tap(f"{p}.{'ln1' if which == 'attn' else 'ln2'}.hook_normalized", fn=fn)
+        return Tap(f"{p}.{ln_name}.hook_normalized", fn=fn) if fn else f"no hook carries a {type(ln).__name__}'s output"
     if which == "attn":
         return Tap(f"{p}.hook_resid_pre")
     if cfg.use_hook_mlp_in:
@@ -171,8 +180,8 @@ def _block_input_tap(model: nn.Module, layer: int, which: str) -> Tap | str:
     return Tap(f"{p}.hook_resid_pre" if cfg.parallel_attn_mlp else f"{p}.hook_resid_mid")
 
 
-def _block_output_hook(model: nn.Module, layer: int, which: str) -> str | None:
-    """`hook_attn_out` / `hook_mlp_out` when it carries the sublayer's output unchanged (no norm after it), else None."""
+def _output_hook(model: nn.Module, layer: int, which: str) -> str | None:
+    """`hook_attn_out` / `hook_mlp_out` where it carries the sublayer's output unchanged (no norm after it)."""
     from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
     cfg = model.cfg
@@ -181,10 +190,11 @@ def _block_output_hook(model: nn.Module, layer: int, which: str) -> str | None:
     return f"blocks.{layer}.hook_{which}_out"
 
 
-def _hook_route(read: Tap | str, write: str | None, what: str) -> Route | str:
+def _hook_route(read: Tap | str, write: str | None) -> Route | str:
+    """The TL hook-point route from an input tap and an output hook; a reason string where either is missing."""
     if isinstance(read, str):
         return read
-    return Route(read, write) if write is not None else f"a norm follows its {what} before the next hook point"
+    return Route(read, write) if write is not None else "a norm follows its output before the next hook point"
 
 
 def _ht_attention(model: nn.Module, layer: int) -> Candidates:
@@ -192,104 +202,100 @@ def _ht_attention(model: nn.Module, layer: int) -> Candidates:
     kind = type(attn).__name__
     if kind not in ("Attention", "GroupedQueryAttention") or cfg.load_in_4bit:
         for x in "QKVO":
-            yield f"{p}.W_{x}", f"{kind}{' (4-bit)' if cfg.load_in_4bit else ''} attention is not supported"
+            yield f"{p}.W_{x}", f"{kind} attention{' in 4 bit' if cfg.load_in_4bit else ''} is not supported"
         return
     grouped = kind == "GroupedQueryAttention" and not cfg.ungroup_grouped_query_attention
-    read_tl = _block_input_tap(model, layer, "attn")
     for position, (x, arg) in enumerate(_QKV):
-        name = f"{p}.W_{x}"
+        name, out = f"{p}.W_{x}", f"{p}.hook_{x.lower()}"
         if cfg.use_split_qkv_input or cfg.use_attn_in:
-            yield name, ("per-head attention inputs (use_split_qkv_input / use_attn_in) are not supported; "
-                         "turn them off with model.set_use_split_qkv_input(False) / model.set_use_attn_in(False)")
+            yield name, f"{SPLIT_INPUTS}; turn them off (model.set_use_split_qkv_input(False), set_use_attn_in(False))"
             continue
-        stored = f"_W_{x}" if grouped and x != "Q" else f"W_{x}"  # grouped K/V: the unexpanded [n_kv_heads, ...]
-        bias = stored.replace("W_", "b_")
-        hook_read = "shortformer attention adds the positional embedding to its input" \
-            if cfg.positional_embedding_type == "shortformer" and x != "V" else read_tl
-        yield name, partial(TLSite, model, name, "linear", lambda w=stored: _heads_in(getattr(attn, w)),
-                            lambda b=bias: getattr(attn, b).flatten(), Route(Tap(p, (arg, position)), f"{p}.hook_{x.lower()}"),
-                            _hook_route(hook_read, f"{p}.hook_{x.lower()}", "query/key/value"))
-    yield f"{p}.W_O", partial(TLSite, model, f"{p}.W_O", "linear", lambda: _heads_out(attn.W_O), lambda: attn.b_O,
-                              Route(Tap(f"{p}.hook_z"), p),
-                              _hook_route(Tap(f"{p}.hook_z"), _block_output_hook(model, layer, "attn"), "attention"))
+        w = f"_W_{x}" if grouped and x != "Q" else f"W_{x}"  # grouped K/V: the stored [n_kv_heads, d_model, d_head]
+        read = _input_hook(model, layer, "attn")
+        if cfg.positional_embedding_type == "shortformer" and x != "V":
+            read = "shortformer attention adds the positional embedding to its query and key inputs"
+        yield name, _site(model, name, "linear", lambda w=w: _heads_in(getattr(attn, w)),
+                          lambda b=w.replace("W_", "b_"): getattr(attn, b).flatten(),
+                          Route(Tap(p, (arg, position)), out), _hook_route(read, out))
+    z = Tap(f"{p}.hook_z")
+    yield f"{p}.W_O", _site(model, f"{p}.W_O", "linear", lambda: _heads_out(attn.W_O), lambda: attn.b_O,
+                            Route(z, p), _hook_route(z, _output_hook(model, layer, "attn")))
 
 
 def _ht_mlp(model: nn.Module, layer: int) -> Candidates:
-    cfg, block, p = model.cfg, model.blocks[layer], f"blocks.{layer}.mlp"
-    mlp = getattr(block, "mlp", None)
-    if mlp is None:
+    cfg, p = model.cfg, f"blocks.{layer}.mlp"
+    mlp = getattr(model.blocks[layer], "mlp", None)
+    if mlp is None:  # attention-only model
         return
     kind = type(mlp).__name__
     if kind not in ("MLP", "GatedMLP"):
         for w in ("W_in", "W_gate", "W_out"):
             yield f"{p}.{w}", f"{kind} MLPs are not supported (only MLP and GatedMLP)"
         return
-    read, read_tl = Tap(p, ("x", 0)), _block_input_tap(model, layer, "mlp")
+    read, read_hook = Tap(p, ("x", 0)), _input_hook(model, layer, "mlp")
     if kind == "MLP":
-        writes = {"W_in": ("hook_pre", lambda: mlp.b_in)}
+        outputs = {"W_in": ("hook_pre", lambda: mlp.b_in)}
     else:  # GatedMLP: post = act(x W_gate) * (x W_in) + b_in, so neither input map has a bias of its own
-        writes = {"W_gate": ("hook_pre", lambda: None), "W_in": ("hook_pre_linear", lambda: None)}
-    for w, (hook, bias) in writes.items():
-        name = f"{p}.{w}"
+        outputs = {"W_gate": ("hook_pre", lambda: None), "W_in": ("hook_pre_linear", lambda: None)}
+    for w, (hook, bias) in outputs.items():
+        name, out = f"{p}.{w}", f"{p}.{hook}"
         if kind == "GatedMLP" and w == "W_in" and cfg.is_layer_norm_activation():
-            yield name, "a gated MLP with a LayerNorm activation (SoLU) skips hook_pre_linear; its W_in has no output hook"
+            yield name, "a gated MLP with a LayerNorm activation (SoLU) never computes x W_in (hook_pre_linear)"
             continue
-        yield name, partial(TLSite, model, name, "linear", lambda w=w: getattr(mlp, w).T, bias,
-                            Route(read, f"{p}.{hook}"), _hook_route(read_tl, f"{p}.{hook}", "MLP input"))
-    yield f"{p}.W_out", partial(TLSite, model, f"{p}.W_out", "linear", lambda: mlp.W_out.T, lambda: mlp.b_out,
-                                Route(Tap(f"{p}.hook_post"), p),
-                                _hook_route(Tap(f"{p}.hook_post"), _block_output_hook(model, layer, "mlp"), "MLP"))
+        yield name, _site(model, name, "linear", lambda w=w: getattr(mlp, w).T, bias, Route(read, out),
+                          _hook_route(read_hook, out))
+    post = Tap(f"{p}.hook_post")
+    yield f"{p}.W_out", _site(model, f"{p}.W_out", "linear", lambda: mlp.W_out.T, lambda: mlp.b_out,
+                              Route(post, p), _hook_route(post, _output_hook(model, layer, "mlp")))
 
 
 def _ht_candidates(model: nn.Module) -> Candidates:
     cfg = model.cfg
     if cfg.post_embedding_ln:
-        yield "embed.W_E", "the embedding is followed by a LayerNorm inside `embed` (post_embedding_ln)"
+        yield "embed.W_E", "`embed` applies a LayerNorm after the lookup (post_embedding_ln)"
     else:
         tokens = Route(Tap("hook_tokens"), "hook_embed") if cfg.use_hook_tokens else \
             "no hook point carries the token ids; build the model with use_hook_tokens=True"
-        yield "embed.W_E", partial(TLSite, model, "embed.W_E", "embedding", lambda: model.embed.W_E.T, lambda: None,
-                                   Route(Tap("embed", ("tokens", 0)), "embed"), tokens)
-    for layer in range(cfg.n_layers):
+        yield "embed.W_E", _site(model, "embed.W_E", "embedding", lambda: model.embed.W_E.T, lambda: None,
+                                 Route(Tap("embed", ("tokens", 0)), "embed"), tokens)
+    for layer in range(len(model.blocks)):
         yield from _ht_attention(model, layer)
         yield from _ht_mlp(model, layer)
     unembed = Route(Tap("unembed.hook_in"), "unembed.hook_out")
-    yield "unembed.W_U", partial(TLSite, model, "unembed.W_U", "linear", lambda: model.unembed.W_U.T,
-                                 lambda: model.unembed.b_U, unembed, unembed)
+    yield "unembed.W_U", _site(model, "unembed.W_U", "linear", lambda: model.unembed.W_U.T,
+                               lambda: model.unembed.b_U, unembed, unembed)
 
 
 # -- TransformerBridge -----------------------------------------------------------------------------------------
 
-def _bridge_site(model: nn.Module, name: str, path: str) -> Callable[[], TLSite] | str:
-    """The site of the HF module that bridge component `path` wraps, hooked on that module itself."""
+def _bridge_site(model: nn.Module, name: str, path: str) -> Builder | str:
+    """A site on the HF module that bridge component `path` wraps, hooked on that module itself."""
     try:
         module = model.get_submodule(path).original_component
     except AttributeError:
         return f"the bridge has no component {path!r}"
     weight_fn = canonical_weight_fn(module)
     if weight_fn is None or (isinstance(module, nn.Embedding) and type(module) is not nn.Embedding):
-        return (f"{path!r} wraps a {type(module).__name__}; supported are nn.Linear, transformers Conv1D and a plain "
-                "nn.Embedding")
+        return f"{path!r} wraps a {type(module).__name__}; supported: nn.Linear, transformers Conv1D, plain nn.Embedding"
     kind = "embedding" if isinstance(module, nn.Embedding) else "linear"
     inner = f"{path}.original_component"
-    hooks = Route(Tap(f"{path}.hook_in"), f"{path}.hook_out")
-    return partial(TLSite, model, name, kind, lambda: weight_fn(module),
-                   lambda: module.bias if kind == "linear" else None, Route(Tap(inner, ("input", 0)), inner), hooks)
+    return _site(model, name, kind, lambda: weight_fn(module), lambda: module.bias if kind == "linear" else None,
+                 Route(Tap(inner, ("input", 0)), inner), Route(Tap(f"{path}.hook_in"), f"{path}.hook_out"))
 
 
 def _bridge_candidates(model: nn.Module) -> Candidates:
     cfg = model.cfg
+    split = getattr(cfg, "use_split_qkv_input", False) or getattr(cfg, "use_attn_in", False)
     yield "embed.W_E", _bridge_site(model, "embed.W_E", "embed")
-    for layer in range(cfg.n_layers):
+    for layer in range(len(model.blocks)):
         for suffix, sub in _BRIDGE_PATHS.items():
-            name, path = f"blocks.{layer}.{suffix}", f"blocks.{layer}.{sub}"
-            if suffix in ("attn.W_Q", "attn.W_K", "attn.W_V") and (getattr(cfg, "use_split_qkv_input", False)
-                                                                   or getattr(cfg, "use_attn_in", False)):
-                yield name, "per-head attention inputs (use_split_qkv_input / use_attn_in) bypass the q/k/v projections"
-            else:
-                site = _bridge_site(model, name, path)
-                if suffix != "mlp.W_gate" or not isinstance(site, str):  # only gated MLPs have a W_gate
-                    yield name, site
+            name = f"blocks.{layer}.{suffix}"
+            if split and suffix in ("attn.W_Q", "attn.W_K", "attn.W_V"):
+                yield name, f"{SPLIT_INPUTS}: they bypass the q/k/v projections"
+                continue
+            site = _bridge_site(model, name, f"blocks.{layer}.{sub}")
+            if suffix != "mlp.W_gate" or not isinstance(site, str):  # only gated MLPs have a W_gate
+                yield name, site
     yield "unembed.W_U", _bridge_site(model, "unembed.W_U", "unembed")
 
 
@@ -303,7 +309,7 @@ def _parameter_names(model: nn.Module) -> list[str]:
 
 def sites(model: nn.Module, targets: dict[str, int], identity_targets: dict[str, int] | None = None
           ) -> tuple[nn.Module, list[TLSite], dict[str, int]]:
-    """Resolve target globs over the model's TL weight names into sites; returns the module to run, sites, C per site."""
+    """Resolve target globs over the TL weight names into sites; returns the module to run, its sites, C per site."""
     if identity_targets:
         raise SiteError(f"identity_targets={identity_targets!r}: identity insertion is not supported for "
                         "TransformerLens models yet; pass identity_targets=None.")
@@ -327,7 +333,8 @@ def _refuse(pattern: str, refused: dict[str, str], model: nn.Module, candidates:
     shown = ", ".join(candidates[:40]) + (", …" if len(candidates) > 40 else "")
     hits = fnmatch.filter(refused, pattern)
     if hits:
-        raise SiteError(f"{hits[0]!r} cannot be decomposed: {refused[hits[0]]}. Decomposable weights: {shown or '(none)'}.")
+        raise SiteError(f"{hits[0]!r} cannot be decomposed: {refused[hits[0]]}. "
+                        f"Decomposable weights: {shown or '(none)'}.")
     hits = fnmatch.filter(_parameter_names(model), pattern)
     if hits:
         raise SiteError(f"parameter {hits[0]!r} is not a decomposable weight; supported: {SUPPORTED}. "
@@ -338,7 +345,7 @@ def _refuse(pattern: str, refused: dict[str, str], model: nn.Module, candidates:
 
 def site_masks(dec: Any, masks: dict[str, torch.Tensor] | None = None, keep: dict[str, list[int]] | None = None,
                ablate: dict[str, list[int]] | None = None, delta: bool = True) -> dict[str, SiteMask]:
-    """A SiteMask for every decomposed site: `masks[site]` as given, `keep` (only these on), `ablate` (these off), else ones."""
+    """A SiteMask per decomposed site: `masks[site]` as given, `keep` (only these on), `ablate` (these off), else ones."""
     given = {"masks": masks or {}, "keep": keep or {}, "ablate": ablate or {}}
     owner: dict[str, str] = {}
     for arg, entries in given.items():
@@ -358,7 +365,8 @@ def site_masks(dec: Any, masks: dict[str, torch.Tensor] | None = None, keep: dic
             m = torch.zeros(C) if on else torch.ones(C)
             indices = given["keep"].get(name, given["ablate"].get(name, []))
             if any(not 0 <= i < C for i in indices):
-                raise SiteError(f"component indices {list(indices)} for site {name!r} are out of range; it has C={C}.")
+                raise SiteError(f"component indices {list(indices)} for site {name!r} are out of range; "
+                                f"it has C={C}.")
             m[list(indices)] = 1.0 if on else 0.0
             m = m.to(dec.device)
         out[name] = SiteMask(m, torch.ones((), device=dec.device) if delta else None)
@@ -380,20 +388,20 @@ def fwd_hooks(dec: Any, masks: dict[str, torch.Tensor] | None = None, keep: dict
             why = route or f"its model is a {type(dec.model).__name__}, not a TransformerLens model"
             raise SiteError(f"site {name!r} cannot be reached with TL fwd_hooks: {why}. "
                             "Use dec.run(tokens, masks=...) for this site instead.")
-        box: dict[str, torch.Tensor] = {}
-        hooks.append((route.read.module, partial(_record_hook, box, site, route.read.fn)))
-        hooks.append((route.write, partial(_replace_hook, box, site, dec.cm.component(name), mask)))
+        relay = _Relay(site)
+        hooks.append((route.read.module, partial(_record_hook, relay, route.read.fn)))
+        hooks.append((route.write, partial(_replace_hook, relay, dec.cm.component(name), mask)))
     return hooks
 
 
-def _record_hook(box: dict, site: TLSite, fn: Callable | None, act: torch.Tensor, hook: Any) -> None:
-    _store(box, site, fn, act)
+def _record_hook(relay: _Relay, fn: Callable | None, act: torch.Tensor, hook: Any) -> None:
+    relay.put(act, fn)
 
 
-def _replace_hook(box: dict, site: TLSite, comps: nn.Module, mask: SiteMask, act: torch.Tensor, hook: Any) -> torch.Tensor:
+def _replace_hook(relay: _Relay, comps: nn.Module, mask: SiteMask, act: torch.Tensor, hook: Any) -> torch.Tensor:
     def forward(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return comps(x, mask, target_out=target).to(target.dtype)
-    return site.replace(forward, _take(box, site), act)
+    return relay.site.replace(forward, relay.take(), act)
 
 
 @torch.no_grad()
@@ -404,6 +412,7 @@ def run_with_cache(dec: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[s
     cache = {}
     for name, x in inputs.items():
         comps = dec.cm.component(name)
-        cache[f"{name}.hook_component_acts"] = comps.inner_acts(x if comps.kind == "embedding" else x.to(comps.V.dtype))
+        x = x if comps.kind == "embedding" else x.to(comps.V.dtype)
+        cache[f"{name}.hook_component_acts"] = comps.inner_acts(x)
         cache[f"{name}.hook_ci"] = ci[name].lower
     return logits, cache

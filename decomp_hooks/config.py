@@ -79,7 +79,7 @@ class TrainConfig:
     faithfulness_warmup_weight_decay: float = 0.1
     log_every: int = 100
     eval_every: int = 1000
-    eval_batch_size: int | None = None
+    eval_pgd_steps: int = 20  # the evaluation PGD probe (steps of size 0.1); 0 skips it
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
 

@@ -119,7 +119,8 @@ class SPD:
         out = {"faithfulness": faithfulness(cm, ctx.delta_ws).item()}
         for kind in ("stochastic", "ci", "unmasked"):
             out[f"{kind}_recon"] = self.recon(ctx, self.masks(ctx, kind, everywhere)).item()
-        out["pgd_probe"] = pgd_probe(self, ctx)
+        if self.cfg.train.eval_pgd_steps > 0:
+            out["pgd_probe"] = pgd_probe(self, ctx, n_steps=self.cfg.train.eval_pgd_steps)
         tau = self.cfg.ci_alive_threshold
         labels = token_labels(ctx.batch)
         if self.cfg.output_loss == "kl" and labels is not None:
