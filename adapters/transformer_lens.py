@@ -33,6 +33,7 @@ def _is_class(model: Any, *names: str) -> bool:
 
 
 def is_transformer_lens(model: Any) -> bool:
+    """A HookedTransformer-family model (HookedRootModule) or a TransformerBridge."""
     return _is_class(model, "HookedRootModule", "TransformerBridge")
 
 
@@ -276,7 +277,7 @@ def _bridge_site(model: nn.Module, name: str, path: str) -> Builder | str:
         return f"the bridge has no component {path!r}"
     weight_fn = canonical_weight_fn(module)
     if weight_fn is None or (isinstance(module, nn.Embedding) and type(module) is not nn.Embedding):
-        return f"{path!r} wraps a {type(module).__name__}; supported: nn.Linear, transformers Conv1D, plain nn.Embedding"
+        return f"{path!r} wraps a {type(module).__name__}; supported: nn.Linear, HF Conv1D, plain nn.Embedding"
     kind = "embedding" if isinstance(module, nn.Embedding) else "linear"
     inner = f"{path}.original_component"
     return _site(model, name, kind, lambda: weight_fn(module), lambda: module.bias if kind == "linear" else None,
@@ -345,7 +346,7 @@ def _refuse(pattern: str, refused: dict[str, str], model: nn.Module, candidates:
 
 def site_masks(dec: Any, masks: dict[str, torch.Tensor] | None = None, keep: dict[str, list[int]] | None = None,
                ablate: dict[str, list[int]] | None = None, delta: bool = True) -> dict[str, SiteMask]:
-    """A SiteMask per decomposed site: `masks[site]` as given, `keep` (only these on), `ablate` (these off), else ones."""
+    """A SiteMask per decomposed site: `masks[site]` as given, `keep` (only these on), `ablate` (these off), or ones."""
     given = {"masks": masks or {}, "keep": keep or {}, "ablate": ablate or {}}
     owner: dict[str, str] = {}
     for arg, entries in given.items():
@@ -406,7 +407,7 @@ def _replace_hook(relay: _Relay, comps: nn.Module, mask: SiteMask, act: torch.Te
 
 @torch.no_grad()
 def run_with_cache(dec: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Logits and, per site, `<site>.hook_component_acts` (signed `a V`) and `<site>.hook_ci` (CI), `[batch, pos, C]`."""
+    """Logits and, per site, `<site>.hook_component_acts` (signed `a V`) and `<site>.hook_ci` (`[batch, pos, C]`)."""
     logits, inputs = dec.cm(tokens, cache=True)
     ci = dec.cm.causal_importances(inputs)
     cache = {}

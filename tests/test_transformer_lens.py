@@ -116,7 +116,7 @@ def test_canonical_weights_and_shapes(ht, tokens):
     torch.testing.assert_close(by["unembed.W_U"].weight(), ht.unembed.W_U.T)
     e = by["embed.W_E"]
     assert e.kind == "embedding" and (e.d_in, e.d_out) == (SIZES["d_vocab"], D)
-    # with U = 0 the delta component alone is the target map x Wᵀ + b: W_Q's is TL's hook_q, W_O's the attention output
+    # with U = 0 the delta component alone is the target map x Wᵀ + b: TL's hook_q for W_Q, the attention out for W_O
     cm = ComponentModel(module, sites, {s.name: 3 for s in sites}, CIConfig(type="mlp", hidden=[4]))
     with torch.no_grad():
         for p in cm.component_parameters():
@@ -137,7 +137,8 @@ def test_bridge_attention_weights_match_tl_layout():
     _, sites, _ = resolve(b, {"blocks.0.attn.W_[QO]": 2, "blocks.0.mlp.W_out": 2})
     tl = dict(b.tl_named_parameters())
     by = {s.name: s for s in sites}
-    torch.testing.assert_close(by["blocks.0.attn.W_Q"].weight(), tl["blocks.0.attn.W_Q"].permute(1, 0, 2).reshape(32, 32).T)
+    W_Q = tl["blocks.0.attn.W_Q"]
+    torch.testing.assert_close(by["blocks.0.attn.W_Q"].weight(), W_Q.permute(1, 0, 2).reshape(32, 32).T)
     torch.testing.assert_close(by["blocks.0.attn.W_O"].weight(), tl["blocks.0.attn.W_O"].reshape(32, 32).T)
     torch.testing.assert_close(by["blocks.0.mlp.W_out"].weight(), tl["blocks.0.mlp.W_out"].T)
 
@@ -170,8 +171,9 @@ def test_fwd_hooks_match_dec_run_and_run_with_cache(model, tokens):
     # all-ones masks with the delta component reproduce the model
     torch.testing.assert_close(m.run_with_hooks(tokens, fwd_hooks=tla.fwd_hooks(dec)), m(tokens), rtol=1e-5, atol=1e-4)
     mask = torch.rand(tokens.shape + (5,), generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(m.run_with_hooks(tokens, fwd_hooks=tla.fwd_hooks(dec, masks={"blocks.1.mlp.W_in": mask})),
-                               dec.run(tokens, masks=tla.site_masks(dec, masks={"blocks.1.mlp.W_in": mask})))
+    given = {"blocks.1.mlp.W_in": mask}
+    torch.testing.assert_close(m.run_with_hooks(tokens, fwd_hooks=tla.fwd_hooks(dec, masks=given)),
+                               dec.run(tokens, masks=tla.site_masks(dec, masks=given)))
     logits, cache = tla.run_with_cache(dec, tokens)
     torch.testing.assert_close(logits, m(tokens))
     for name in dec.site_names:
