@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
+
+from decomp_hooks.toy.fit import fit_target
 
 
 @dataclass(frozen=True)
@@ -106,19 +107,8 @@ def train_resid_mlp(
         torch.manual_seed(seed)
         model = ResidMLP(config, seed=seed).to(device)
     sampler = ResidMLPSampler(config, device, torch.Generator(device).manual_seed(seed))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    bar = tqdm(range(steps), desc="train ResidMLP", disable=not progress)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(lr, step, steps)
-        x = sampler(batch_size)
-        loss = F.mse_loss(model(x), resid_mlp_labels(x))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if progress and step % 100 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3e}")
-    return model.eval()
+    return fit_target(model, sampler, resid_mlp_labels, steps, batch_size, lr, weight_decay, "train ResidMLP", progress,
+                      lr_at=lambda step: _cosine_lr(lr, step, steps))
 
 
 RESID_MLP_PRESETS: dict[str, tuple[ResidMLPConfig, dict[str, Any]]] = {

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from decomp_hooks.tied import TiedLinear
+from decomp_hooks.toy.fit import fit_target
 
 
 @dataclass(frozen=True)
@@ -98,18 +98,7 @@ def train_tms(
         torch.manual_seed(seed)
         model = TMSModel(config).to(device)
     sampler = TMSSampler(config, device, torch.Generator(device).manual_seed(seed))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    bar = tqdm(range(steps), desc="train TMS", disable=not progress)
-    for step in bar:
-        x = sampler(batch_size)
-        loss = F.mse_loss(model(x), x)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if progress and step % 100 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3e}")
-    return model.eval()
+    return fit_target(model, sampler, lambda x: x, steps, batch_size, lr, weight_decay, "train TMS", progress)
 
 
 def tms_ground_truth(model: TMSModel) -> Tensor:
