@@ -344,45 +344,14 @@ def _refuse(pattern: str, refused: dict[str, str], model: nn.Module, candidates:
 
 # -- interventions and caches where the user works -------------------------------------------------------------
 
-def site_masks(dec: Any, masks: dict[str, torch.Tensor] | None = None, keep: dict[str, list[int]] | None = None,
-               ablate: dict[str, list[int]] | None = None, delta: bool = True) -> dict[str, SiteMask]:
-    """A SiteMask per decomposed site: `masks[site]` as given, `keep` (only these on), `ablate` (these off), or ones."""
-    given = {"masks": masks or {}, "keep": keep or {}, "ablate": ablate or {}}
-    owner: dict[str, str] = {}
-    for arg, entries in given.items():
-        for name in entries:
-            if name not in dec.site_names:
-                raise SiteError(f"{arg}[{name!r}]: not a decomposed site; the sites are {dec.site_names}.")
-            if name in owner:
-                raise SiteError(f"site {name!r} is in both {owner[name]} and {arg}; give each site one of them.")
-            owner[name] = arg
-    out = {}
-    for name in dec.site_names:
-        C = dec.cm.component(name).C
-        if name in given["masks"]:
-            m = given["masks"][name].to(dec.device, torch.float32)
-        else:
-            on = name in given["keep"]
-            m = torch.zeros(C) if on else torch.ones(C)
-            indices = given["keep"].get(name, given["ablate"].get(name, []))
-            if any(not 0 <= i < C for i in indices):
-                raise SiteError(f"component indices {list(indices)} for site {name!r} are out of range; "
-                                f"it has C={C}.")
-            m[list(indices)] = 1.0 if on else 0.0
-            m = m.to(dec.device)
-        out[name] = SiteMask(m, torch.ones((), device=dec.device) if delta else None)
-    return out
-
-
-def fwd_hooks(dec: Any, masks: dict[str, torch.Tensor] | None = None, keep: dict[str, list[int]] | None = None,
-              ablate: dict[str, list[int]] | None = None, delta: bool = True) -> list[tuple[str, Callable]]:
-    """TL `(hook_name, fn)` pairs for `model.run_with_hooks` running every decomposed site through its components.
+def fwd_hooks(dec: Any, masks: dict[str, SiteMask]) -> list[tuple[str, Callable]]:
+    """TL `(hook_name, fn)` pairs for `model.run_with_hooks` running the masked sites through their components.
 
     Each site gets a pair that records its input and one that replaces its output with `SiteComponents.forward`
-    under the mask `site_masks` builds (component masks broadcast over `[batch, pos, C]`; delta on if `delta`).
+    under its mask (component masks broadcast over `[batch, pos, C]`).
     """
     hooks = []
-    for name, mask in site_masks(dec, masks, keep, ablate, delta).items():
+    for name, mask in masks.items():
         site = dec.cm.sites[name]
         route = getattr(site, "hook_route", None)
         if not isinstance(route, Route):
@@ -403,17 +372,3 @@ def _replace_hook(relay: _Relay, comps: nn.Module, mask: SiteMask, act: torch.Te
     def forward(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return comps(x, mask, target_out=target).to(target.dtype)
     return relay.site.replace(forward, relay.take(), act)
-
-
-@torch.no_grad()
-def run_with_cache(dec: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Logits and, per site, `<site>.hook_component_acts` (signed `a V`) and `<site>.hook_ci` (`[batch, pos, C]`)."""
-    logits, inputs = dec.cm(tokens, cache=True)
-    ci = dec.cm.causal_importances(inputs)
-    cache = {}
-    for name, x in inputs.items():
-        comps = dec.cm.component(name)
-        x = x if comps.kind == "embedding" else x.to(comps.V.dtype)
-        cache[f"{name}.hook_component_acts"] = comps.inner_acts(x)
-        cache[f"{name}.hook_ci"] = ci[name].lower
-    return logits, cache

@@ -11,6 +11,7 @@ from decomp_hooks import store
 from decomp_hooks.component_model import ComponentModel
 from decomp_hooks.components import SiteComponents, SiteMask, intervention_mask
 from decomp_hooks.config import DecomposeConfig, from_dict
+from decomp_hooks.sites import SiteError
 
 FORMAT = "decomp-hooks/decomposition"
 VERSION = 1
@@ -70,26 +71,64 @@ class Decomposition:
         out, _ = self.cm(batch, masks=masks)
         return out
 
-    def site_masks(self, keep: dict[str, list[int]] | None = None, ablate: dict[str, list[int]] | None = None,
-                   scale: dict[str, dict[int, float]] | None = None, delta: bool = True) -> dict[str, SiteMask]:
-        """Masks for the sites named in `keep` / `ablate` / `scale` (the others run as the target); delta on by default."""
-        keep, ablate, scale = keep or {}, ablate or {}, scale or {}
-        unknown = [n for n in {**keep, **ablate, **scale} if n not in self.site_names]
-        if unknown:
-            raise KeyError(f"no decomposed site {unknown[0]!r}; sites are {self.site_names}.")
-        masks = {}
-        for name in {**keep, **ablate, **scale}:
-            comps = self.cm.component(name)
-            m = intervention_mask(comps.C, keep.get(name), ablate.get(name), scale.get(name), self.device)
-            masks[name] = SiteMask(m, torch.ones((), device=self.device) if delta else None)
-        return masks
+    def site_masks(self, masks: dict[str, torch.Tensor] | None = None, keep: dict[str, list[int]] | None = None,
+                   ablate: dict[str, list[int]] | None = None, scale: dict[str, dict[int, float]] | None = None,
+                   delta: bool = True) -> dict[str, SiteMask]:
+        """A SiteMask for every site: `masks[site]` as given, or `keep` (only these on) / `ablate` (these off), times
+        `scale` ({component: factor}); unnamed sites get all components on. The delta component is on if `delta`."""
+        given = {"masks": masks or {}, "keep": keep or {}, "ablate": ablate or {}, "scale": scale or {}}
+        owner: dict[str, str] = {}
+        for arg, entries in given.items():
+            for name, value in entries.items():
+                if name not in self.cm.sites:
+                    raise SiteError(f"{arg}[{name!r}]: not a decomposed site; the sites are {self.site_names}.")
+                if arg != "scale" and name in owner:
+                    raise SiteError(f"site {name!r} is in both {owner[name]} and {arg}; give each site one of them.")
+                owner.setdefault(name, arg)
+                C = self.cm.component(name).C
+                if arg != "masks" and any(not 0 <= int(i) < C for i in value):
+                    raise SiteError(f"{arg}[{name!r}]: component indices {list(value)} are out of range; it has C={C}.")
+        out = {}
+        for name in self.site_names:
+            C = self.cm.component(name).C
+            if name in given["masks"]:
+                m = given["masks"][name].to(self.device, torch.float32)
+                m = m * intervention_mask(C, scale=given["scale"].get(name), device=self.device)
+            else:
+                m = intervention_mask(C, given["keep"].get(name), given["ablate"].get(name), given["scale"].get(name), self.device)
+            out[name] = SiteMask(m, torch.ones((), device=self.device) if delta else None)
+        return out
 
-    def intervene(self, model: Any, keep: dict[str, list[int]] | None = None, ablate: dict[str, list[int]] | None = None,
-                  scale: dict[str, dict[int, float]] | None = None, delta: bool = True) -> dict[str, dict[str, torch.Tensor]]:
-        """Inside `with model.trace(...)` (nnsight): edit components and read `{site: {"ci", "acts"}}` per token."""
+    @torch.no_grad()
+    def run_with_cache(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Output plus, per site, `<site>.hook_component_acts` (signed `a V`) and `<site>.hook_ci` (`[..., C]`), in one pass."""
+        out, inputs = self.cm(batch, cache=True)
+        ci = self.cm.causal_importances(inputs)
+        cache = {}
+        for name, x in inputs.items():
+            cache[f"{name}.hook_component_acts"] = self.cm.component(name).inner_acts(x)
+            cache[f"{name}.hook_ci"] = ci[name].lower
+        return out, cache
+
+    def fwd_hooks(self, masks: dict[str, torch.Tensor] | None = None, keep: dict[str, list[int]] | None = None,
+                  ablate: dict[str, list[int]] | None = None, scale: dict[str, dict[int, float]] | None = None,
+                  delta: bool = True) -> list[tuple[str, Any]]:
+        """TransformerLens `(hook_name, fn)` pairs for `model.run_with_hooks`: every site through its components."""
+        from decomp_hooks.adapters.transformer_lens import fwd_hooks
+
+        return fwd_hooks(self, self.site_masks(masks, keep, ablate, scale, delta))
+
+    def intervene(self, model: Any, masks: dict[str, torch.Tensor] | None = None, keep: dict[str, list[int]] | None = None,
+                  ablate: dict[str, list[int]] | None = None, scale: dict[str, dict[int, float]] | None = None,
+                  delta: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+        """Inside `with model.trace(...)` (nnsight): edit components and read `{site: {"ci", "acts"}}` per token.
+
+        Only sites named in `masks` / `keep` / `ablate` / `scale` are edited; the others are only read."""
+        named = set(masks or {}) | set(keep or {}) | set(ablate or {}) | set(scale or {})
+        edits = {n: m for n, m in self.site_masks(masks, keep, ablate, scale, delta).items() if n in named}
         from decomp_hooks.adapters.nnsight import intervene
 
-        return intervene(self, model, self.site_masks(keep, ablate, scale, delta))
+        return intervene(self, model, edits)
 
     def fingerprints(self) -> dict[str, str]:
         return {n: store.fingerprint(s.weight()) for n, s in self.cm.sites.items()}

@@ -98,7 +98,7 @@ def test_keep_all_components_with_delta_is_the_model(gpt2_dec):
         dec.intervene(model, keep=keep)
         logits = model.output.logits.save()
     torch.testing.assert_close(logits, model._module(TOKENS).logits, rtol=1e-5, atol=1e-5)
-    with pytest.raises(KeyError, match="no decomposed site 'transformer.h.9.mlp.c_fc'"):
+    with pytest.raises(ValueError, match=r"keep\['transformer.h.9.mlp.c_fc'\]: not a decomposed site"):
         dec.site_masks(keep={"transformer.h.9.mlp.c_fc": [0]})
 
 

@@ -10,7 +10,6 @@ pytest.importorskip("transformer_lens")
 
 import decomp_hooks as dh  # noqa: E402
 from decomp_hooks.adapters import resolve  # noqa: E402
-from decomp_hooks.adapters import transformer_lens as tla  # noqa: E402
 from decomp_hooks.component_model import ComponentModel  # noqa: E402
 from decomp_hooks.components import SiteMask  # noqa: E402
 from decomp_hooks.config import CIConfig, DecomposeConfig  # noqa: E402
@@ -164,17 +163,17 @@ def test_fwd_hooks_match_dec_run_and_run_with_cache(model, tokens):
     dec = Decomposition(build(m, targets), DecomposeConfig())
     ablate = {"blocks.0.mlp.W_in": [0, 2], "blocks.1.attn.W_Q": [1], "unembed.W_U": [0]}
     keep = {"blocks.0.attn.W_O": [3]}
-    expected = dec.run(tokens, masks=tla.site_masks(dec, keep=keep, ablate=ablate))
-    got = m.run_with_hooks(tokens, fwd_hooks=tla.fwd_hooks(dec, keep=keep, ablate=ablate))
+    expected = dec.run(tokens, masks=dec.site_masks(keep=keep, ablate=ablate))
+    got = m.run_with_hooks(tokens, fwd_hooks=dec.fwd_hooks(keep=keep, ablate=ablate))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert (got - m(tokens)).abs().max() > 1e-3
     # all-ones masks with the delta component reproduce the model
-    torch.testing.assert_close(m.run_with_hooks(tokens, fwd_hooks=tla.fwd_hooks(dec)), m(tokens), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(m.run_with_hooks(tokens, fwd_hooks=dec.fwd_hooks()), m(tokens), rtol=1e-5, atol=1e-4)
     mask = torch.rand(tokens.shape + (5,), generator=torch.Generator().manual_seed(2))
     given = {"blocks.1.mlp.W_in": mask}
-    torch.testing.assert_close(m.run_with_hooks(tokens, fwd_hooks=tla.fwd_hooks(dec, masks=given)),
-                               dec.run(tokens, masks=tla.site_masks(dec, masks=given)))
-    logits, cache = tla.run_with_cache(dec, tokens)
+    torch.testing.assert_close(m.run_with_hooks(tokens, fwd_hooks=dec.fwd_hooks(masks=given)),
+                               dec.run(tokens, masks=dec.site_masks(masks=given)))
+    logits, cache = dec.run_with_cache(tokens)
     torch.testing.assert_close(logits, m(tokens))
     for name in dec.site_names:
         C = dec.cm.component(name).C
@@ -186,15 +185,15 @@ def test_fwd_hooks_match_dec_run_and_run_with_cache(model, tokens):
 def test_fwd_hooks_errors(ht, tokens):
     dec = Decomposition(build(ht, {"embed.W_E": 3, "blocks.0.mlp.W_in": 4}), DecomposeConfig())
     with pytest.raises(SiteError, match=r"'embed.W_E' cannot be reached with TL fwd_hooks: .*use_hook_tokens=True"):
-        tla.fwd_hooks(dec)
+        dec.fwd_hooks()
     with pytest.raises(SiteError, match=r"ablate\['blocks.9.mlp.W_in'\]: not a decomposed site; the sites are"):
-        tla.site_masks(dec, ablate={"blocks.9.mlp.W_in": [0]})
+        dec.site_masks(ablate={"blocks.9.mlp.W_in": [0]})
     with pytest.raises(SiteError, match="out of range; it has C=4"):
-        tla.site_masks(dec, keep={"blocks.0.mlp.W_in": [4]})
+        dec.site_masks(keep={"blocks.0.mlp.W_in": [4]})
     with pytest.raises(SiteError, match="in both keep and ablate"):
-        tla.site_masks(dec, keep={"blocks.0.mlp.W_in": [0]}, ablate={"blocks.0.mlp.W_in": [1]})
+        dec.site_masks(keep={"blocks.0.mlp.W_in": [0]}, ablate={"blocks.0.mlp.W_in": [1]})
     dec = Decomposition(build(hooked(use_hook_tokens=True), {"embed.W_E": 3}), DecomposeConfig())
-    assert [name for name, _ in tla.fwd_hooks(dec)] == ["hook_tokens", "hook_embed"]
+    assert [name for name, _ in dec.fwd_hooks()] == ["hook_tokens", "hook_embed"]
 
 
 def test_target_errors_name_candidates_and_reasons(ht):
