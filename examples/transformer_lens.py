@@ -1,0 +1,60 @@
+"""Decompose a TransformerLens model's MLP input matrices, then use the components with TL's own hook API.
+
+    python examples/transformer_lens.py [--steps 200]
+
+Offline: a small random `HookedTransformer` with the GPT-2 tokenizer and the standard library's docstrings as text.
+Sites are TransformerLens parameter names (`blocks.*.mlp.W_in`, `blocks.*.attn.W_Q`, `embed.W_E`, ...); the same
+script works on a `TransformerBridge`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# this file's name would shadow the transformer_lens package when run as a script: drop its folder from the path
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
+
+import decomp_hooks as dh  # noqa: E402
+from decomp_hooks.assets import gpt2_tokenizer  # noqa: E402
+from decomp_hooks.text import TokenBatches, stdlib_docstrings  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=200)
+    args = parser.parse_args()
+    tok = gpt2_tokenizer()
+    cfg = HookedTransformerConfig(d_model=64, d_head=16, n_heads=4, n_layers=2, n_ctx=64, d_vocab=tok.vocab_size,
+                                  d_mlp=256, act_fn="gelu_new", normalization_type="LN", seed=0, device="cpu")
+    model = HookedTransformer(cfg, tokenizer=tok)
+    data = TokenBatches(stdlib_docstrings(limit=400), tok, context_length=64, batch_size=8, max_context=cfg.n_ctx)
+    config = {
+        "ci": {"type": "vector_mlp", "hidden": [12]},
+        "losses": [{"type": "stochastic_recon_layerwise", "coeff": 2.0},
+                   {"type": "importance_minimality", "coeff": 3e-4, "pnorm": 2.0, "p_anneal_final_p": 0.5}],
+        "output_loss": "kl", "ci_alive_threshold": 0.0,
+        "train": {"steps": args.steps, "batch_size": 8, "lr": 3e-3, "log_every": 50, "eval_every": args.steps},
+    }
+    dec = dh.decompose(model, data, targets={"blocks.*.mlp.W_in": 64}, config=config)
+    final = dec.final_metrics()
+    print(f"KL ci_masked {final['eval/kl_ci_masked']:.4g}  unmasked {final['eval/kl_unmasked']:.4g}")
+
+    tokens = model.to_tokens("Return the number of items in the container.")
+    logits, cache = dec.run_with_cache(tokens)                 # TL-style cache of component activations and CI
+    ci = cache["blocks.0.mlp.W_in.hook_ci"][0]                 # [pos, C]
+    top = ci.mean(0).topk(3).indices.tolist()
+    print(f"blocks.0.mlp.W_in: most important components on the prompt {top}")
+    ablated = model.run_with_hooks(tokens, fwd_hooks=dec.fwd_hooks(ablate={"blocks.0.mlp.W_in": top}))
+    change = (ablated.log_softmax(-1) - logits.log_softmax(-1)).abs().max().item()
+    print(f"run_with_hooks with them ablated: largest log-prob change {change:.4g}")
+    same = model.run_with_hooks(tokens, fwd_hooks=dec.fwd_hooks())  # all components on + delta: the model itself
+    print(f"all components on: max |logit difference| {(same - logits).abs().max().item():.2e}")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()
