@@ -85,11 +85,8 @@ def decompose(model: Any, data: Any, targets: dict[str, int] | None = None, meth
     dec = Decomposition(cm, cfg, provenance=_provenance(cfg, dev, cm))
     extra = (lambda step: evaluate(dec, step)) if evaluate is not None else None
     trainer = Trainer(cm, SPD(cfg), source, cfg, dev, out, extra, progress)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(cfg.to_yaml())
-        if resume:
-            trainer.load_checkpoint(latest_checkpoint(out))
+    if out is not None and resume:
+        trainer.load_checkpoint(latest_checkpoint(out))
     start = time.perf_counter()
     dec.metrics = trainer.train()
     dec.step = cfg.train.steps

@@ -44,12 +44,16 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON to a temporary file, then rename it over `path`."""
+def write_text(path: str | Path, text: str) -> None:
+    """Write text to a temporary file, then rename it over `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, default=_json_default))
 
 
 def _json_default(obj: Any) -> Any:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from decomp_hooks import store
 from decomp_hooks.component_model import ComponentModel
 from decomp_hooks.config import DecomposeConfig, ScheduleConfig, TrainConfig
-from decomp_hooks.data import check_finite, to_device
+from decomp_hooks.data import DataError, check_finite, to_device
 from decomp_hooks.metrics import ci_l0
 from decomp_hooks.spd import faithfulness
 
@@ -82,6 +82,40 @@ def stop_on_signal() -> Any:
             signal.signal(sig, h)
 
 
+def vocab_size(model: torch.nn.Module) -> int | None:
+    """The vocabulary size of an HF, TransformerLens or plain embedding model, if it has one."""
+    for cfg_name, key in (("config", "vocab_size"), ("cfg", "d_vocab")):
+        size = getattr(getattr(model, cfg_name, None), key, None)
+        if isinstance(size, int):
+            return size
+    emb = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+    return emb.num_embeddings if emb is not None else None
+
+
+def describe(batch: Any) -> str:
+    if isinstance(batch, dict):
+        return "{" + ", ".join(f"{k}: {describe(v)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, torch.Tensor):
+        return f"{batch.dtype} tensor of shape {list(batch.shape)} on {batch.device}"
+    return type(batch).__name__
+
+
+@torch.no_grad()
+def preflight(model: torch.nn.Module, batch: Any) -> None:
+    """Before any training: token ids within the vocabulary, and one plain forward that the batch passes."""
+    ids = batch.get("input_ids") if isinstance(batch, dict) else batch
+    vocab = vocab_size(model)
+    if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and vocab is not None and ids.numel():
+        if int(ids.max()) >= vocab or int(ids.min()) < 0:
+            raise DataError(f"token ids range over [{int(ids.min())}, {int(ids.max())}] but the model's vocabulary has "
+                            f"{vocab} entries; tokenize with the model's own tokenizer.")
+    try:
+        model(**batch) if isinstance(batch, dict) else model(batch)
+    except (RuntimeError, IndexError, TypeError, ValueError) as err:
+        raise DataError(f"the model cannot run on the data: a batch is a {describe(batch)} and the model raised "
+                        f"{type(err).__name__}: {err}") from None
+
+
 class Interrupted(RuntimeError):
     """The run received SIGTERM/SIGINT and stopped after writing a checkpoint."""
 
@@ -102,6 +136,7 @@ class Trainer:
         ], lr=cfg.train.lr, weight_decay=0.0)
         self.step = 0
         self.records: list[dict] = []
+        self.preflight_done = False
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
@@ -112,9 +147,16 @@ class Trainer:
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {f"model.{k}": v for k, v in self.cm.named_parameters() if v.requires_grad}
 
+    def ensure_out_dir(self) -> None:
+        """Create the run directory with its config on the first write, so a run refused up front leaves nothing."""
+        if self.out_dir is not None and self.rank == 0 and not (self.out_dir / "config.yaml").exists():
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            store.write_text(self.out_dir / "config.yaml", self.cfg.to_yaml())
+
     def save_checkpoint(self) -> Path | None:
         if self.checkpoint_root is None or self.rank != 0:
             return None
+        self.ensure_out_dir()
         tensors = self.trainable_state()
         opt_t, opt_meta = store.optimizer_state(self.opt)
         rng_t, rng_meta = store.rng_state()
@@ -150,9 +192,7 @@ class Trainer:
             return
         kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         self.records = [r for r in kept if r.get("step", 0) < self.step]
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        tmp.replace(path)
+        store.write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     # -- the loop --------------------------------------------------------------------------------------------
 
@@ -173,6 +213,7 @@ class Trainer:
         record = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
         self.records.append(record)
         if self.out_dir is not None and self.rank == 0:
+            self.ensure_out_dir()
             with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
@@ -227,6 +268,9 @@ class Trainer:
             group["lr"] = lr
         batch = to_device(self.source.next(), self.device)
         check_finite(batch, self.step)
+        if not self.preflight_done:
+            preflight(self.cm.target, batch)
+            self.preflight_done = True
         with autocast(self.device, t):
             try:
                 total, terms, ctx = self.method.loss(self.cm, self.fwd, batch, self.step / max(t.steps, 1))
