@@ -70,10 +70,11 @@ def sites(model: nn.Module, targets: dict[str, int], identity_targets: dict[str,
     candidates = [n for n, m in modules.items() if n and canonical_weight_fn(m) is not None]
     out: list[ModuleSite] = []
     cs: dict[str, int] = {}
-    for name, c in match_targets(modules, targets).items():
+    names = [n for n in modules if n]
+    for name, c in match_targets(names, targets).items():
         out.append(_module_site(name, modules[name], "linear", candidates))
         cs[name] = c
-    for name, c in match_targets(modules, identity_targets or {}).items():
+    for name, c in match_targets(names, identity_targets or {}).items():
         site = _module_site(name, modules[name], "identity", candidates)
         site.name = f"{name}.pre_identity"
         out.append(site)

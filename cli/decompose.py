@@ -1,6 +1,7 @@
 """`decomp-hooks decompose CONFIG.yaml`: run a decomposition from a config and print its summary."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import click
@@ -11,6 +12,28 @@ def summary_table(record: dict) -> str:
     rows = [(k.removeprefix("eval/"), v) for k, v in record.items() if k != "step"]
     width = max((len(k) for k, _ in rows), default=0)
     return "\n".join(f"{k:<{width}}  {v:.6g}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def run_toy(cfg, out: Path, steps: int | None, device: str | None, seed: int, resume: bool, progress: bool):
+    """Train (or reload from `out/target`) the config's toy target, save it beside the run, and decompose it."""
+    import decomp_hooks as dh
+    from decomp_hooks.run import resolve_device
+    from decomp_hooks.toy import load_toy, make_toy, save_toy, toy_sampler
+    from decomp_hooks.toy.evaluate import toy_metrics
+
+    saved = out / "target"
+    if (saved / "toy.json").is_file():
+        model = load_toy(saved)
+    elif cfg.target.path is not None:
+        model = load_toy(cfg.target.path)
+    else:
+        click.echo(f"training target {cfg.target.toy} (seed {cfg.target.seed}) ...")
+        model, _ = make_toy(cfg.target.toy, seed=cfg.target.seed, steps=cfg.target.steps, progress=progress)
+    if not saved.exists():
+        save_toy(model, saved)
+    dev = resolve_device(device)
+    return dh.decompose(model, toy_sampler(model, dev), config=cfg, steps=steps, device=dev, seed=seed, out_dir=out,
+                        resume=resume, progress=progress, evaluate=toy_metrics)
 
 
 @click.command("decompose")
@@ -33,8 +56,7 @@ def decompose_command(config: Path, steps: int | None, device: str | None, seed:
     """
     import decomp_hooks as dh
     from decomp_hooks.config import ConfigError
-    from decomp_hooks.toy import load_toy, make_toy, save_toy, toy_sampler
-    from decomp_hooks.toy.evaluate import passes, toy_metrics, toy_plots
+    from decomp_hooks.toy.evaluate import passes, toy_plots
 
     try:
         cfg = dh.load_config(config)
@@ -45,24 +67,12 @@ def decompose_command(config: Path, steps: int | None, device: str | None, seed:
                                  "use the Python API to decompose your own model.", param_hint="CONFIG")
     seed = cfg.seed if seed is None else seed
     out = out or Path("runs") / f"{config.stem}-s{seed}"
-    saved = out / "target"
-    if (saved / "toy.json").is_file():
-        model = load_toy(saved)
-    elif cfg.target.path is not None:
-        model = load_toy(cfg.target.path)
-    else:
-        click.echo(f"training target {cfg.target.toy} (seed {cfg.target.seed}) ...")
-        model, _ = make_toy(cfg.target.toy, seed=cfg.target.seed, steps=cfg.target.steps, progress=not no_progress)
-    out.mkdir(parents=True, exist_ok=True)
-    if not saved.exists():
-        save_toy(model, saved)
-    from decomp_hooks.run import resolve_device
-
-    dev = resolve_device(device)
+    created = not out.exists()
     try:
-        dec = dh.decompose(model, toy_sampler(model, dev), config=cfg, steps=steps, device=dev, seed=seed, out_dir=out,
-                           resume=resume, progress=not no_progress, evaluate=toy_metrics)
-    except (ValueError, FloatingPointError) as err:  # ConfigError, StoreError, SiteError, DataError
+        dec = run_toy(cfg, out, steps, device, seed, resume, not no_progress)
+    except (ValueError, FloatingPointError) as err:  # ConfigError, StoreError, SiteError, DataError, unknown toy
+        if created and not (out / "checkpoints").exists():
+            shutil.rmtree(out, ignore_errors=True)  # refused before any checkpoint: leave nothing behind
         raise click.ClickException(str(err)) from None
     toy_plots(dec, out)
     final = dec.final_metrics()

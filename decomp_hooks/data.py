@@ -4,6 +4,7 @@ Each source records its position (`state_dict`) so a resumed run continues where
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -102,6 +103,13 @@ class IterableSource:
             batch = next(self._it)
         self.index += 1
         return batch
+
+    def check_enough(self, needed: int) -> None:
+        """Refuse up front a one-shot iterator that says it holds fewer batches than the run will draw."""
+        hint = operator.length_hint(self.data)
+        if self.one_shot and 0 < hint < needed:
+            raise DataError(f"the data iterator holds {hint} batches but the run draws {needed} (train.steps plus "
+                            "evaluation batches); pass more data, a re-iterable (list, DataLoader) or fewer steps.")
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}

@@ -82,6 +82,8 @@ def decompose(model: Any, data: Any, targets: dict[str, int] | None = None, meth
     if cfg.train.compile:
         cm.compile_ci_fns()
     source = make_source(data, cfg.train.batch_size, cfg.seed)
+    if hasattr(source, "check_enough"):
+        source.check_enough(cfg.train.steps + cfg.train.steps // cfg.train.eval_every + 1)
     dec = Decomposition(cm, cfg, provenance=_provenance(cfg, dev, cm))
     extra = (lambda step: evaluate(dec, step)) if evaluate is not None else None
     trainer = Trainer(cm, SPD(cfg), source, cfg, dev, out, extra, progress)

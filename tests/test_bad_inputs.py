@@ -1,0 +1,152 @@
+"""Bad input, table-driven: each case raises its exact error class with a message naming the bad value, before any
+work is done, and leaves no run directory behind."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import decomp_hooks as dh
+from decomp_hooks.cli import main
+from decomp_hooks.config import ConfigError
+from decomp_hooks.data import DataError
+from decomp_hooks.sites import SiteError
+from decomp_hooks.store import StoreError
+
+BASE = {
+    "targets": {"0": 4},
+    "losses": [{"type": "stochastic_recon"}, {"type": "importance_minimality", "coeff": 1e-3}],
+    "train": {"steps": 3, "batch_size": 8, "log_every": 1, "eval_every": 3, "eval_pgd_steps": 0},
+}
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 5))
+
+
+def embedder() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(11, 4), nn.Linear(4, 11))
+
+
+def sample(n: int) -> torch.Tensor:
+    return torch.rand(n, 5)
+
+
+def cfg(**changes) -> dict:
+    out = {**BASE, **changes}
+    out["train"] = {**BASE["train"], **changes.get("train", {})}
+    return out
+
+
+def one_shot():
+    return iter([torch.rand(8, 5)])
+
+
+def nan_model() -> nn.Module:
+    model = mlp()
+    with torch.no_grad():
+        model[2].bias.fill_(math.nan)
+    return model
+
+
+# (id, kwargs for decompose, error class, regex the message must match)
+API_CASES = [
+    ("glob matches nothing", dict(targets={"blocks.*": 4}), SiteError, r"'blocks\.\*' matches no module.*Candidates: 0, 1, 2"),
+    ("unsupported module", dict(targets={"1": 4}), SiteError, r"'1' is a ReLU, which cannot be decomposed"),
+    ("module matched twice", dict(targets={"*": 4, "0": 2}), SiteError, r"'0' is matched by both"),
+    ("C zero", dict(targets={"0": 0}), ConfigError, r"targets\['0'\]=0: C must be a positive integer"),
+    ("C not an int", dict(config=cfg(targets={"0": "four"})), ConfigError, r"config.targets.0: expected int, got 'four'"),
+    ("unknown top-level key", dict(config=cfg(stesp=3)), ConfigError, r"unknown key 'stesp'"),
+    ("unknown train key", dict(config=cfg(train={"btach_size": 8})), ConfigError, r"unknown key 'btach_size'. Did you mean 'batch_size'"),
+    ("negative lr", dict(config=cfg(train={"lr": -0.1})), ConfigError, r"train.lr=-0.1: must be > 0"),
+    ("zero batch", dict(config=cfg(train={"batch_size": 0})), ConfigError, r"train.batch_size=0: must be > 0"),
+    ("negative steps", dict(steps=-5), ConfigError, r"train.steps=-5: must be ≥ 0"),
+    ("bad schedule", dict(config=cfg(train={"schedule": {"fn": "exp"}})), ConfigError, r"train.schedule.fn='exp'"),
+    ("warmup over 1", dict(config=cfg(train={"schedule": {"warmup_pct": 1.5}})), ConfigError, r"warmup_pct=1.5: must be in \[0, 1\]"),
+    ("unknown loss", dict(config=cfg(losses=[{"type": "stochastic_recn"}])), ConfigError, r"'stochastic_recn' is unknown. Did you mean 'stochastic_recon'"),
+    ("loss twice", dict(config=cfg(losses=[{"type": "stochastic_recon"}] * 2)), ConfigError, r"each type may appear once"),
+    ("no losses", dict(config=cfg(losses=[])), ConfigError, r"no loss terms"),
+    ("no targets", dict(config=cfg(targets={})), ConfigError, r"no targets"),
+    ("bad CI type", dict(config=cfg(ci={"type": "transformer"})), ConfigError, r"ci.type='transformer'"),
+    ("bad sigmoid", dict(config=cfg(ci={"sigmoid": "tanh"})), ConfigError, r"ci.sigmoid='tanh'"),
+    ("bad pgd init", dict(config=cfg(losses=[{"type": "pgd_recon", "init": "gauss"}])), ConfigError, r"init='gauss'"),
+    ("bad output loss", dict(config=cfg(output_loss="l1")), ConfigError, r"output_loss='l1'"),
+    ("missing config file", dict(config="no/such/config.yaml"), ConfigError, r"'no/such/config.yaml' does not exist"),
+    ("cuda without cuda", dict(device="cuda"), ConfigError, r"device='cuda' but CUDA is not available"),
+    ("unknown method", dict(method="lib"), ConfigError, r"method='lib' is not supported"),
+    ("tie to a non-site", dict(config=cfg(tied=[["0", "9"]])), SiteError, r"tied=\['0', '9'\]: each entry is \[source_site, tied_site\]"),
+    ("NaN in a tensor", dict(data=torch.full((16, 5), math.nan)), DataError, r"contains NaN or Inf"),
+    ("Inf from a sampler", dict(data=lambda n: torch.full((n, 5), math.inf)), DataError, r"step 0 contains NaN or Inf"),
+    ("empty tensor", dict(data=torch.zeros(0, 5)), DataError, r"the data tensor is empty"),
+    ("empty list", dict(data=[]), DataError, r"yields no batches; it is empty"),
+    ("iterator runs out", dict(data=one_shot()), DataError, r"holds 1 batches but the run draws 5"),
+    ("data of the wrong kind", dict(data="some text"), DataError, r"cannot draw batches from a str"),
+    ("wrong width", dict(data=torch.rand(16, 7)), DataError, r"float32 tensor of shape \[8, 7\].*mat1 and mat2"),
+    ("floats into an embedding", dict(model=embedder(), data=torch.rand(16, 6)), DataError, r"cannot run on the data: a batch is a torch.float32 tensor"),
+    ("token ids beyond the vocabulary", dict(model=embedder(), data=torch.randint(0, 40, (16, 6))), DataError, r"\[0, 3\d\] but the model's vocabulary has 11 entries"),
+    ("embedding CI type", dict(model=embedder(), data=torch.randint(0, 11, (16, 6)), config=cfg(ci={"type": "vector_mlp"})), ValueError, r"ci.type='vector_mlp' cannot read an embedding site's token ids"),
+    ("identity before embedding", dict(model=embedder(), identity_targets={"0": 3}), SiteError, r"identity insertion before embedding '0'"),
+    ("not a model", dict(model="gpt2"), TypeError, r"cannot decompose a builtins.str"),
+    ("NaN loss", dict(model=nan_model()), FloatingPointError, r"step 0: loss term 'stochastic_recon' is nan"),
+]
+
+
+@pytest.mark.parametrize("case,kwargs,error,match", API_CASES, ids=[c[0] for c in API_CASES])
+def test_decompose_refuses(tmp_path, case, kwargs, error, match):
+    kwargs = {"model": mlp(), "data": sample, "config": BASE, **kwargs}
+    out = tmp_path / "run"
+    with pytest.raises(error, match=match):
+        dh.decompose(out_dir=out, progress=False, **kwargs)
+    assert not out.exists(), "a refused run left a directory behind"
+
+
+def test_resume_without_checkpoint_and_existing_run(tmp_path):
+    with pytest.raises(StoreError, match=r"no checkpoint to resume in .*run"):
+        dh.decompose(mlp(), sample, config=BASE, out_dir=tmp_path / "run", resume=True, progress=False)
+    dh.decompose(mlp(), sample, config=BASE, out_dir=tmp_path / "done", progress=False)
+    with pytest.raises(StoreError, match=r"already holds a run; pass resume=True"):
+        dh.decompose(mlp(), sample, config=BASE, out_dir=tmp_path / "done", progress=False)
+
+
+def test_load_and_masks_refuse(tmp_path):
+    with pytest.raises(StoreError, match=r"missing file .*nowhere/decomposition.json"):
+        dh.load(tmp_path / "nowhere", model=mlp())
+    dec = dh.decompose(mlp(), sample, config=BASE, progress=False)
+    dec.save(tmp_path / "dec")
+    other = mlp()
+    with torch.no_grad():
+        other[0].weight.mul_(2)
+    with pytest.raises(dh.FingerprintError, match=r"site '0': the model's weight differs"):
+        dh.load(tmp_path / "dec", model=other)
+    with pytest.raises(SiteError, match=r"keep\['7'\]: not a decomposed site"):
+        dec.site_masks(keep={"7": [0]})
+    with pytest.raises(SiteError, match=r"ablate\['0'\]: component indices \[4\] are out of range; it has C=4"):
+        dec.site_masks(ablate={"0": [4]})
+    with pytest.raises(StoreError, match="already exists"):
+        dec.save(tmp_path / "dec")
+
+
+CLI_CASES = [
+    ("no target section", "targets: {linear1: 4}\nlosses: [{type: stochastic_recon}]\n", 2, "no `target:` section"),
+    ("typo in a key", "target: {toy: tms_5-2}\ntrain: {stpes: 3}\n", 2, "Did you mean 'steps'"),
+    ("unknown toy", "target: {toy: tms_9-9}\ntargets: {linear1: 4}\nlosses: [{type: stochastic_recon}]\n", 1, "unknown toy 'tms_9-9'"),
+    ("pattern matches nothing", "target: {toy: tms_5-2, steps: 10}\ntargets: {lin*3: 4}\nlosses: [{type: stochastic_recon}]\n", 1,
+     "'lin\\*3' matches no module"),
+]
+
+
+@pytest.mark.parametrize("case,yaml_text,code,match", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_cli_refuses(tmp_path, case, yaml_text, code, match):
+    import re
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    result = CliRunner().invoke(main, ["decompose", str(path), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert result.exit_code == code, result.output
+    assert re.search(match, result.output), result.output
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "decomposition").exists()
