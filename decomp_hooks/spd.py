@@ -103,7 +103,7 @@ class SPD:
         for lc in self.cfg.losses:
             value = self.term(lc, cm, ctx, frac)
             if not torch.isfinite(value):
-                raise FloatingPointError(f"loss term {lc.type!r} is {value.item()} (not finite)")
+                raise FloatingPointError(f"loss term {lc.type!r} is {value.item()} (not finite){blame(cm, ctx)}")
             terms[lc.type] = value.detach()
             total = total + lc.coeff * value
         return total, terms, ctx
@@ -237,6 +237,17 @@ class SPD:
             grads = torch.autograd.grad(self.divergence(out, ctx.target_out), list(sources.values()))
             sources = {n: (s.detach() + lc.step_size * gr.sign()).clamp(0, 1) for (n, s), gr in zip(sources.items(), grads)}
         return self.recon(ctx, self.pgd_masks(ctx, sources, group, False))
+
+
+def blame(cm: ComponentModel, ctx: StepContext) -> str:
+    """Which sites carry non-finite values (inputs, CI, components), to name them in a non-finite-loss error."""
+    bad = []
+    for name in cm.site_names:
+        comps = cm.component(name)
+        checks = {"input": ctx.inputs.get(name), "causal importance": ctx.ci[name].lower, "V": comps.V, "U": comps.U}
+        bad += [f"{what} of site {name!r}" for what, t in checks.items()
+                if t is not None and t.is_floating_point() and not torch.isfinite(t).all()]
+    return f"; non-finite values in: {', '.join(bad)}" if bad else "; every site's inputs, CI and components are finite (the model output is not)"
 
 
 def token_labels(batch: object) -> torch.Tensor | None:

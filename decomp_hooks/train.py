@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from decomp_hooks import store
-from decomp_hooks.component_model import ComponentModel
+from decomp_hooks.component_model import ComponentModel, key
 from decomp_hooks.config import DecomposeConfig, ScheduleConfig, TrainConfig
 from decomp_hooks.data import DataError, check_finite, to_device
 from decomp_hooks.metrics import ci_l0
@@ -280,7 +280,9 @@ class Trainer:
         total.backward()
         g_comp, g_ci = self.grad_norms()
         if not (torch.isfinite(g_comp) and torch.isfinite(g_ci)):
-            raise FloatingPointError(f"step {self.step}: non-finite gradient (components {g_comp.item()}, CI functions "
+            bad = [n for n in self.cm.site_names if any(p.grad is not None and not torch.isfinite(p.grad).all()
+                                                        for p in (*self.cm.component(n).parameters(), *self.cm.ci_fns[key(n)].parameters()))]
+            raise FloatingPointError(f"step {self.step}: non-finite gradient at sites {bad} (components {g_comp.item()}, CI functions "
                                      f"{g_ci.item()}); the last good checkpoint is kept in {self.checkpoint_root}")
         self.opt.step()
         terms = {**terms, "total": total.detach(), "lr": lr, "grad_norm/components": g_comp, "grad_norm/ci_fns": g_ci}

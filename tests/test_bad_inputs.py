@@ -54,6 +54,13 @@ def nan_model() -> nn.Module:
     return model
 
 
+def nan_site_model() -> nn.Module:
+    model = mlp()
+    with torch.no_grad():
+        model[0].bias.fill_(math.nan)
+    return nn.Sequential(model, nn.Linear(5, 5))
+
+
 # (id, kwargs for decompose, error class, regex the message must match)
 API_CASES = [
     ("glob matches nothing", dict(targets={"blocks.*": 4}), SiteError, r"'blocks\.\*' matches no module.*Candidates: 0, 1, 2"),
@@ -92,7 +99,9 @@ API_CASES = [
     ("embedding CI type", dict(model=embedder(), data=torch.randint(0, 11, (16, 6)), config=cfg(ci={"type": "vector_mlp"})), ValueError, r"ci.type='vector_mlp' cannot read an embedding site's token ids"),
     ("identity before embedding", dict(model=embedder(), identity_targets={"0": 3}), SiteError, r"identity insertion before embedding '0'"),
     ("not a model", dict(model="gpt2"), TypeError, r"cannot decompose a builtins.str"),
-    ("NaN loss", dict(model=nan_model()), FloatingPointError, r"step 0: loss term 'stochastic_recon' is nan"),
+    ("NaN loss", dict(model=nan_model()), FloatingPointError, r"step 0: loss term 'stochastic_recon' is nan .*the model output is not"),
+    ("NaN inside a site", dict(model=nan_site_model(), targets={"1": 4}), FloatingPointError,
+     r"step 0: loss term .* is nan.*input of site '1'"),
 ]
 
 
