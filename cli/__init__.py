@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from decomp_hooks.cli.decompose import decompose_command
+from decomp_hooks.cli.export import export_command
 from decomp_hooks.cli.toy import toy_group
 
 
@@ -14,4 +15,5 @@ def main() -> None:
 
 
 main.add_command(decompose_command)
+main.add_command(export_command)
 main.add_command(toy_group)

@@ -147,6 +147,25 @@ class Decomposition:
             store.write_json(tmp / "decomposition.json", meta)
         return path
 
+    def export(self, path: str | Path, format: str = "transcoder", sites: str | list[str] | None = None, data: Any = None,
+               overwrite: bool = False, **options: Any) -> dict[str, Path]:
+        """Write one SAE-Lens directory per site under `path` (`<path>/<site>/cfg.json`, `sae_weights.safetensors`)
+        plus an `export.json` index, atomically; returns `{site: directory}`.
+
+        `format`: "transcoder" (default; the exact ±-split W_enc = [V, −V], W_dec = [U; −U], b_dec = bias, which
+        stock SAE-Lens and sae-dashboard load) or "decomp_signed_transcoder" (alias "signed"; signed activations
+        `a V`, registered with sae-lens; `ci_gated=True` stores the CI function and gates them). Both decode to
+        `x V U + b`: all components on, without the delta component (its size is `metadata.delta_weight_rel_norm`).
+        `sites`: fnmatch pattern(s) over the site names (default: every non-embedding site). `data` (a tensor,
+        dict batch or iterable of batches) adds `sparsity.safetensors` (log10 firing frequency from causal
+        importance) and, for token-id batches, `neuronpedia.json` with activation examples. `overwrite` replaces a
+        non-empty `path`. Options: `ci_gated`, `model_name`, `tokenizer`, `dataset`, `batch_size`, `max_batches`,
+        `n_examples`, `provenance` (extra metadata); see `decomp_hooks.export.export_decomposition`.
+        """
+        from decomp_hooks.export import export_decomposition
+
+        return export_decomposition(self, path, format=format, sites=sites, data=data, overwrite=overwrite, **options)
+
     def final_metrics(self) -> dict:
         """The last evaluation record (metrics logged with an `eval/` prefix)."""
         evals = [r for r in self.metrics if any(k.startswith("eval/") for k in r)]

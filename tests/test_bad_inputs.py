@@ -93,6 +93,7 @@ API_CASES = [
     ("empty list", dict(data=[]), DataError, r"yields no batches; it is empty"),
     ("iterator runs out", dict(data=one_shot()), DataError, r"holds 1 batches but the run draws 5"),
     ("data of the wrong kind", dict(data="some text"), DataError, r"cannot draw batches from a str"),
+    ("float64 data", dict(data=torch.rand(16, 5, dtype=torch.float64)), DataError, r"torch.float64 tensor of shape \[8, 5\]"),
     ("wrong width", dict(data=torch.rand(16, 7)), DataError, r"float32 tensor of shape \[8, 7\].*mat1 and mat2"),
     ("floats into an embedding", dict(model=embedder(), data=torch.rand(16, 6)), DataError, r"cannot run on the data: a batch is a torch.float32 tensor"),
     ("token ids beyond the vocabulary", dict(model=embedder(), data=torch.randint(0, 40, (16, 6))), DataError, r"\[0, 3\d\] but the model's vocabulary has 11 entries"),

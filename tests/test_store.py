@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -97,8 +98,9 @@ def test_killed_run_resumes_bit_for_bit(tms52, tmp_path, sig):
     assert run_script(tmp_path, tmp_path / "target", tmp_path / "full", "fast", "new").wait(120) == 0
     proc = run_script(tmp_path, tmp_path / "target", tmp_path / "cut", "slow", "new")
     deadline = time.time() + 120
-    while not list((tmp_path / "cut" / "checkpoints").glob("step-*0002*")) and time.time() < deadline:
+    while not list((tmp_path / "cut" / "checkpoints").glob("step-*0001*")) and time.time() < deadline:
         time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 1.5))  # a random step between the first checkpoint and the end (60 steps × 0.05 s)
     proc.send_signal(sig)
     proc.wait(60)
     assert not (tmp_path / "cut" / "decomposition").exists()

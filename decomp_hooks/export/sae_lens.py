@@ -391,6 +391,9 @@ def site_files(dec: Any, name: str, fmt: str, context: dict, rid: str, ci_gated:
     reshape = hooks.pop("reshape_activations")
     note = hooks.pop("hook_note")
     io = hooks.pop("hf_hook_io", None)
+    if fmt == TRANSCODER and reshape == "hook_z":
+        note = ("sae-lens's stock Transcoder does not flatten hook_z inputs, so HookedSAETransformer cannot splice this "
+                f"export; encode z.flatten(-2), or export as {SIGNED!r}, which flattens heads itself")
     rel = delta_rel_norm(comps)
     ci = None
     if ci_gated:

@@ -1,0 +1,148 @@
+"""`decomp-hooks export RUN_DIR OUT_DIR`: a saved decomposition as SAE-Lens directories, one per site."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+FORMAT_CHOICES = ["transcoder", "decomp_signed_transcoder", "signed"]
+
+
+def decomposition_dir(run_dir: Path) -> Path:
+    """RUN_DIR/decomposition, or RUN_DIR itself when it is a decomposition directory."""
+    for candidate in (run_dir / "decomposition", run_dir):
+        if (candidate / "decomposition.json").is_file():
+            return candidate
+    raise click.BadParameter(
+        f"no decomposition in {str(run_dir)!r}: expected {str(run_dir / 'decomposition' / 'decomposition.json')!r} "
+        "(a run directory) or decomposition.json in RUN_DIR itself (a decomposition directory).", param_hint="RUN_DIR")
+
+
+def read_data(path: Path):
+    """Token ids (or model inputs) from a safetensors file: the tensor named `tokens`, or its only tensor."""
+    from decomp_hooks import store
+
+    try:
+        tensors = store.read_tensors(path)
+    except store.StoreError as err:
+        raise click.BadParameter(str(err), param_hint="--data") from None
+    if "tokens" in tensors:
+        return tensors["tokens"]
+    if len(tensors) == 1:
+        return next(iter(tensors.values()))
+    raise click.BadParameter(f"{str(path)!r} holds tensors {sorted(tensors)}; name the input tensor 'tokens'.",
+                             param_hint="--data")
+
+
+def load_model(path: Path):
+    """A local Hugging Face causal LM directory, and its tokenizer if the directory has one."""
+    import transformers
+
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    except (OSError, ValueError) as err:
+        raise click.BadParameter(f"cannot load a causal LM from {str(path)!r}: {err}", param_hint="--model") from None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return model, tokenizer
+
+
+@click.command("export")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(FORMAT_CHOICES), default="transcoder", show_default=True,
+              help="transcoder: exact ±-split (W_enc=[V,-V], W_dec=[U;-U]) that stock SAE-Lens and sae-dashboard load; "
+                   "decomp_signed_transcoder (alias signed): signed component activations, loads once decomp_hooks is "
+                   "imported.")
+@click.option("--sites", "sites", multiple=True, metavar="PATTERN",
+              help="fnmatch pattern over site names, e.g. 'blocks.0.mlp.*' (repeatable; default: every site that "
+                   "reads activations).")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists and is not empty.")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Local Hugging Face model directory for runs on a language model, loaded with "
+                   "transformers.AutoModelForCausalLM.from_pretrained(PATH); its weights must be the decomposed ones. "
+                   "Toy runs find their target in RUN_DIR/target and need no --model.")
+@click.option("--model-name", default=None, help="metadata.model_name (default: the model's own name).")
+@click.option("--data", "data_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="safetensors file with evaluation inputs (tensor 'tokens' [n, seq] for LMs): writes "
+                   "sparsity.safetensors and, for token ids, neuronpedia.json per site.")
+@click.option("--samples", type=int, default=4096, show_default=True,
+              help="For toy runs without --data: inputs drawn from the toy's own distribution for sparsity "
+                   "(0 writes none).")
+@click.option("--ci-gated", is_flag=True, help="decomp_signed_transcoder only: store the CI function and gate the "
+                                                 "activations by causal importance.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size over --data.")
+def export_command(run_dir: Path, out_dir: Path, fmt: str, sites: tuple[str, ...], force: bool, model_dir: Path | None,
+                   model_name: str | None, data_file: Path | None, samples: int, ci_gated: bool, batch_size: int) -> None:
+    """Export the decomposition in RUN_DIR (a run directory with decomposition/ inside, or a decomposition directory)
+    to OUT_DIR: one SAE-Lens directory per site (cfg.json, sae_weights.safetensors), named after the site, plus an
+    export.json index. The write is atomic: OUT_DIR appears complete or not at all.
+
+    Each SAE computes decode(encode(x)) = x V U + b, the site output with all components on and without the delta
+    component; metadata.delta_weight_rel_norm = ||W - (VU)^T|| / ||W|| is printed per site.
+
+    Examples:
+
+      decomp-hooks export runs/tms_5-2-s0 exports/tms
+
+      decomp-hooks export runs/gpt2 exports/gpt2 --model models/gpt2 --sites 'transformer.h.0.*' --data tokens.safetensors
+
+      decomp-hooks export runs/tms_5-2-s0 exports/tms --format signed --ci-gated --force
+    """
+    import warnings
+
+    import decomp_hooks as dh
+    from decomp_hooks.export import ExportError, load_export
+    from decomp_hooks.sites import SiteError
+
+    if ci_gated and fmt == "transcoder":
+        raise click.BadParameter("--ci-gated needs --format decomp_signed_transcoder (or signed).", param_hint="--ci-gated")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        raise click.ClickException(f"{str(out_dir)!r} already exists and is not empty; pass --force to replace it.")
+    path = decomposition_dir(run_dir)
+    model = tokenizer = None
+    if model_dir is not None:
+        model, tokenizer = load_model(model_dir)
+    try:
+        dec = dh.load(path, model=model)
+    except dh.FingerprintError as err:
+        raise click.BadParameter(str(err), param_hint="--model") from None
+    except SiteError as err:
+        hint = "" if model is None else " (--model must be the model the run decomposed, with the same module names)"
+        raise click.ClickException(f"{err}{hint}") from None
+    except ValueError as err:
+        if model is None:
+            raise click.ClickException(f"{err} For a language-model run pass --model <local HF model directory>.") from None
+        raise click.ClickException(str(err)) from None
+    data = None
+    if data_file is not None:
+        data = read_data(data_file)
+    elif model is None and samples > 0:
+        from decomp_hooks.toy import ToyModel, toy_sampler
+
+        if isinstance(dec.model, ToyModel):
+            data = toy_sampler(dec.model, dec.device)(samples)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            dirs = dec.export(out_dir, format=fmt, sites=list(sites) or None, data=data, overwrite=force,
+                              ci_gated=ci_gated, model_name=model_name, tokenizer=tokenizer, batch_size=batch_size,
+                              provenance={"source_path": str(path)})
+        except ExportError as err:
+            if "pattern" in str(err):
+                raise click.BadParameter(str(err), param_hint="--sites") from None
+            raise click.ClickException(str(err)) from None
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
+    saes = load_export(out_dir)
+    for site, d in dirs.items():
+        md = saes[site].metadata
+        rel = md.get("delta_weight_rel_norm")
+        hooks = f"{md.get('hook_name')} -> {md.get('hook_name_out')}" if md.get("hook_name") else \
+            f"hf {md.get('hf_hook_name')}" if md.get("hf_hook_name") else "no hook names"
+        rel = "n/a" if rel is None else f"{rel:.4g}"
+        click.echo(f"{site}: {d}  d_sae={saes[site].d_sae}  |dW|/|W|={rel}  {hooks}"
+                   f"{'  +sparsity' if saes[site].sparsity is not None else ''}")
+    click.echo(f"exported {len(dirs)} site(s) as {fmt} to {out_dir} (the delta component is not part of the export)")
