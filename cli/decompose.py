@@ -43,16 +43,18 @@ def run_toy(cfg, out: Path, steps: int | None, device: str | None, seed: int, re
 @click.option("--seed", type=int, default=None, help="Override the config's seed.")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory (default: runs/<config name>-s<seed>).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="Continue the run in this directory from its latest checkpoint (bit for bit).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def decompose_command(config: Path, steps: int | None, device: str | None, seed: int | None, out: Path | None,
-                      resume: bool, no_progress: bool) -> None:
+                      resume_dir: Path | None, no_progress: bool) -> None:
     """Decompose the target named in CONFIG (a YAML file, see examples/) and write a run directory.
 
     The run directory holds config.yaml, metrics.jsonl, checkpoints/, decomposition/ (safetensors + JSON), the
     toy target (target/) and PNG plots; a summary table of the final metrics is printed.
 
-    Example: decomp-hooks decompose examples/tms_5-2.yaml --steps 2000 --out runs/tms
+    Examples: decomp-hooks decompose examples/tms_5-2.yaml --steps 2000 --out runs/tms
+              decomp-hooks decompose examples/tms_5-2.yaml --resume runs/tms   (after a crash or pre-emption)
     """
     import decomp_hooks as dh
     from decomp_hooks.config import ConfigError
@@ -66,10 +68,10 @@ def decompose_command(config: Path, steps: int | None, device: str | None, seed:
         raise click.BadParameter("the config has no `target:` section (toy: <name> or path: <saved toy dir>); "
                                  "use the Python API to decompose your own model.", param_hint="CONFIG")
     seed = cfg.seed if seed is None else seed
-    out = out or Path("runs") / f"{config.stem}-s{seed}"
+    out = resume_dir or out or Path("runs") / f"{config.stem}-s{seed}"
     created = not out.exists()
     try:
-        dec = run_toy(cfg, out, steps, device, seed, resume, not no_progress)
+        dec = run_toy(cfg, out, steps, device, seed, resume_dir is not None, not no_progress)
     except (ValueError, FloatingPointError) as err:  # ConfigError, StoreError, SiteError, DataError, unknown toy
         if created and not (out / "checkpoints").exists():
             shutil.rmtree(out, ignore_errors=True)  # refused before any checkpoint: leave nothing behind

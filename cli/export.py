@@ -54,16 +54,15 @@ def load_model(path: Path):
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(FORMAT_CHOICES), default="transcoder", show_default=True,
               help="transcoder: exact ±-split (W_enc=[V,-V], W_dec=[U;-U]) that stock SAE-Lens and sae-dashboard load; "
-                   "decomp_signed_transcoder (alias signed): signed component activations, loads once decomp_hooks is "
-                   "imported.")
+                   "decomp_signed_transcoder (alias signed): signed component activations; sae-lens loads it after "
+                   "`import decomp_hooks.export`.")
 @click.option("--sites", "sites", multiple=True, metavar="PATTERN",
               help="fnmatch pattern over site names, e.g. 'blocks.0.mlp.*' (repeatable; default: every site that "
                    "reads activations).")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists and is not empty.")
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Local Hugging Face model directory for runs on a language model, loaded with "
-                   "transformers.AutoModelForCausalLM.from_pretrained(PATH); its weights must be the decomposed ones. "
-                   "Toy runs find their target in RUN_DIR/target and need no --model.")
+              help="Local Hugging Face model directory of a language-model run (see Models below); toy runs need "
+                   "none.")
 @click.option("--model-name", default=None, help="metadata.model_name (default: the model's own name).")
 @click.option("--data", "data_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="safetensors file with evaluation inputs (tensor 'tokens' [n, seq] for LMs): writes "
@@ -83,13 +82,18 @@ def export_command(run_dir: Path, out_dir: Path, fmt: str, sites: tuple[str, ...
     Each SAE computes decode(encode(x)) = x V U + b, the site output with all components on and without the delta
     component; metadata.delta_weight_rel_norm = ||W - (VU)^T|| / ||W|| is printed per site.
 
+    \b
+    Models: toy runs find their target in RUN_DIR/target. For a language-model run pass --model DIR, a local
+    Hugging Face model directory loaded with transformers.AutoModelForCausalLM.from_pretrained(DIR) (and its
+    tokenizer, if the directory has one, for the token strings of neuronpedia.json); its weights must be the
+    decomposed ones (checked by fingerprint). Runs on TransformerLens models export from Python: dec.export(...).
+
+    \b
     Examples:
-
       decomp-hooks export runs/tms_5-2-s0 exports/tms
-
-      decomp-hooks export runs/gpt2 exports/gpt2 --model models/gpt2 --sites 'transformer.h.0.*' --data tokens.safetensors
-
       decomp-hooks export runs/tms_5-2-s0 exports/tms --format signed --ci-gated --force
+      decomp-hooks export runs/gpt2 exports/gpt2 --model models/gpt2 --sites 'transformer.h.0.*' \\
+          --data tokens.safetensors --model-name gpt2
     """
     import warnings
 

@@ -75,7 +75,7 @@ def decompose(model: Any, data: Any, targets: dict[str, int] | None = None, meth
     dev = resolve_device(device)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and not resume and (out / "checkpoints").exists():
-        raise store.StoreError(f"{str(out)!r} already holds a run; pass resume=True (--resume) to continue it, or another out_dir.")
+        raise store.StoreError(f"{str(out)!r} already holds a run; pass resume=True (CLI: --resume RUN_DIR) to continue it, or another out_dir.")
     set_seed(cfg.seed)
     module, sites, cs = resolve(model, cfg.targets, cfg.identity_targets)
     cm = ComponentModel(module, sites, cs, cfg.ci, cfg.tied, cfg.init).to(dev)

@@ -29,7 +29,9 @@ def test_decompose_writes_a_run_directory(tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 40 and "eval/mmcs" in records[-1]
     again = CliRunner().invoke(main, ["decompose", str(cfg), "--out", str(out), "--no-progress"])
-    assert again.exit_code == 1 and "already holds a run; pass resume=True (--resume)" in again.output
+    assert again.exit_code == 1 and "already holds a run; pass resume=True (CLI: --resume RUN_DIR)" in again.output
+    resumed = CliRunner().invoke(main, ["decompose", str(cfg), "--resume", str(out), "--no-progress"])
+    assert resumed.exit_code == 0 and "mmcs" in resumed.output  # a finished run resumes to its end at once
 
 
 def test_bad_config_is_a_usage_error(tmp_path):
