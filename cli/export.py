@@ -83,17 +83,21 @@ def export_command(run_dir: Path, out_dir: Path, fmt: str, sites: tuple[str, ...
     component; metadata.delta_weight_rel_norm = ||W - (VU)^T|| / ||W|| is printed per site.
 
     \b
-    Models: toy runs find their target in RUN_DIR/target. For a language-model run pass --model DIR, a local
-    Hugging Face model directory loaded with transformers.AutoModelForCausalLM.from_pretrained(DIR) (and its
-    tokenizer, if the directory has one, for the token strings of neuronpedia.json); its weights must be the
-    decomposed ones (checked by fingerprint). Runs on TransformerLens models export from Python: dec.export(...).
+    Models: toy runs find their target in RUN_DIR/target. For a language-model
+    run pass --model DIR, a local Hugging Face model directory loaded with
+    transformers.AutoModelForCausalLM.from_pretrained(DIR) (plus its tokenizer,
+    if it has one, for the token strings of neuronpedia.json); its weights must
+    be the decomposed ones (checked by fingerprint). Runs on TransformerLens
+    models export from Python: dec.export(...).
 
     \b
     Examples:
       decomp-hooks export runs/tms_5-2-s0 exports/tms
-      decomp-hooks export runs/tms_5-2-s0 exports/tms --format signed --ci-gated --force
-      decomp-hooks export runs/gpt2 exports/gpt2 --model models/gpt2 --sites 'transformer.h.0.*' \\
-          --data tokens.safetensors --model-name gpt2
+      decomp-hooks export runs/tms_5-2-s0 exports/tms --format signed \\
+          --ci-gated --samples 10000 --force
+      decomp-hooks export runs/gpt2 exports/gpt2 --model models/gpt2 \\
+          --model-name gpt2 --sites 'transformer.h.0.*' --sites '*.c_proj' \\
+          --data tokens.safetensors --batch-size 16
     """
     import warnings
 

@@ -7,6 +7,7 @@
 from decomp_hooks.config import CIConfig, ConfigError, DecomposeConfig, LossConfig, ScheduleConfig, TrainConfig, load_config
 from decomp_hooks.decomposition import Decomposition, FingerprintError, load
 from decomp_hooks.run import decompose
+from decomp_hooks import export  # noqa: F401  registers the signed SAE-Lens architecture once sae_lens is imported
 
 __all__ = [
     "CIConfig", "ConfigError", "DecomposeConfig", "Decomposition", "FingerprintError", "LossConfig",

@@ -4,6 +4,7 @@ import-time registration, bad input and the `decomp-hooks export` command."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -365,13 +366,16 @@ def test_bad_input_is_refused_and_nothing_is_half_written(hf, tmp_path, monkeypa
 
 # -- the command -------------------------------------------------------------------------------------------------
 
-def test_export_help_documents_every_option():
+def test_export_help_documents_every_option_with_an_example():
     result = CliRunner().invoke(main, ["export", "--help"])
     assert result.exit_code == 0
+    text = result.output
+    options, examples = text.split("Options:")[1], text.split("Examples:")[1].split("Options:")[0]
     for option in ("--format", "--sites", "--force", "--model", "--model-name", "--data", "--samples", "--ci-gated",
-                   "--batch-size", "RUN_DIR", "OUT_DIR", "AutoModelForCausalLM"):
-        assert option in result.output, option
-    assert "Examples:\n  decomp-hooks export runs/tms_5-2-s0 exports/tms\n" in result.output
+                   "--batch-size"):
+        assert f"  {option} " in options and re.search(rf"{option}[ \n]", examples), option
+    assert "RUN_DIR" in text and "OUT_DIR" in text and "AutoModelForCausalLM.from_pretrained(DIR)" in text
+    assert "Examples:\n    decomp-hooks export runs/tms_5-2-s0 exports/tms\n" in text
 
 
 @pytest.fixture(scope="module")

@@ -183,6 +183,8 @@ def export_basis(path: str | Path, encoder: torch.Tensor, decoder: torch.Tensor,
     fmt = resolve_format(format)
     if fmt == STANDARD and hook_name_out not in (None, hook_name):
         raise ExportError("format='standard' has one hook point; leave hook_name_out unset or equal to hook_name.")
+    if fmt != STANDARD and hook_name_out is None:
+        hook_name_out = hook_name  # a transcoder that writes back where it reads, stated explicitly
     tensors = feature_tensors(encoder, decoder, b_dec, b_enc, fmt)
     d_in, d_sae = tensors["W_enc"].shape
     d_out, k = tensors["W_dec"].shape[1], encoder.shape[1]
