@@ -36,10 +36,11 @@ def main() -> None:
                         max_context=hf_model.config.max_position_embeddings)
     config = {
         "ci": {"type": "shared_mlp", "hidden": [256]},
-        "losses": [{"type": "stochastic_recon", "coeff": 1.0},
+        "losses": [{"type": "faithfulness", "coeff": 1e5},
+                   {"type": "stochastic_recon", "coeff": 1.0},
                    {"type": "importance_minimality", "coeff": 1e-3, "pnorm": 2.0, "p_anneal_final_p": 0.5}],
         "output_loss": "kl", "ci_alive_threshold": 0.0,
-        "train": {"steps": args.steps, "batch_size": args.batch, "lr": 1e-3, "autocast_bf16_cpu": False,
+        "train": {"steps": args.steps, "batch_size": args.batch, "lr": 1e-3,
                   "schedule": {"fn": "cosine", "warmup_pct": 0.05, "final_val_frac": 0.1},
                   "log_every": 25, "eval_every": args.steps, "eval_pgd_steps": 0,
                   "checkpoint_every": max(args.steps // 2, 1)},
