@@ -1,15 +1,15 @@
-"""decomp-hooks: parameter decomposition (SPD) for the models researchers already load.
+"""decomp-hooks: parameter decomposition (SPD, APD) for the models researchers already load.
 
     import decomp_hooks as dh
     dec = dh.decompose(model, sampler, targets={"linear1": 20}, config="examples/tms_5-2.yaml")
     dec.components["linear1"].V, dec.causal_importance(batch), dec.save("run/decomposition")
 """
-from decomp_hooks.config import CIConfig, ConfigError, DecomposeConfig, LossConfig, ScheduleConfig, TrainConfig, load_config
+from decomp_hooks.config import APDConfig, CIConfig, ConfigError, DecomposeConfig, LossConfig, ScheduleConfig, TrainConfig, load_config
 from decomp_hooks.decomposition import Decomposition, FingerprintError, load
 from decomp_hooks.run import decompose
 from decomp_hooks import export  # noqa: F401  registers the signed SAE-Lens architecture once sae_lens is imported
 
 __all__ = [
-    "CIConfig", "ConfigError", "DecomposeConfig", "Decomposition", "FingerprintError", "LossConfig",
+    "APDConfig", "CIConfig", "ConfigError", "DecomposeConfig", "Decomposition", "FingerprintError", "LossConfig",
     "ScheduleConfig", "TrainConfig", "decompose", "load", "load_config",
 ]

@@ -15,7 +15,7 @@ from torch import nn
 
 from decomp_hooks.causal_importance import SIGMOIDS, make_ci_fn
 from decomp_hooks.components import SiteComponents, SiteMask
-from decomp_hooks.config import CIConfig
+from decomp_hooks.config import CIConfig, DecomposeConfig
 from decomp_hooks.sites import Site, SiteError
 
 
@@ -45,10 +45,14 @@ def output_tensor(out: Any) -> torch.Tensor:
 
 
 class ComponentModel(nn.Module):
-    """A frozen target model plus components and CI functions for each site."""
+    """A frozen target model plus components and CI functions for each site.
 
-    def __init__(self, target: nn.Module, sites: list[Site], C: dict[str, int], ci: CIConfig,
-                 tied: list[list[str]] | None = None, init: str = "kaiming"):
+    `ci=None` (methods without CI functions, e.g. APD): `ci_fns` is empty and every component's importance is 1.
+    `group_size[site]` > 1: consecutive columns of that site's V (rows of U) form one higher-rank component.
+    """
+
+    def __init__(self, target: nn.Module, sites: list[Site], C: dict[str, int], ci: CIConfig | None,
+                 tied: list[list[str]] | None = None, init: str = "kaiming", group_size: dict[str, int] | None = None):
         super().__init__()
         self.target = target.requires_grad_(False)
         self.sites = {s.name: s for s in sites}
@@ -57,9 +61,22 @@ class ComponentModel(nn.Module):
         self.components = nn.ModuleDict()
         for s in sites:
             source = self.components[key(tied_of[s.name])] if s.name in tied_of else None
-            self.components[key(s.name)] = SiteComponents(s, C[s.name], init, tied_to=source)
-        self.ci_fns = nn.ModuleDict({key(s.name): make_ci_fn(ci.type, s.kind, s.d_in, C[s.name], ci.hidden) for s in sites})
-        self.lower_sigmoid, self.upper_sigmoid = SIGMOIDS[ci.sigmoid]
+            g = (group_size or {}).get(s.name, 1)
+            self.components[key(s.name)] = SiteComponents(s, C[s.name], init, tied_to=source, group_size=g)
+        self.ci_fns = nn.ModuleDict({} if ci is None else
+                                    {key(s.name): make_ci_fn(ci.type, s.kind, s.d_in, C[s.name], ci.hidden) for s in sites})
+        self.lower_sigmoid, self.upper_sigmoid = SIGMOIDS[ci.sigmoid] if ci is not None else (None, None)
+
+    @classmethod
+    def from_config(cls, target: nn.Module, sites: list[Site], C: dict[str, int], cfg: DecomposeConfig) -> "ComponentModel":
+        """The component model a config's method trains: SPD's (C per site, CI functions) or APD's (no CI functions,
+        `apd.C` components of rank m per site stored as C·m rank-one columns)."""
+        if cfg.method == "apd":
+            from decomp_hooks.apd import apd_layout
+
+            cols, ranks = apd_layout(sites, C, cfg.apd)
+            return cls(target, sites, cols, None, cfg.tied, cfg.init, group_size=ranks)
+        return cls(target, sites, C, cfg.ci, cfg.tied, cfg.init)
 
     def compile_ci_fns(self) -> None:
         """torch.compile each CI function in place (their elementwise hidden layers dominate a step)."""
@@ -81,41 +98,56 @@ class ComponentModel(nn.Module):
 
     @contextmanager
     def _hooks(self, masks: dict[str, SiteMask], inputs: dict[str, torch.Tensor] | None,
-               delta_ws: dict[str, torch.Tensor] | None) -> Iterator[None]:
+               delta_ws: dict[str, torch.Tensor] | None, outputs: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
         handles = []
         for name, site in self.sites.items():
             if name not in masks and inputs is None:
                 continue
-            handles.append(site.hook(self._site_fn(name, masks.get(name), inputs, delta_ws)))
+            handles.append(site.hook(self._site_fn(name, masks.get(name), inputs, delta_ws, outputs)))
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
 
-    def _site_fn(self, name, mask, inputs, delta_ws):
+    def _site_fn(self, name, mask, inputs, delta_ws, outputs=None):
         comps = self.component(name)
 
         def fn(x: torch.Tensor, target_out: torch.Tensor) -> torch.Tensor | None:
             if inputs is not None:
                 inputs[name] = x
             if mask is None:
+                if outputs is not None:
+                    outputs[name] = target_out
                 return None
             dw = delta_ws.get(name) if delta_ws else None
-            return comps(x, mask, target_out=target_out, delta_w=dw).to(target_out.dtype)
+            out = comps(x, mask, target_out=target_out, delta_w=dw).to(target_out.dtype)
+            if outputs is not None:
+                outputs[name] = out
+            return out
         return fn
 
     def forward(self, x: Any, masks: dict[str, SiteMask] | None = None, cache: bool = False,
-                delta_ws: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Run the target with the given site masks (others untouched); returns (output tensor, site inputs if cached)."""
-        inputs: dict[str, torch.Tensor] | None = {} if cache else None
-        with self._hooks(masks or {}, inputs, delta_ws):
+                delta_ws: dict[str, torch.Tensor] | None = None,
+                outputs: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Run the target with the given site masks (others untouched); returns (output tensor, site inputs if cached).
+
+        `outputs`, if given, is filled with every site's output in this forward (masked or target)."""
+        inputs: dict[str, torch.Tensor] | None = {} if cache or outputs is not None else None
+        with self._hooks(masks or {}, inputs, delta_ws, outputs):
             out = self.target(**x) if isinstance(x, dict) else self.target(x)
         return output_tensor(out), inputs or {}
 
     def causal_importances(self, inputs: dict[str, torch.Tensor], noise: bool = False) -> dict[str, CausalImportance]:
         """CI per site from the target's site inputs; `noise` adds the binomial-sampling perturbation of z."""
         out = {}
+        if not self.ci_fns:  # no CI functions (APD): every component counts as fully important
+            for name, x in inputs.items():
+                comps = self.component(name)
+                lead = x.shape if comps.kind == "embedding" else x.shape[:-1]
+                ones = torch.ones(*lead, comps.C, device=x.device, dtype=comps.V.dtype)
+                out[name] = CausalImportance(ones, ones)
+            return out
         for name, x in inputs.items():
             comps, fn = self.component(name), self.ci_fns[key(name)]
             if fn.takes_inner_acts:

@@ -38,11 +38,18 @@ def intervention_mask(C: int, keep: list[int] | None = None, ablate: list[int] |
 
 
 class SiteComponents(nn.Module):
-    """C rank-one components `V [d_in, C]`, `U [C, d_out]` of one site, with its frozen target weight and bias."""
+    """C rank-one components `V [d_in, C]`, `U [C, d_out]` of one site, with its frozen target weight and bias.
 
-    def __init__(self, site: Site, C: int, init: str = "kaiming", tied_to: "SiteComponents | None" = None):
+    `group_size` g > 1 (APD): consecutive runs of g columns form one rank-g component, C // g of them.
+    """
+
+    def __init__(self, site: Site, C: int, init: str = "kaiming", tied_to: "SiteComponents | None" = None,
+                 group_size: int = 1):
         super().__init__()
+        if C % group_size:
+            raise ValueError(f"site {site.name!r}: C={C} is not a multiple of group_size={group_size}.")
         self.kind, self.C, self.d_in, self.d_out = site.kind, C, site.d_in, site.d_out
+        self.group_size = group_size
         weight = site.weight().float()
         self.register_buffer("target_weight", weight.T.contiguous().clone())  # [d_in, d_out], as the forward uses it
         bias = site.bias()

@@ -85,6 +85,29 @@ class TrainConfig:
 
 
 @dataclass
+class APDConfig:
+    """APD (methods.md Part 2): C components spanning every site, each of rank `rank` per site (None = full rank,
+    min(d_in, d_out)), chosen per input by the top-k of their attributions; the loss coefficients of §2.4."""
+
+    C: int | None = None  # None: the (common) C of `targets`
+    rank: int | None = None
+    topk: float = 1.0  # batch top-k: mean active components per position (may be fractional); else k per position
+    batch_topk: bool = True
+    attribution_type: str = "gradient"  # gradient | ablation | activation
+    attribution_model: str = "target"  # gradient attributions at the target's parameters, or at the APD model's
+    attribution_chunk: int | None = None  # output directions per batched VJP (None: all in one call)
+    schatten_p: float = 1.0
+    param_match_coeff: float = 1.0
+    topk_recon_coeff: float = 1.0
+    act_recon_coeff: float = 0.0
+    schatten_coeff: float = 1.0
+    act_recon_sites: list[str] = field(default_factory=lambda: ["*mlp_in"])  # fnmatch globs; outputs ReLU'd
+    unit_norm_matrices: bool = False
+    init_scale: float = 1.0
+    distil_from_target: bool = False  # the last component is always on and outside the top-k
+
+
+@dataclass
 class TargetConfig:
     """Where the CLI gets the model when none is passed in: a toy preset trained on the spot, or a saved toy."""
 
@@ -111,6 +134,7 @@ class DecomposeConfig:
     ci_alive_threshold: float = 0.1
     seed: int = 0
     target: TargetConfig | None = None
+    apd: APDConfig = field(default_factory=APDConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -208,9 +232,37 @@ LOSS_TYPES = (
 )
 
 
+METHODS = ("spd", "apd")
+
+
+def validate_apd(cfg: DecomposeConfig) -> None:
+    """The `apd:` section, and the parts of the rest of the config APD reads differently."""
+    a = cfg.apd
+    _check(not cfg.losses, "losses: lists SPD loss terms; APD's loss coefficients are in `apd:` "
+           "(param_match_coeff, topk_recon_coeff, act_recon_coeff, schatten_coeff). Remove `losses:` or use method 'spd'.")
+    _check(a.C is None or a.C > 0, f"apd.C={a.C}: must be a positive integer.")
+    _check(a.rank is None or a.rank > 0, f"apd.rank={a.rank}: must be a positive integer, or null for full rank.")
+    _check(a.topk > 0, f"apd.topk={a.topk}: must be > 0.")
+    _check(a.batch_topk or float(a.topk).is_integer(),
+           f"apd.topk={a.topk}: per-sample top-k (batch_topk: false) needs an integer k.")
+    _check(a.attribution_type in ("gradient", "ablation", "activation"),
+           f"apd.attribution_type={a.attribution_type!r}; use 'gradient', 'ablation' or 'activation'.")
+    _check(a.attribution_model in ("target", "apd"), f"apd.attribution_model={a.attribution_model!r}; use 'target' or 'apd'.")
+    _check(a.attribution_chunk is None or a.attribution_chunk > 0, f"apd.attribution_chunk={a.attribution_chunk}: must be > 0.")
+    _check(a.schatten_p > 0, f"apd.schatten_p={a.schatten_p}: must be > 0.")
+    for name in ("param_match_coeff", "topk_recon_coeff", "act_recon_coeff", "schatten_coeff"):
+        _check(getattr(a, name) >= 0, f"apd.{name}={getattr(a, name)}: must be ≥ 0.")
+    _check(a.init_scale > 0, f"apd.init_scale={a.init_scale}: must be > 0.")
+    cs = set({**cfg.targets, **cfg.identity_targets}.values())
+    _check(a.C is not None or len(cs) <= 1,
+           f"APD components span every site, so the targets need one common C (got {sorted(cs)}); or set apd.C.")
+
+
 def validate(cfg: DecomposeConfig) -> None:
     """Range and choice checks, each naming the bad value and the accepted ones."""
-    _check(cfg.method in ("spd",), f"method={cfg.method!r} is not supported; use 'spd'.")
+    _check(cfg.method in METHODS, f"method={cfg.method!r} is not supported; use 'spd' or 'apd'.")
+    if cfg.method == "apd":
+        validate_apd(cfg)
     _check(cfg.ci.type in ("mlp", "vector_mlp", "shared_mlp"),
            f"ci.type={cfg.ci.type!r}; use 'mlp', 'vector_mlp' or 'shared_mlp'.")
     _check(all(h > 0 for h in cfg.ci.hidden), f"ci.hidden={cfg.ci.hidden}: widths must be positive.")

@@ -197,7 +197,7 @@ def load(path: str | Path, model: Any = None, strict: bool = True, device: str |
     targets = {s["name"]: s["C"] for s in meta["sites"] if s["kind"] != "identity"}
     identity = {s["name"].removesuffix(".pre_identity"): s["C"] for s in meta["sites"] if s["kind"] == "identity"}
     module, sites, cs = resolve(model, targets, identity)
-    cm = ComponentModel(module, sites, cs, config.ci, config.tied, config.init)
+    cm = ComponentModel.from_config(module, sites, cs, config)
     for site in sites:
         saved = meta["fingerprints"].get(site.name)
         if strict and saved != store.fingerprint(site.weight()):

@@ -21,15 +21,23 @@ def ci_l0(ci: Tensor, threshold: float) -> float:
     return (ci > threshold).sum(-1).double().mean().item()
 
 
-def mmcs_ml2r(V: Tensor, U: Tensor, W: Tensor) -> tuple[float, float]:
+def mmcs_ml2r(V: Tensor, U: Tensor, W: Tensor, group_size: int = 1) -> tuple[float, float]:
     """Mean max cosine similarity and mean L2 ratio of the best component per feature column ``W[:, j]``.
 
     Component c's contribution to column j is ``V[j, c] * U[c, :]``; it is never materialised: its dot product with
-    ``W[:, j]`` is ``V[j, c] * (U @ W)[c, j]`` and its norm ``|V[j, c]| * ||U[c]||``.
+    ``W[:, j]`` is ``V[j, c] * (U @ W)[c, j]`` and its norm ``|V[j, c]| * ||U[c]||``. With ``group_size`` g > 1
+    (APD), each run of g consecutive columns is one rank-g component, compared as a whole:
+    ``Σ_k V[j, cg+k] U[cg+k, :]``.
     """
     V, U, W = V.detach().double(), U.detach().double(), W.detach().double()
-    dots = V * (U @ W).T  # [d_in, C]
-    contrib_norms = V.abs() * U.norm(dim=1)  # [d_in, C]
+    if group_size > 1:
+        C = V.shape[1] // group_size
+        contrib = torch.einsum("jck,cko->jco", V.reshape(V.shape[0], C, group_size), U.reshape(C, group_size, -1))
+        dots = torch.einsum("jco,oj->jc", contrib, W)  # [d_in, C]
+        contrib_norms = contrib.norm(dim=-1)  # [d_in, C]
+    else:
+        dots = V * (U @ W).T  # [d_in, C]
+        contrib_norms = V.abs() * U.norm(dim=1)  # [d_in, C]
     w_norms = W.norm(dim=0)  # [d_in]
     cos = dots / (contrib_norms * w_norms[:, None]).clamp_min(_EPS)
     best_cos, best_c = cos.max(dim=1)
@@ -97,14 +105,22 @@ def one_hot_probes(n_features: int, value: float = 0.75, device: torch.device | 
     return value * torch.eye(n_features, device=device)
 
 
-def norms(V: Tensor, U: Tensor) -> Tensor:
-    """Per-component norm ``||V[:, c]|| * ||U[c, :]||`` (the Frobenius norm of the rank-one matrix), shape [C]."""
-    return V.detach().norm(dim=0) * U.detach().norm(dim=1)
+def norms(V: Tensor, U: Tensor, group_size: int = 1) -> Tensor:
+    """Per-component norm ``||V[:, c]|| * ||U[c, :]||`` (the Frobenius norm of the rank-one matrix), shape [C].
+
+    With ``group_size`` g > 1, the Frobenius norm of each rank-g component ``V_c U_c`` (shape [C // g])."""
+    V, U = V.detach(), U.detach()
+    if group_size == 1:
+        return V.norm(dim=0) * U.norm(dim=1)
+    C = V.shape[1] // group_size
+    Vg, Ug = V.reshape(V.shape[0], C, group_size), U.reshape(C, group_size, -1)
+    gram = torch.einsum("ick,icl->ckl", Vg, Vg) * torch.einsum("cko,clo->ckl", Ug, Ug)  # ||V_c U_c||_F^2 = tr(VᵀV UUᵀ)
+    return gram.sum((1, 2)).clamp_min(0).sqrt()
 
 
-def n_non_negligible(V: Tensor, U: Tensor, rel: float = 0.05) -> int:
+def n_non_negligible(V: Tensor, U: Tensor, rel: float = 0.05, group_size: int = 1) -> int:
     """How many components have norm >= ``rel`` times the site's largest (all-zero components never count)."""
-    component_norms = norms(V, U)
+    component_norms = norms(V, U, group_size)
     return int(((component_norms >= rel * component_norms.max()) & (component_norms > 0)).sum())
 
 

@@ -10,12 +10,16 @@ from typing import Any
 import torch
 
 from decomp_hooks import store
+from decomp_hooks.apd import APD
 from decomp_hooks.component_model import ComponentModel
 from decomp_hooks.config import ConfigError, DecomposeConfig, load_config, validate
 from decomp_hooks.data import make_source
 from decomp_hooks.decomposition import Decomposition, package_versions
 from decomp_hooks.spd import SPD
 from decomp_hooks.train import Trainer, set_seed
+
+#: the method objects `Trainer` runs, by `config.method`
+METHODS = {"spd": SPD, "apd": APD}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -42,7 +46,7 @@ def build_config(config: Any, targets: dict[str, int] | None, steps: int | None,
     validate(cfg)
     if not cfg.targets and not cfg.identity_targets:
         raise ConfigError("no targets: pass targets={'<module glob>': C, ...} or set `targets:` in the config.")
-    if not cfg.losses:
+    if cfg.method == "spd" and not cfg.losses:
         raise ConfigError("no loss terms: set `losses:` in the config (see examples/*.yaml).")
     return cfg
 
@@ -54,12 +58,13 @@ def latest_checkpoint(out_dir: Path) -> Path:
     return found[-1]
 
 
-def decompose(model: Any, data: Any, targets: dict[str, int] | None = None, method: str = "spd",
+def decompose(model: Any, data: Any, targets: dict[str, int] | None = None, method: str | None = None,
               config: DecomposeConfig | dict | str | Path | None = None, steps: int | None = None,
               device: str | torch.device | None = None, seed: int | None = None, out_dir: str | Path | None = None,
               identity_targets: dict[str, int] | None = None, resume: bool = False, progress: bool = True,
               evaluate: Callable[[Decomposition, int], dict] | None = None) -> Decomposition:
-    """Decompose the chosen weight matrices of `model` into rank-one components with causal importances.
+    """Decompose the chosen weight matrices of `model` into rank-one components with causal importances (SPD), or
+    into components of rank `apd.rank` spanning all sites chosen per input by attribution top-k (`method="apd"`).
 
     `targets` maps fnmatch globs of the model's module names to C; `data` is a sampler `f(batch_size)`, a tensor or an
     iterable of batches; `config` a DecomposeConfig, dict or YAML path (explicit `targets` replace its targets,
@@ -69,7 +74,7 @@ def decompose(model: Any, data: Any, targets: dict[str, int] | None = None, meth
     from decomp_hooks.adapters import resolve
 
     cfg = build_config(config, targets, steps, seed, identity_targets)
-    if method != cfg.method:
+    if method is not None and method != cfg.method:
         cfg.method = method
         validate(cfg)
     dev = resolve_device(device)
@@ -78,7 +83,12 @@ def decompose(model: Any, data: Any, targets: dict[str, int] | None = None, meth
         raise store.StoreError(f"{str(out)!r} already holds a run; pass resume=True (CLI: --resume RUN_DIR) to continue it, or another out_dir.")
     set_seed(cfg.seed)
     module, sites, cs = resolve(model, cfg.targets, cfg.identity_targets)
-    cm = ComponentModel(module, sites, cs, cfg.ci, cfg.tied, cfg.init).to(dev)
+    if cfg.method == "apd":
+        cfg.apd = dataclasses.replace(cfg.apd, C=APD.n_components(cfg.apd, cs))  # saved configs name their C
+    cm = ComponentModel.from_config(module, sites, cs, cfg).to(dev)
+    method_obj = METHODS[cfg.method](cfg)
+    if hasattr(method_obj, "init_components"):
+        method_obj.init_components(cm)
     if cfg.train.compile:
         cm.compile_ci_fns()
     source = make_source(data, cfg.train.batch_size, cfg.seed)
@@ -86,7 +96,7 @@ def decompose(model: Any, data: Any, targets: dict[str, int] | None = None, meth
         source.check_enough(cfg.train.steps + cfg.train.steps // cfg.train.eval_every + 1)
     dec = Decomposition(cm, cfg, provenance=_provenance(cfg, dev, cm))
     extra = (lambda step: evaluate(dec, step)) if evaluate is not None else None
-    trainer = Trainer(cm, SPD(cfg), source, cfg, dev, out, extra, progress)
+    trainer = Trainer(cm, method_obj, source, cfg, dev, out, extra, progress)
     if out is not None and resume:
         trainer.load_checkpoint(latest_checkpoint(out))
     start = time.perf_counter()

@@ -112,6 +112,12 @@ class SPD:
         """The importance-minimality exponent at progress `frac`, or None without that term."""
         return next((annealed_p(lc, frac) for lc in self.cfg.losses if lc.type == "importance_minimality"), None)
 
+    def after_backward(self, cm: ComponentModel) -> None:
+        """Nothing to adjust between backward and the optimizer step."""
+
+    def after_step(self, cm: ComponentModel) -> None:
+        """Nothing to adjust after the optimizer step."""
+
     def evaluate(self, cm: ComponentModel, fwd: Forward, batch: object) -> dict[str, float]:
         """Faithfulness, reconstruction under each mask kind, the PGD probe, and CI-L0 / live components per site."""
         ctx = self.prepare(cm, fwd, batch, noise=False)

@@ -1,6 +1,7 @@
 """One optimisation loop for every parameter-space method: schedule, AMP, clipping, logging, checkpoints, resume.
 
-A method supplies `loss(cm, fwd, batch, frac) -> (total, terms, ctx)` and `evaluate(cm, fwd, batch) -> dict`.
+A method supplies `loss(cm, fwd, batch, frac) -> (total, terms, ctx)`, `evaluate(cm, fwd, batch) -> dict`,
+`current_p(frac)`, and `after_backward(cm)` / `after_step(cm)` (called around each optimizer step).
 """
 from __future__ import annotations
 
@@ -114,6 +115,10 @@ def preflight(model: torch.nn.Module, batch: Any) -> None:
     except (RuntimeError, IndexError, TypeError, ValueError) as err:
         raise DataError(f"the model cannot run on the data: a batch is a {describe(batch)} and the model raised "
                         f"{type(err).__name__}: {err}") from None
+
+
+def _ci_params(cm: ComponentModel, name: str) -> list[torch.nn.Parameter]:
+    return list(cm.ci_fns[key(name)].parameters()) if key(name) in cm.ci_fns else []
 
 
 class Interrupted(RuntimeError):
@@ -278,13 +283,15 @@ class Trainer:
                 raise FloatingPointError(f"step {self.step}: {err}; the last good checkpoint is kept in {self.checkpoint_root}") from None
         self.opt.zero_grad(set_to_none=True)
         total.backward()
+        self.method.after_backward(self.cm)
         g_comp, g_ci = self.grad_norms()
         if not (torch.isfinite(g_comp) and torch.isfinite(g_ci)):
             bad = [n for n in self.cm.site_names if any(p.grad is not None and not torch.isfinite(p.grad).all()
-                                                        for p in (*self.cm.component(n).parameters(), *self.cm.ci_fns[key(n)].parameters()))]
+                                                        for p in (*self.cm.component(n).parameters(), *_ci_params(self.cm, n)))]
             raise FloatingPointError(f"step {self.step}: non-finite gradient at sites {bad} (components {g_comp.item()}, CI functions "
                                      f"{g_ci.item()}); the last good checkpoint is kept in {self.checkpoint_root}")
         self.opt.step()
+        self.method.after_step(self.cm)
         terms = {**terms, "total": total.detach(), "lr": lr, "grad_norm/components": g_comp, "grad_norm/ci_fns": g_ci}
         return terms, ctx
 

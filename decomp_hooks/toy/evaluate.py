@@ -35,7 +35,9 @@ def toy_metrics(dec: Decomposition, step: int | None = None) -> dict[str, float]
     ci = probe_ci(dec)
     for site, comps in dec.components.items():
         V, U = comps.V.detach().float().cpu(), comps.U.detach().float().cpu()
-        out[f"non_negligible/{site}"] = metrics.n_non_negligible(V, U)
+        out[f"non_negligible/{site}"] = metrics.n_non_negligible(V, U, group_size=comps.group_size)
+        if not dec.cm.ci_fns:  # no CI functions (APD): no CI patterns to score
+            continue
         k = dense_k(dec, site)
         for tol in (0.1, 0.2):
             suffix = "" if tol == 0.1 else "_0p2"
@@ -43,10 +45,17 @@ def toy_metrics(dec: Decomposition, step: int | None = None) -> dict[str, float]
                 out[f"identity_ci_error{suffix}/{site}"] = metrics.identity_ci_error(ci[site], tol)
             else:
                 out[f"dense_ci_error{suffix}/{site}"] = metrics.dense_ci_error(ci[site], k, tol)
+    if dec.config.method == "apd":  # one mechanism per feature: the attributions on the one-hot probes
+        from decomp_hooks.apd import mechanism_counts, probe_attributions
+
+        probes = metrics.one_hot_probes(dec.model.config.n_features, device=dec.device)
+        scores = probe_attributions(dec.cm, probes, dec.config.apd).float().cpu()
+        out.update({f"apd/{k}": v for k, v in mechanism_counts(scores).items()})
     if isinstance(dec.model, TMSModel) and "linear1" in dec.components:
         c = dec.components["linear1"]
         W = dec.model.linear1.weight.detach().float().cpu()
-        out["mmcs"], out["ml2r"] = metrics.mmcs_ml2r(c.V.detach().float().cpu(), c.U.detach().float().cpu(), W)
+        out["mmcs"], out["ml2r"] = metrics.mmcs_ml2r(c.V.detach().float().cpu(), c.U.detach().float().cpu(), W,
+                                                     group_size=c.group_size)
     return out
 
 
@@ -55,8 +64,12 @@ def toy_plots(dec: Decomposition, out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     paths = []
     for site, ci in probe_ci(dec).items():
-        perm = metrics.permute_to_identity(ci)
         comps = dec.components[site]
+        if not dec.cm.ci_fns:  # APD: no CI to plot; components in their own order
+            paths.append(plots.plot_components(comps.V.detach().float().cpu(), comps.U.detach().float().cpu(),
+                                               out_dir / f"components_{site}.png", f"components: {site}"))
+            continue
+        perm = metrics.permute_to_identity(ci)
         paths.append(plots.plot_ci_matrix(ci, out_dir / f"ci_{site}.png", f"causal importance on one-hot probes: {site}", perm))
         paths.append(plots.plot_components(comps.V.detach().float().cpu(), comps.U.detach().float().cpu(),
                                            out_dir / f"components_{site}.png", f"components: {site}", perm))
@@ -65,6 +78,10 @@ def toy_plots(dec: Decomposition, out_dir: str | Path) -> list[Path]:
 
 def passes(record: dict, dec: Decomposition) -> bool:
     """The benchmarks.md success bars for the toy this decomposition targets (prefix-free metric names)."""
+    if dec.config.method == "apd":  # benchmarks.md §2: TMS MMCS ≥ 0.99 (ML2R reported); ResidMLP one mechanism per feature
+        if "mmcs" in record:
+            return bool(record["mmcs"] >= 0.99)
+        return record.get("apd/split_features") == 0
     ok = all(v == 0 for k, v in record.items() if k.startswith(("identity_ci_error/", "dense_ci_error/"))
              and not _resid_identity(k))
     ok &= all(v <= 2 for k, v in record.items() if _resid_identity(k))
