@@ -113,3 +113,19 @@ def test_killed_run_resumes_bit_for_bit(tms52, tmp_path, sig):
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     full_steps = [json.loads(line)["step"] for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert steps == full_steps
+
+
+def test_damaged_checkpoints_and_toys_fail_clearly(tms52, spd_config, tmp_path):
+    dh.decompose(tms52, toy_sampler(tms52), config=spd_config, out_dir=tmp_path / "run", progress=False)
+    last = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1]
+    state = last / "state.safetensors"
+    state.write_bytes(state.read_bytes()[: len(state.read_bytes()) // 2])
+    with pytest.raises(StoreError, match=r"state.safetensors' is not a readable safetensors file.*truncated"):
+        dh.decompose(tms52, toy_sampler(tms52), config=spd_config, out_dir=tmp_path / "run", resume=True, progress=False)
+    save_toy(tms52, tmp_path / "toy")
+    (tmp_path / "toy" / "toy.json").write_text('{"kind": "tms", "config": ')
+    with pytest.raises(StoreError, match=r"toy.json' is not valid JSON"):
+        load_toy(tmp_path / "toy")
+    (tmp_path / "toy" / "toy.json").unlink()
+    with pytest.raises(StoreError, match=r"missing file .*toy.json"):
+        load_toy(tmp_path / "toy")
