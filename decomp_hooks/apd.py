@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from decomp_hooks.component_model import CausalImportance, ComponentModel, output_tensor
-from decomp_hooks.components import SiteComponents, SiteMask
+from decomp_hooks.components import SiteComponents, SiteMask, intervention_mask
 from decomp_hooks.config import APDConfig, ConfigError, DecomposeConfig
 from decomp_hooks.metrics import kl_logits, mse
 from decomp_hooks.sites import Site
@@ -387,13 +387,7 @@ def component_masks(cm: ComponentModel, keep: list[int] | None = None, ablate: l
                     device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """Per-site column masks `[C·m_l]` switching whole APD components (which span every site): only `keep` on (if
     given), `ablate` off. For `Decomposition.site_masks(masks=..., delta=False)` / `.run`."""
-    C = groups(cm.component(cm.site_names[0]))[0]
-    mask = torch.ones(C, device=device)
-    if keep is not None:
-        mask = torch.zeros(C, device=device)
-        mask[list(keep)] = 1.0
-    if ablate:
-        mask[list(ablate)] = 0.0
+    mask = intervention_mask(groups(cm.component(cm.site_names[0]))[0], keep, ablate, device=device)
     return {n: expand(mask, cm.component(n).group_size) for n in cm.site_names}
 
 
