@@ -232,6 +232,10 @@ def test_config_errors():
 
 def test_save_load_round_trip(tms52, tmp_path):
     dec = dh.decompose(tms52, toy_sampler(tms52), config=APD_5_2, out_dir=tmp_path / "run", progress=False)
+    from decomp_hooks.export import ExportError
+
+    with pytest.raises(ExportError, match="ci_gated=True needs causal-importance functions, and this apd"):
+        dec.export(tmp_path / "export", format="decomp_signed_transcoder", ci_gated=True)
     assert dec.config.method == "apd" and dec.config.apd.C == 5 and dec.provenance["method"] == "apd"
     assert dec.components["linear1"].C == 10 and dec.components["linear1"].group_size == 2
     again = dh.load(tmp_path / "run" / "decomposition", model=tms52)

@@ -455,6 +455,9 @@ def export_decomposition(dec: Any, path: str | Path, format: str = TRANSCODER,
                           f"as 'transcoder' or {SIGNED!r}.")
     if ci_gated and fmt != SIGNED:
         raise ExportError(f"ci_gated=True needs format={SIGNED!r}: stock transcoders have no place for a CI function.")
+    if ci_gated and len(dec.cm.ci_fns) == 0:
+        raise ExportError(f"ci_gated=True needs causal-importance functions, and this {dec.config.method} decomposition "
+                          "has none; export it ungated.")
     names = select_sites(dec, sites)
     dirs = [dir_name(n) for n in names]
     if len(set(dirs)) != len(dirs):
