@@ -42,8 +42,9 @@ def feature_values(ci: torch.Tensor, acts: torch.Tensor, split: bool) -> torch.T
 class FeatureStats:
     """Firing counts, value histograms and the top-valued positions of one site's features, accumulated over batches."""
 
-    def __init__(self, C: int, split: bool, threshold: float, n_examples: int):
+    def __init__(self, C: int, split: bool, threshold: float, n_examples: int, ranked: bool = False):
         self.C, self.split, self.threshold, self.n_examples = C, split, float(threshold), n_examples
+        self.ranked = ranked  # top examples by a caller's `rank` (among firing positions) instead of by value
         self.F = 2 * C if split else C
         self.positions = 0
         self.fires = torch.zeros(self.F, dtype=torch.float64)
@@ -51,10 +52,18 @@ class FeatureStats:
         self.top_values = torch.empty(self.F, 0)
         self.top_index = torch.empty(self.F, 0, dtype=torch.long)
 
-    def update(self, ci: torch.Tensor, acts: torch.Tensor, first_position: int = 0) -> None:
-        """Add one batch (`[..., C]` each); `first_position` numbers its flattened positions for the examples."""
+    def update(self, ci: torch.Tensor, acts: torch.Tensor, first_position: int = 0,
+               rank: torch.Tensor | None = None) -> None:
+        """Add one batch (`[..., C]` each); `first_position` numbers its flattened positions for the examples.
+        With `ranked`, `rank [..., F]` orders the top examples (e.g. |CI-gated activation|) among firing positions."""
         v = feature_values(ci, acts, self.split).reshape(-1, self.F).detach().cpu()
         fire = v > self.threshold
+        if self.ranked:
+            if rank is None:
+                raise ValueError("FeatureStats(ranked=True).update needs rank= (one value per position and feature).")
+            key = torch.where(fire, rank.reshape(-1, self.F).detach().float().cpu(), float("-inf"))
+        else:
+            key = v
         self.positions += v.shape[0]
         self.fires += fire.sum(0, dtype=torch.float64)
         bins = (v * HIST_BINS).floor().clamp(0, HIST_BINS - 1).long()
@@ -62,7 +71,7 @@ class FeatureStats:
         self.hist.view(-1).index_add_(0, flat, torch.ones(flat.numel(), dtype=torch.float64))
         if self.n_examples:
             k = min(self.n_examples, v.shape[0])
-            vals, idx = v.topk(k, dim=0)
+            vals, idx = key.topk(k, dim=0)
             values = torch.cat([self.top_values, vals.T], dim=1)
             index = torch.cat([self.top_index, idx.T + first_position], dim=1)
             keep = values.topk(min(self.n_examples, values.shape[1]), dim=1).indices
@@ -77,8 +86,9 @@ class FeatureStats:
         return torch.log10(self.frequency() + LOG_EPS)
 
     def examples(self, f: int) -> list[tuple[float, int]]:
-        """(value, flattened position) of feature f's top firing positions, best first."""
-        return [(float(v), int(i)) for v, i in zip(self.top_values[f], self.top_index[f]) if v > self.threshold]
+        """(value or rank, flattened position) of feature f's top firing positions, best first."""
+        floor = float("-inf") if self.ranked else self.threshold
+        return [(float(v), int(i)) for v, i in zip(self.top_values[f], self.top_index[f]) if v > floor]
 
 
 def batches(data: Any, batch_size: int, max_batches: int | None = None) -> Iterator[Any]:
@@ -137,11 +147,11 @@ def feature_json(stats: FeatureStats, f: int, windows: Windows,
                  n_prompts: int, n_tokens: int, dataset: str) -> dict:
     """One feature in the NeuronpediaDashboardFeature layout."""
     activations = []
-    for value, position in stats.examples(f):
+    for _, position in stats.examples(f):
         if (f, position) not in windows:
             continue
         ids, values, qualifying = windows[f, position]
-        activations.append({"bin_min": -1, "bin_max": round(value, 3), "bin_contains": -1,
+        activations.append({"bin_min": -1, "bin_max": round(values[qualifying], 3), "bin_contains": -1,
                             "tokens": token_strings(tokenizer, ids), "values": _round(values),
                             "qualifying_token_index": qualifying})
     heights = stats.hist[f]
@@ -172,12 +182,14 @@ def feature_json(stats: FeatureStats, f: int, windows: Windows,
 
 def batch_json(stats: FeatureStats, windows: Windows, tokenizer: Any,
                decoder: torch.Tensor | None, unembed: torch.Tensor | None, *, model_id: str, layer: int, sae_set: str,
-               sae_id_suffix: str, n_prompts: int, n_tokens: int, dataset: str) -> dict:
-    """The NeuronpediaDashboardBatch layout for all features of one exported SAE."""
-    features = [feature_json(stats, f, windows, tokenizer, None if decoder is None else decoder[f], unembed,
-                             n_prompts, n_tokens, dataset) for f in range(stats.F)]
+               sae_id_suffix: str, n_prompts: int, n_tokens: int, dataset: str,
+               features: Iterable[int] | None = None) -> dict:
+    """The NeuronpediaDashboardBatch layout for the given features (default: all) of one exported SAE."""
+    chosen = range(stats.F) if features is None else features
+    items = [feature_json(stats, f, windows, tokenizer, None if decoder is None else decoder[f], unembed,
+                          n_prompts, n_tokens, dataset) for f in chosen]
     return {"model_id": model_id, "layer": layer, "sae_set": sae_set, "sae_id_suffix": sae_id_suffix,
-            "features": features}
+            "features": items}
 
 
 def window(position: int, seq_len: int) -> tuple[int, int, int, int]:
