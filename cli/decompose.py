@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -15,23 +17,30 @@ def summary_table(record: dict) -> str:
 
 
 def run_toy(cfg, out: Path, steps: int | None, device: str | None, seed: int, resume: bool, progress: bool):
-    """Train (or reload from `out/target`) the config's toy target, save it beside the run, and decompose it."""
+    """Train (or reload from `out/target`) the config's toy target, save it beside the run, and decompose it.
+
+    Under torchrun rank 0 trains and saves the target while the other ranks wait, then load it."""
     import decomp_hooks as dh
+    from decomp_hooks import distributed
     from decomp_hooks.run import resolve_device
     from decomp_hooks.toy import load_toy, make_toy, save_toy, toy_sampler
     from decomp_hooks.toy.evaluate import toy_metrics
 
+    ctx, dev = distributed.setup(resolve_device(device))
     saved = out / "target"
-    if (saved / "toy.json").is_file():
+    if ctx.is_main:
+        if (saved / "toy.json").is_file():
+            model = load_toy(saved)
+        elif cfg.target.path is not None:
+            model = load_toy(cfg.target.path)
+        else:
+            click.echo(f"training target {cfg.target.toy} (seed {cfg.target.seed}) ...")
+            model, _ = make_toy(cfg.target.toy, seed=cfg.target.seed, steps=cfg.target.steps, progress=progress)
+        if not saved.exists():
+            save_toy(model, saved)
+    distributed.barrier()
+    if not ctx.is_main:
         model = load_toy(saved)
-    elif cfg.target.path is not None:
-        model = load_toy(cfg.target.path)
-    else:
-        click.echo(f"training target {cfg.target.toy} (seed {cfg.target.seed}) ...")
-        model, _ = make_toy(cfg.target.toy, seed=cfg.target.seed, steps=cfg.target.steps, progress=progress)
-    if not saved.exists():
-        save_toy(model, saved)
-    dev = resolve_device(device)
     return dh.decompose(model, toy_sampler(model, dev), config=cfg, steps=steps, device=dev, seed=seed, out_dir=out,
                         resume=resume, progress=progress, evaluate=toy_metrics)
 
@@ -46,8 +55,11 @@ def run_toy(cfg, out: Path, steps: int | None, device: str | None, seed: int, re
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="Continue the run in this directory from its latest checkpoint (bit for bit).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Data-parallel processes (one per GPU; gloo on CPU): relaunches this command under "
+                   "`python -m torch.distributed.run --standalone --nproc_per_node N`.")
 def decompose_command(config: Path, steps: int | None, device: str | None, seed: int | None, out: Path | None,
-                      resume_dir: Path | None, no_progress: bool) -> None:
+                      resume_dir: Path | None, no_progress: bool, nproc: int) -> None:
     """Decompose the target named in CONFIG (a YAML file, see examples/) and write a run directory.
 
     The run directory holds config.yaml, metrics.jsonl, checkpoints/, decomposition/ (safetensors + JSON), the
@@ -55,8 +67,11 @@ def decompose_command(config: Path, steps: int | None, device: str | None, seed:
 
     Examples: decomp-hooks decompose examples/tms_5-2.yaml --steps 2000 --out runs/tms
               decomp-hooks decompose examples/tms_5-2.yaml --resume runs/tms   (after a crash or pre-emption)
+              decomp-hooks decompose examples/resid_mlp1.yaml --nproc 4       (= torchrun --nproc_per_node 4
+                                                                               -m decomp_hooks.cli decompose ...)
     """
     import decomp_hooks as dh
+    from decomp_hooks import distributed
     from decomp_hooks.config import ConfigError
     from decomp_hooks.toy.evaluate import passes, toy_plots
 
@@ -69,15 +84,31 @@ def decompose_command(config: Path, steps: int | None, device: str | None, seed:
                                  "use the Python API to decompose your own model.", param_hint="CONFIG")
     seed = cfg.seed if seed is None else seed
     out = resume_dir or out or Path("runs") / f"{config.stem}-s{seed}"
+    if nproc > 1 and not distributed.launched():
+        sys.exit(launch(nproc, config, out, steps, device, seed, resume_dir is not None, no_progress))
+    main_rank = distributed.is_main_process()
     created = not out.exists()
     try:
         dec = run_toy(cfg, out, steps, device, seed, resume_dir is not None, not no_progress)
     except (ValueError, FloatingPointError) as err:  # ConfigError, StoreError, SiteError, DataError, unknown toy
-        if created and not (out / "checkpoints").exists():
+        if main_rank and created and not (out / "checkpoints").exists():
             shutil.rmtree(out, ignore_errors=True)  # refused before any checkpoint: leave nothing behind
         raise click.ClickException(str(err)) from None
+    if not main_rank:
+        return
     toy_plots(dec, out)
     final = dec.final_metrics()
     click.echo(summary_table(final))
     verdict = passes({k.removeprefix("eval/"): v for k, v in final.items()}, dec)
     click.echo(f"ground-truth bars (benchmarks.md): {'PASS' if verdict else 'FAIL'}   run directory: {out}")
+
+
+def launch(nproc: int, config: Path, out: Path, steps: int | None, device: str | None, seed: int, resume: bool,
+           no_progress: bool) -> int:
+    """Run this command again as `nproc` torchrun ranks on this machine; returns torchrun's exit status."""
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "decomp_hooks.cli", "decompose", str(config), "--seed", str(seed)]
+    args += ["--resume", str(out)] if resume else ["--out", str(out)]
+    args += (["--steps", str(steps)] if steps is not None else []) + (["--device", device] if device else [])
+    args += ["--no-progress"] if no_progress else []
+    return subprocess.run(args).returncode

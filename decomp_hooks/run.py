@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from decomp_hooks import store
+from decomp_hooks import distributed, store
 from decomp_hooks.apd import APD
 from decomp_hooks.component_model import ComponentModel
 from decomp_hooks.config import ConfigError, DecomposeConfig, load_config, validate
@@ -70,6 +70,9 @@ def decompose(model: Any, data: Any, targets: dict[str, int] | None = None, meth
     iterable of batches; `config` a DecomposeConfig, dict or YAML path (explicit `targets` replace its targets,
     identity targets and ties). With `out_dir`, writes config, metrics.jsonl,
     checkpoints and the final decomposition there; `resume=True` continues from its latest checkpoint.
+
+    Under torchrun (`decomp-hooks decompose --nproc N`) every rank calls this: the global batch `train.batch_size`
+    is split over the ranks, gradients are averaged (DDP, or FSDP2 with `train.fsdp`), and rank 0 alone writes.
     """
     from decomp_hooks.adapters import resolve
 
@@ -77,7 +80,7 @@ def decompose(model: Any, data: Any, targets: dict[str, int] | None = None, meth
     if method is not None and method != cfg.method:
         cfg.method = method
         validate(cfg)
-    dev = resolve_device(device)
+    ctx, dev = distributed.setup(resolve_device(device))
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and not resume and (out / "checkpoints").exists():
         raise store.StoreError(f"{str(out)!r} already holds a run; pass resume=True (CLI: --resume RUN_DIR) to continue it, or another out_dir.")
@@ -86,29 +89,31 @@ def decompose(model: Any, data: Any, targets: dict[str, int] | None = None, meth
     if cfg.method == "apd":
         cfg.apd = dataclasses.replace(cfg.apd, C=APD.n_components(cfg.apd, cs))  # saved configs name their C
     cm = ComponentModel.from_config(module, sites, cs, cfg).to(dev)
-    method_obj = METHODS[cfg.method](cfg)
+    method_obj = METHODS[cfg.method](cfg, world_size=ctx.world_size)
     if hasattr(method_obj, "init_components"):
         method_obj.init_components(cm)
     if cfg.train.compile:
         cm.compile_ci_fns()
-    source = make_source(data, cfg.train.batch_size, cfg.seed)
+    source = distributed.shard_source(make_source(data, cfg.train.batch_size, cfg.seed), ctx)
     if hasattr(source, "check_enough"):
         source.check_enough(cfg.train.steps + cfg.train.steps // cfg.train.eval_every + 1)
-    dec = Decomposition(cm, cfg, provenance=_provenance(cfg, dev, cm))
+    dec = Decomposition(cm, cfg, provenance=_provenance(cfg, dev, cm, ctx.world_size))
     extra = (lambda step: evaluate(dec, step)) if evaluate is not None else None
-    trainer = Trainer(cm, method_obj, source, cfg, dev, out, extra, progress)
+    trainer = Trainer(cm, method_obj, source, cfg, dev, out, extra, progress, rank=ctx.rank, world_size=ctx.world_size)
     if out is not None and resume:
         trainer.load_checkpoint(latest_checkpoint(out))
     start = time.perf_counter()
     dec.metrics = trainer.train()
     dec.step = cfg.train.steps
     dec.provenance["wall_time_s"] = time.perf_counter() - start
-    if out is not None:
-        dec.save(out / "decomposition", overwrite=True)
+    with distributed.gathered(cm):
+        if out is not None and ctx.is_main:
+            dec.save(out / "decomposition", overwrite=True)
     return dec
 
 
-def _provenance(cfg: DecomposeConfig, device: torch.device, cm: ComponentModel) -> dict:
-    return {"method": cfg.method, "seed": cfg.seed, "device": str(device), "world_size": 1,
+def _provenance(cfg: DecomposeConfig, device: torch.device, cm: ComponentModel, world_size: int) -> dict:
+    return {"method": cfg.method, "seed": cfg.seed, "device": str(device), "world_size": world_size,
+            "parallel": ("fsdp2" if cfg.train.fsdp else "ddp") if world_size > 1 else None,
             "autocast_bf16": cfg.train.autocast_bf16 if device.type == "cuda" else cfg.train.autocast_bf16_cpu, "dtype": "float32",
             "versions": package_versions(), "target_class": type(cm.target).__name__}

@@ -1,4 +1,5 @@
-"""One optimisation loop for every parameter-space method: schedule, AMP, clipping, logging, checkpoints, resume.
+"""One optimisation loop for every parameter-space method: schedule, AMP, clipping, logging, checkpoints, resume,
+and data parallelism over torchrun ranks (DDP, or FSDP2 with `train.fsdp`).
 
 A method supplies `loss(cm, fwd, batch, frac) -> (total, terms, ctx)`, `evaluate(cm, fwd, batch) -> dict`,
 `current_p(frac)`, and `after_backward(cm)` / `after_step(cm)` (called around each optimizer step).
@@ -19,9 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from decomp_hooks import store
+from decomp_hooks import distributed, store
 from decomp_hooks.component_model import ComponentModel, key
 from decomp_hooks.config import DecomposeConfig, ScheduleConfig, TrainConfig
 from decomp_hooks.data import DataError, check_finite, to_device
@@ -60,6 +62,22 @@ def autocast(device: torch.device, train: TrainConfig):
     if (device.type == "cuda" and train.autocast_bf16) or (device.type == "cpu" and train.autocast_bf16_cpu):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+@contextmanager
+def tf32(device: torch.device, train: TrainConfig) -> Any:
+    """TF32 matmuls and convolutions on CUDA inside the training step (where bf16 autocast already rounds harder);
+    the faithfulness warmup and everything outside the loop keep full fp32."""
+    if device.type != "cuda" or not train.tf32:
+        yield
+        return
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before
 
 
 @contextmanager
@@ -125,6 +143,21 @@ class Interrupted(RuntimeError):
     """The run received SIGTERM/SIGINT and stopped after writing a checkpoint."""
 
 
+class StepLoss(nn.Module):
+    """A method's loss as one module call, so DDP and FSDP2 see every parameter use of a step in a single forward
+    (the losses run several target forwards and read V, U and the CI functions directly)."""
+
+    def __init__(self, cm: ComponentModel, method: Any, fwd: Callable):
+        super().__init__()
+        self.cm, self.method = cm, method
+        self.__dict__["fwd"] = fwd  # usually `cm` itself: kept out of the module tree so it is not registered twice
+
+    def forward(self, batch: Any, frac: float) -> tuple[torch.Tensor, dict, Any]:
+        for m in distributed.fsdp_modules(self.cm.components) + distributed.fsdp_modules(self.cm.ci_fns):
+            m.unshard()
+        return self.method.loss(self.cm, self.fwd, batch, frac)
+
+
 class Trainer:
     """Runs a method's loss over batches from `source`, writing metrics and checkpoints under `out_dir`."""
 
@@ -135,13 +168,27 @@ class Trainer:
         self.fwd = fwd or cm
         self.out_dir, self.extra_eval, self.progress = out_dir, evaluate, progress
         self.rank, self.world_size = rank, world_size
-        self.opt = torch.optim.AdamW([
-            {"params": cm.component_parameters(), "name": "components"},
-            {"params": cm.ci_parameters(), "name": "ci_fns"},
-        ], lr=cfg.train.lr, weight_decay=0.0)
+        self.step_loss: nn.Module | None = None
+        self.opt: torch.optim.Optimizer | None = None
         self.step = 0
         self.records: list[dict] = []
         self.preflight_done = False
+
+    def ready(self) -> None:
+        """Wrap the step for the ranks (DDP, or FSDP2 with `train.fsdp`) and build the optimizer, once; after the
+        faithfulness warmup, since FSDP2 shards the parameters the warmup fits."""
+        if self.opt is not None:
+            return
+        step = StepLoss(self.cm, self.method, self.fwd)
+        if self.cfg.train.fsdp and self.world_size > 1:
+            step = distributed.fully_shard_step(step, self.cm)
+        elif self.world_size > 1:
+            step = distributed.wrap_ddp(step, self.device)
+        self.step_loss = step
+        self.opt = torch.optim.AdamW([
+            {"params": self.cm.component_parameters(), "name": "components"},
+            {"params": self.cm.ci_parameters(), "name": "ci_fns"},
+        ], lr=self.cfg.train.lr, weight_decay=0.0)
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
@@ -150,7 +197,25 @@ class Trainer:
         return self.out_dir / "checkpoints" if self.out_dir is not None else None
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {f"model.{k}": v for k, v in self.cm.named_parameters() if v.requires_grad}
+        return {f"model.{k}": distributed.full(v).detach() for k, v in self.cm.named_parameters() if v.requires_grad}
+
+    def rng_state(self) -> tuple[dict[str, torch.Tensor], Any]:
+        """This process's RNG state, or with several ranks every rank's, under keys `rank<r>.rng.*`."""
+        tensors, meta = store.rng_state()
+        if self.world_size == 1:
+            return tensors, meta
+        states = distributed.gather_objects((tensors, meta))
+        return {f"rank{r}.{k}": v for r, (t, _) in enumerate(states) for k, v in t.items()}, [m for _, m in states]
+
+    def set_rng_state(self, tensors: dict[str, torch.Tensor], meta: Any, world_size: int) -> None:
+        if world_size != self.world_size:
+            raise store.StoreError(f"the checkpoint was written by a {world_size}-process run and this run has "
+                                   f"{self.world_size}; resume with the same number of processes (--nproc {world_size}).")
+        if self.world_size == 1:
+            store.set_rng_state(tensors, meta)
+            return
+        prefix = f"rank{self.rank}."
+        store.set_rng_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta[self.rank])
 
     def ensure_out_dir(self) -> None:
         """Create the run directory with its config on the first write, so a run refused up front leaves nothing."""
@@ -159,16 +224,21 @@ class Trainer:
             store.write_text(self.out_dir / "config.yaml", self.cfg.to_yaml())
 
     def save_checkpoint(self) -> Path | None:
-        if self.checkpoint_root is None or self.rank != 0:
+        """Every rank contributes (RNG states, FSDP2 shards); rank 0 alone writes."""
+        if self.checkpoint_root is None:
             return None
-        self.ensure_out_dir()
         tensors = self.trainable_state()
         opt_t, opt_meta = store.optimizer_state(self.opt)
-        rng_t, rng_meta = store.rng_state()
+        opt_t = {k: distributed.full(v) for k, v in opt_t.items()}
+        rng_t, rng_meta = self.rng_state()
+        if self.rank != 0:
+            return None
+        self.ensure_out_dir()
         path = self.checkpoint_root / f"step-{self.step:08d}"
         with store.atomic_dir(path, overwrite=True) as tmp:
             store.write_tensors(tmp / "state.safetensors", {**tensors, **opt_t, **rng_t})
             store.write_json(tmp / "state.json", {"step": self.step, "optimizer": opt_meta, "rng": rng_meta,
+                                                  "world_size": self.world_size,
                                                   "data": self.source.state_dict(), "config": self.cfg.to_dict()})
         for old in sorted(self.checkpoint_root.glob("step-*"))[:-self.cfg.train.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
@@ -177,6 +247,7 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         tensors = store.read_tensors(path / "state.safetensors")
         meta = store.read_json(path / "state.json")
+        self.set_rng_state(tensors, meta["rng"], meta.get("world_size", 1))
         params = dict(self.cm.named_parameters())
         with torch.no_grad():
             for name, value in tensors.items():
@@ -184,8 +255,9 @@ class Trainer:
                     if name[6:] not in params:
                         raise store.StoreError(f"checkpoint {str(path)!r} holds {name[6:]!r}, which this model lacks.")
                     params[name[6:]].copy_(value)
+        self.ready()
         store.load_optimizer_state(self.opt, tensors, meta["optimizer"])
-        store.set_rng_state(tensors, meta["rng"])
+        distributed.shard_optimizer_state(self.opt)
         self.source.load_state_dict(meta["data"])
         self.step = meta["step"]
         self._truncate_metrics()
@@ -213,11 +285,12 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        distributed.broadcast_parameters(self.cm.component_parameters())  # no float drift between ranks
 
     def log(self, record: dict) -> None:
         record = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
         self.records.append(record)
-        if self.out_dir is not None and self.rank == 0:
+        if self.out_dir is not None and self.rank == 0:  # records are reduced over ranks before they get here
             self.ensure_out_dir()
             with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -231,17 +304,17 @@ class Trainer:
             if not grads:
                 norms.append(torch.zeros((), device=self.device))
             elif clip is not None:
-                norms.append(torch.nn.utils.clip_grad_norm_(grads, clip))
+                norms.append(distributed.full(torch.nn.utils.clip_grad_norm_(grads, clip)))
             else:
-                norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in grads]))))
+                norms.append(torch.linalg.vector_norm(torch.stack([distributed.full(n) for n in torch._foreach_norm([p.grad for p in grads])])))
         return norms[0], norms[1]
 
     def train(self) -> list[dict]:
         cfg, t = self.cfg, self.cfg.train
         if self.step == 0:
             self.faithfulness_warmup()
-        if self.step == 0:
-            set_seed(cfg.seed * self.world_size + self.rank)
+            set_seed(cfg.seed * self.world_size + self.rank)  # masks differ per rank (methods.md §1.7 Seeds)
+        self.ready()
         bar = tqdm(total=t.steps + 1, initial=self.step, disable=not self.progress or self.rank != 0, desc="decompose")
         step_times: list[float] = []
         with stop_on_signal() as flag:
@@ -259,10 +332,11 @@ class Trainer:
                 bar.update(1)
                 if self.step % t.checkpoint_every == 0 or self.step > t.steps:
                     self.save_checkpoint()
-                if flag["signal"] is not None:
+                if distributed.any_rank(flag["signal"] is not None):
                     self.save_checkpoint()
                     bar.close()
-                    raise Interrupted(f"stopped by signal {flag['signal']} at step {self.step}; resume from {self.out_dir}")
+                    raise Interrupted(f"stopped by signal {flag['signal'] or 'on another rank'} at step {self.step}; "
+                                      f"resume from {self.out_dir}")
         bar.close()
         return self.records
 
@@ -276,13 +350,14 @@ class Trainer:
         if not self.preflight_done:
             preflight(self.cm.target, batch)
             self.preflight_done = True
-        with autocast(self.device, t):
-            try:
-                total, terms, ctx = self.method.loss(self.cm, self.fwd, batch, self.step / max(t.steps, 1))
-            except FloatingPointError as err:
-                raise FloatingPointError(f"step {self.step}: {err}; the last good checkpoint is kept in {self.checkpoint_root}") from None
-        self.opt.zero_grad(set_to_none=True)
-        total.backward()
+        with tf32(self.device, t):
+            with autocast(self.device, t):
+                try:
+                    total, terms, ctx = self.step_loss(batch, self.step / max(t.steps, 1))
+                except FloatingPointError as err:
+                    raise FloatingPointError(f"step {self.step}: {err}; the last good checkpoint is kept in {self.checkpoint_root}") from None
+            self.opt.zero_grad(set_to_none=True)
+            total.backward()
         self.method.after_backward(self.cm)
         g_comp, g_ci = self.grad_norms()
         if not (torch.isfinite(g_comp) and torch.isfinite(g_ci)):
@@ -306,12 +381,15 @@ class Trainer:
         p = self.method.current_p(self.step / max(self.cfg.train.steps, 1))
         if p is not None:
             record["train/importance_p"] = p
-        self.log(record)
+        self.log(distributed.mean_over_ranks(record))
 
     def evaluate(self) -> dict:
+        """The method's metrics on this rank's share of a batch, averaged over ranks; `extra_eval` on rank 0 only."""
         batch = to_device(self.source.next(), self.device)
-        with torch.no_grad(), autocast(self.device, self.cfg.train):
-            record = {"step": self.step, **{f"eval/{k}": v for k, v in self.method.evaluate(self.cm, self.fwd, batch).items()}}
-        if self.extra_eval is not None:
-            record.update({f"eval/{k}": v for k, v in self.extra_eval(self.step).items()})
+        with distributed.gathered(self.cm):
+            with torch.no_grad(), autocast(self.device, self.cfg.train):
+                metrics = self.method.evaluate(self.cm, self.fwd, batch)
+            record = distributed.mean_over_ranks({"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()}})
+            if self.extra_eval is not None and self.rank == 0:
+                record.update({f"eval/{k}": v for k, v in self.extra_eval(self.step).items()})
         return record

@@ -1,0 +1,237 @@
+"""Data-parallel runs under torchrun: the process group from the environment, per-rank batches, metric reductions,
+rank-0 gating, and the DDP / FSDP2 wrappers of a training step (methods.md §1.7 "Distributed", §7.4).
+
+Outside torchrun (no WORLD_SIZE > 1 in the environment) everything here is a no-op for one process.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from decomp_hooks.config import ConfigError
+from decomp_hooks.data import CallableSource, DataError
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the run: rank, world size and local rank (one process per device)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def launched() -> bool:
+    """Whether torchrun (or an equivalent launcher) started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or a lone process (readable before the process group exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def backend_for(device: torch.device) -> str:
+    """NCCL between GPUs, gloo between CPU processes."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def current() -> Dist:
+    """The running process group's rank and size, or a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return Dist()
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+
+
+def setup(device: torch.device) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group (once) and pick this rank's device: `cuda:LOCAL_RANK` on GPUs."""
+    if not launched():
+        return current(), device
+    if not dist.is_available():
+        raise ConfigError("this PyTorch build has no torch.distributed; run with one process (no torchrun / --nproc).")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
+                              "use --nproc_per_node ≤ the number of GPUs.")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend_for(device), device_id=device if device.type == "cuda" else None)
+    return current(), device
+
+
+def barrier() -> None:
+    if current().enabled:
+        dist.barrier()
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def mean_over_ranks(record: dict[str, Any], keep: tuple[str, ...] = ("step",)) -> dict[str, Any]:
+    """Average the numeric entries of a metrics record over all ranks (one all_reduce); `keep` entries pass through."""
+    if not current().enabled:
+        return record
+    keys = [k for k, v in record.items() if k not in keep and isinstance(v, (int, float, torch.Tensor)) and not isinstance(v, bool)]
+    values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64, device=_device())
+    dist.all_reduce(values)
+    values /= dist.get_world_size()
+    return {**record, **dict(zip(keys, values.tolist()))}
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when any rank passes True (e.g. a signal one of them received)."""
+    if not current().enabled:
+        return flag
+    t = torch.tensor([float(flag)], device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (small, picklable, exchanged between this run's own processes), in rank order."""
+    if not current().enabled:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@torch.no_grad()
+def broadcast_parameters(params: list[torch.Tensor]) -> None:
+    """Copy rank 0's values of `params` to every rank (after per-rank work that must not drift, e.g. a warmup)."""
+    if current().enabled:
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+
+def slice_batch(batch: Any, rank: int, world_size: int) -> Any:
+    """This rank's contiguous share of a global batch (tensors and dicts/tuples of tensors, split on dim 0)."""
+    if isinstance(batch, torch.Tensor):
+        n = batch.shape[0]
+        if n % world_size:
+            raise DataError(f"a batch of {n} rows cannot be split evenly over {world_size} processes; "
+                            f"use a batch size divisible by {world_size}.")
+        share = n // world_size
+        return batch[rank * share:(rank + 1) * share]
+    if isinstance(batch, dict):
+        return {k: slice_batch(v, rank, world_size) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(slice_batch(v, rank, world_size) for v in batch)
+    return batch
+
+
+class RankSource:
+    """A data source seen by one rank: every rank draws the same global batch and keeps its slice, so the ranks
+    together see exactly what one process would. A sampler callable instead draws `batch_size / W` rows from this
+    rank's own RNG stream (seeded `seed·W + rank`), like streaming data sharded per rank."""
+
+    def __init__(self, source: Any, ctx: Dist):
+        self.source, self.ctx = source, ctx
+        if isinstance(source, CallableSource):
+            if source.batch_size % ctx.world_size:
+                raise ConfigError(f"train.batch_size={source.batch_size} is the global batch and must divide evenly "
+                                  f"over {ctx.world_size} processes; use a multiple of {ctx.world_size}.")
+            source.batch_size //= ctx.world_size
+
+    def next(self) -> Any:
+        batch = self.source.next()
+        if isinstance(self.source, CallableSource):
+            return batch
+        return slice_batch(batch, self.ctx.rank, self.ctx.world_size)
+
+    def __getattr__(self, name: str) -> Any:  # state_dict, load_state_dict, check_enough
+        return getattr(self.source, name)
+
+
+def shard_source(source: Any, ctx: Dist) -> Any:
+    return RankSource(source, ctx) if ctx.enabled else source
+
+
+# -- wrapping a training step ---------------------------------------------------------------------------------
+
+
+def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel over a whole step module. The frozen target gets no gradient buckets; its buffers
+    are the same on every rank, so they are not re-broadcast each step; gradients live in the buckets (no copy)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False, gradient_as_bucket_view=True)
+
+
+def _blocks(target: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a target: the members of its ModuleLists (transformer layers), outermost first."""
+    blocks: list[nn.Module] = []
+    for m in target.modules():
+        if isinstance(m, nn.ModuleList) and not any(m is b or any(m is x for x in b.modules()) for b in blocks):
+            blocks.extend(m)
+    return blocks
+
+
+def fully_shard_step(step: nn.Module, cm: nn.Module) -> nn.Module:
+    """FSDP2: shard every site's components and CI function and each block of the frozen target over the ranks;
+    the step module is the root. Components and CI functions stay gathered from the start of the step to the end
+    of its backward, because the losses read V and U directly (ΔW, CI inputs) besides the masked forwards."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in _blocks(cm.target):
+        fully_shard(block)
+    for m in (*cm.components.values(), *cm.ci_fns.values()):
+        if any(True for _ in m.parameters()):  # tied sites own no parameters
+            fully_shard(m, reshard_after_forward=False)
+    return fully_shard(step, reshard_after_forward=False)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP2 shard (a collective: every rank calls it), or `t` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """After loading full optimizer state from a checkpoint, cut each state tensor to its parameter's FSDP2 shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for p, state in opt.state.items():
+        if isinstance(p, DTensor):
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and v.shape == p.shape:
+                    state[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+
+
+def fsdp_modules(module: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+@contextmanager
+def gathered(module: nn.Module) -> Iterator[None]:
+    """Inside: every FSDP2-sharded submodule of `module` holds its full parameters (for code outside forward)."""
+    shards = fsdp_modules(module)
+    for m in shards:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in shards:
+            m.reshard()
