@@ -6,10 +6,12 @@
 """
 from decomp_hooks.config import APDConfig, CIConfig, ConfigError, DecomposeConfig, LossConfig, ScheduleConfig, TrainConfig, load_config
 from decomp_hooks.decomposition import Decomposition, FingerprintError, load
+from decomp_hooks.lib import LIBConfig, LIBResult, load_lib, local_interaction_basis
 from decomp_hooks.run import decompose
 from decomp_hooks import export  # noqa: F401  registers the signed SAE-Lens architecture once sae_lens is imported
 
 __all__ = [
     "APDConfig", "CIConfig", "ConfigError", "DecomposeConfig", "Decomposition", "FingerprintError", "LossConfig",
     "ScheduleConfig", "TrainConfig", "decompose", "load", "load_config",
+    "LIBConfig", "LIBResult", "load_lib", "local_interaction_basis",
 ]

@@ -1,0 +1,176 @@
+"""`local_interaction_basis`: the bases computed backwards from the output, then the interaction edges.
+
+Everything runs on the model's device; the Gram, M′ and all eigendecompositions are float64 (methods.md 3.5).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from decomp_hooks.data import DataError, to_device
+from decomp_hooks.lib.basis import F64, LayerBasis, Moments, identity_basis, lib_basis, pca_basis, whitening
+from decomp_hooks.lib.config import LIBConfig, load_lib_config
+from decomp_hooks.lib.jacobians import cotangents, integration_points, vjp_chunks
+from decomp_hooks.lib.nodes import NodeLayers
+from decomp_hooks.lib.reduce import all_reduce_sum, total
+from decomp_hooks.lib.result import LIBResult
+
+
+def torch_module(model: Any) -> nn.Module:
+    """The torch module behind a user's model (nnsight models are unwrapped; TransformerLens models are modules)."""
+    from decomp_hooks.adapters import nnsight as nnsight_adapter
+
+    if nnsight_adapter.is_nnsight(model):
+        return nnsight_adapter.unwrap(model)
+    if isinstance(model, nn.Module):
+        return model
+    raise TypeError(f"cannot build a LIB for a {type(model).__name__}; pass a torch nn.Module, an nnsight model or a "
+                    "TransformerLens model.")
+
+
+def working_model(model: Any, cfg: LIBConfig) -> tuple[nn.Module, torch.device, torch.dtype]:
+    """The module to run (a float64 copy when `dtype: float64` and the model is not), its device and dtype."""
+    module = torch_module(model)
+    param = next(module.parameters(), None)
+    device = torch.device(cfg.device) if cfg.device else (param.device if param is not None else torch.device("cpu"))
+    dtype = getattr(torch, cfg.dtype)
+    if param is None or param.dtype != dtype or param.device != device:
+        module = copy.deepcopy(module).to(device=device, dtype=dtype)
+    return module.eval(), device, dtype
+
+
+def batches(data: Any, batch_size: int, n_samples: int | None, device: torch.device, dtype: torch.dtype) -> list[Any]:
+    """The batches LIB uses: rows of a tensor, or batches of an iterable, up to `n_samples` rows; floats cast."""
+    def prepared(b: Any) -> Any:
+        b = to_device(b, device)
+        return b.to(dtype) if isinstance(b, Tensor) and b.is_floating_point() else b
+
+    if isinstance(data, Tensor):
+        rows = data[:n_samples] if n_samples else data
+        out = [prepared(b) for b in rows.split(batch_size)]
+    elif callable(data) and not hasattr(data, "__iter__"):
+        if n_samples is None:
+            raise DataError("a sampler callable needs n_samples (how many rows LIB draws); pass n_samples=….")
+        out = [prepared(data(min(batch_size, n_samples - i))) for i in range(0, n_samples, batch_size)]
+    else:
+        out, seen = [], 0
+        for b in data:
+            out.append(prepared(b))
+            seen += _rows(b)
+            if n_samples and seen >= n_samples:
+                break
+    if not out:
+        raise DataError("LIB got no data; pass a tensor of inputs, a list/DataLoader of batches or a sampler.")
+    return out
+
+
+def _rows(b: Any) -> int:
+    return (next(iter(b.values())) if isinstance(b, dict) else b).shape[0]
+
+
+def _with_const(f: Tensor) -> Tensor:
+    return torch.cat([f, torch.ones_like(f[..., :1])], -1)
+
+
+def _isolated(nodes: NodeLayers, layer: int, names: list[str]) -> list[int]:
+    """Coordinate indices kept as their own directions: the constant (last), then the named members' coordinates."""
+    width = sum(nodes.widths[layer])
+    slices = nodes.member_slices(layer)
+    return [width] + [i for n in names if n in slices for i in range(slices[n].start, slices[n].stop)]
+
+
+@torch.no_grad()  # torch.func transforms still differentiate in x; no graph to the parameters is built
+def jacobian_gram(nodes: NodeLayers, layer: int, data: list[Any], c_next: Tensor, cfg: LIBConfig,
+                  generator: torch.Generator, progress: bool = False) -> Tensor:
+    """`M′ = (1/(N·P_in)) Σ_x Σ_s Σ_{t,i} J Jᵀ` of the next layer's LIB functions w.r.t. node layer `layer` (step 4)."""
+    alphas, weights = integration_points(cfg.integration, cfg.n_intervals)
+    d = sum(nodes.widths[layer])
+    acc = torch.zeros(d + 1, d + 1, dtype=F64, device=c_next.device)
+    rows = 0
+    budget = int(cfg.memory_budget_gb * 2**30)
+    for batch in tqdm(data, desc=f"M' {nodes.names[layer]}", disable=not progress, leave=False):
+        (x,) = nodes.read(batch, [layer])
+        c = c_next.to(x.dtype)
+        fn = lambda z: _with_const(nodes.run_from(layer, batch, z)) @ c  # noqa: E731
+        make = lambda shape: cotangents(tuple(shape), cfg.n_stochastic_sources_basis, generator, x.device, x.dtype)  # noqa: E731
+        for g in vjp_chunks(fn, x, make, budget, alphas, weights):
+            g = g.reshape(-1, d).to(F64)
+            acc[:d, :d] += g.T @ g
+        rows += x.shape[0] * x.shape[1]
+    return all_reduce_sum(acc) / (total(rows, acc.device) * (cfg.n_stochastic_sources_basis or 1))
+
+
+@torch.no_grad()
+def edge_matrix(nodes: NodeLayers, layer: int, data: list[Any], lower: LayerBasis, upper: LayerBasis, cfg: LIBConfig,
+                generator: torch.Generator, progress: bool = False) -> Tensor:
+    """`E [k_{l+1}, k_l]`: the `squared` edges, (Σ_α w_α Σ_s ∂f̂^{l+1}_{t,i}/∂f̂^l_{s,j} · f̂^l_{s,j})² averaged over
+    samples and input positions and summed over output positions (methods.md 3.3)."""
+    alphas, weights = integration_points(cfg.integration, cfg.n_intervals)
+    d = sum(nodes.widths[layer])
+    k_in, k_out = lower.C.shape[1], upper.C.shape[1]
+    acc, rows = None, 0
+    budget = int(cfg.memory_budget_gb * 2**30)
+    n_src = cfg.n_stochastic_sources_edges
+    for batch in tqdm(data, desc=f"edges {nodes.names[layer]}", disable=not progress, leave=False):
+        (x,) = nodes.read(batch, [layer])
+        c_in, c_in_pinv, c_out = (t.to(x.dtype) for t in (lower.C, lower.C_pinv, upper.C))
+        y = _with_const(x) @ c_in
+        fn = lambda z: _with_const(nodes.run_from(layer, batch, (z @ c_in_pinv)[..., :d])) @ c_out  # noqa: E731
+        make = lambda shape: cotangents(tuple(shape), n_src, generator, x.device, x.dtype)  # noqa: E731
+        parts = [(g * y).sum(2).to(F64).pow(2).sum(1) for g in vjp_chunks(fn, y, make, budget, alphas, weights)]
+        per_phi = torch.cat(parts).view(-1, k_out, k_in).sum(0)
+        acc = per_phi if acc is None else acc + per_phi
+        rows += x.shape[0] * x.shape[1]
+    return all_reduce_sum(acc) / (total(rows, acc.device) * (n_src or 1))
+
+
+def local_interaction_basis(model: Any, data: Any, layers: list[str | list[str]] | None = None,
+                            config: LIBConfig | dict | str | Path | None = None, *, gram_data: Any = None,
+                            progress: bool = True, **overrides: Any) -> LIBResult:
+    """Local Interaction Basis (or, with `basis="pca"`, the PCA baseline through the same code) of `model` at the node
+    `layers` (module paths / TransformerLens hook points in forward order, `"output"` last), and the interaction
+    edges between adjacent node layers. `data`: a tensor of inputs, a list/DataLoader of batches, or a sampler
+    with `n_samples`; `gram_data` optionally feeds the Grams. Any LIBConfig field can be passed as a keyword."""
+    cfg = load_lib_config(config, layers=layers, **overrides)
+    module, device, dtype = working_model(model, cfg)
+    nodes = NodeLayers(module, cfg.layers, cfg.last_position_from)
+    main = batches(data, cfg.batch_size, cfg.n_samples, device, dtype)
+    grams = main if gram_data is None else batches(gram_data, cfg.batch_size, None, device, dtype)
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+
+    moments: list[Moments] = []
+    with torch.no_grad():
+        for batch in tqdm(grams, desc="Grams", disable=not progress, leave=False):
+            acts = nodes.read(batch)
+            moments = moments or [Moments.zeros(a.shape[-1], device) for a in acts]
+            for m, a in zip(moments, acts):
+                m.add(a)
+    for m in moments:
+        all_reduce_sum(m.sum), all_reduce_sum(m.outer)
+        m.count = total(m.count, device)
+
+    last = len(nodes) - 1
+    bases: list[LayerBasis | None] = [None] * len(nodes)
+    final_iso = _isolated(nodes, last, cfg.isolate)
+    bases[last] = (pca_basis(moments[last].gram(), moments[last].mean(), final_iso, cfg.truncation_threshold)
+                   if cfg.rotate_final else identity_basis(sum(nodes.widths[last]), device))
+    for layer in tqdm(range(last - 1, -1, -1), desc=f"{cfg.basis} bases", disable=not progress):
+        gram, mu, iso = moments[layer].gram(), moments[layer].mean(), _isolated(nodes, layer, cfg.isolate)
+        if cfg.basis == "pca":
+            bases[layer] = pca_basis(gram, mu, iso, cfg.truncation_threshold)
+            continue
+        r, r_pinv, n_iso = whitening(gram, mu, iso, cfg.truncation_threshold)
+        m_prime = jacobian_gram(nodes, layer, main, bases[layer + 1].C, cfg, generator, progress)
+        bases[layer] = lib_basis(r, r_pinv, n_iso, m_prime, cfg.truncation_threshold)
+
+    edges = {}
+    if cfg.edges:
+        for layer in tqdm(range(last), desc="edges", disable=not progress):
+            edges[layer] = edge_matrix(nodes, layer, main, bases[layer], bases[layer + 1], cfg, generator, progress)
+    return LIBResult.from_bases(nodes, bases, moments, edges, cfg)
+
