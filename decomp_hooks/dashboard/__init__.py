@@ -12,5 +12,6 @@ from __future__ import annotations
 
 from decomp_hooks.dashboard.activations import DashboardError
 from decomp_hooks.dashboard.build import DashboardConfig, build_dashboards
+from decomp_hooks.dashboard.compare import CompareConfig, Comparison, compare_with_sae
 
-__all__ = ["DashboardConfig", "DashboardError", "build_dashboards"]
+__all__ = ["CompareConfig", "Comparison", "DashboardConfig", "DashboardError", "build_dashboards", "compare_with_sae"]

@@ -82,12 +82,17 @@ def context_view(contexts: Contexts, pairs: list[tuple[float, int]], i: int, tok
     return examples
 
 
+def example_scale(examples: list[dict]) -> float:
+    """The largest |signed activation| over the examples' tokens: the colour scale of the signed view."""
+    return max((abs(t["act"]) for e in examples for t in e["tokens"]), default=0.0)
+
+
 def component_view(c: int, stats: ComponentStats, contexts: Contexts, tokenizer: Any,
                    effects: torch.Tensor | None, coactive: tuple[torch.Tensor, torch.Tensor], cfg: DashboardConfig) -> dict:
     """Everything the template shows for one component."""
     fs = stats.features
     examples = context_view(contexts, fs.examples(c), c, tokenizer)
-    scale = max((abs(t["act"]) for e in examples for t in e["tokens"]), default=0.0)
+    scale = example_scale(examples)
     ci_centres = [(b + 0.5) / npd.HIST_BINS for b in range(npd.HIST_BINS)]
     centres, counts, width = stats.signed.bins(c)
     view = {"index": c, "frequency": float(stats.frequency()[c]), "fires": int(fs.fires[c]), "examples": examples,
