@@ -187,17 +187,18 @@ def _blocks(target: nn.Module) -> list[nn.Module]:
 
 
 def fully_shard_step(step: nn.Module, cm: nn.Module) -> nn.Module:
-    """FSDP2: shard every site's components and CI function and each block of the frozen target over the ranks;
-    the step module is the root. Components and CI functions stay gathered from the start of the step to the end
-    of its backward, because the losses read V and U directly (ΔW, CI inputs) besides the masked forwards."""
+    """FSDP2: each block of the frozen target, then the target's remaining parameters, then (as the root, with the
+    step module) all components and CI functions are sharded over the ranks. The root group stays gathered from
+    the start of a step to the end of its backward, because the losses read V and U directly (ΔW, CI inputs) and
+    reuse them across several forwards; its gradients are reduce-scattered once, after the whole backward."""
     from torch.distributed.fsdp import fully_shard
 
     for block in _blocks(cm.target):
         fully_shard(block)
-    for m in (*cm.components.values(), *cm.ci_fns.values()):
-        if any(True for _ in m.parameters()):  # tied sites own no parameters
-            fully_shard(m, reshard_after_forward=False)
-    return fully_shard(step, reshard_after_forward=False)
+    fully_shard(cm.target)
+    root = fully_shard(step, reshard_after_forward=False)
+    root._get_fsdp_state()._lazy_init()  # make `step` the root now, before any direct target forward (preflight, eval)
+    return root
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -218,20 +219,20 @@ def shard_optimizer_state(opt: torch.optim.Optimizer) -> None:
                     state[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
 
 
-def fsdp_modules(module: nn.Module) -> list[nn.Module]:
+@contextmanager
+def gathered(root: nn.Module | None, whole: bool = False) -> Iterator[None]:
+    """Inside: an FSDP2 root's own group (components and CI functions) holds full parameters, for code that runs
+    outside the step (evaluation). `whole=True` (the final save) gathers the sharded target too and leaves
+    everything gathered: saving hands the weights to numpy/safetensors, after which FSDP cannot free them.
+    Every rank must enter it. A no-op for anything else."""
     from torch.distributed.fsdp import FSDPModule
 
-    return [m for m in module.modules() if isinstance(m, FSDPModule)]
-
-
-@contextmanager
-def gathered(module: nn.Module) -> Iterator[None]:
-    """Inside: every FSDP2-sharded submodule of `module` holds its full parameters (for code outside forward)."""
-    shards = fsdp_modules(module)
+    if not isinstance(root, FSDPModule):
+        yield
+        return
+    shards = [m for m in root.modules() if isinstance(m, FSDPModule)] if whole else [root]
     for m in shards:
         m.unshard()
-    try:
-        yield
-    finally:
-        for m in shards:
-            m.reshard()
+    yield
+    if not whole:
+        root.reshard()

@@ -106,7 +106,7 @@ def decompose(model: Any, data: Any, targets: dict[str, int] | None = None, meth
     dec.metrics = trainer.train()
     dec.step = cfg.train.steps
     dec.provenance["wall_time_s"] = time.perf_counter() - start
-    with distributed.gathered(cm):
+    with distributed.gathered(trainer.step_loss, whole=True):
         if out is not None and ctx.is_main:
             dec.save(out / "decomposition", overwrite=True)
     return dec

@@ -153,8 +153,6 @@ class StepLoss(nn.Module):
         self.__dict__["fwd"] = fwd  # usually `cm` itself: kept out of the module tree so it is not registered twice
 
     def forward(self, batch: Any, frac: float) -> tuple[torch.Tensor, dict, Any]:
-        for m in distributed.fsdp_modules(self.cm.components) + distributed.fsdp_modules(self.cm.ci_fns):
-            m.unshard()
         return self.method.loss(self.cm, self.fwd, batch, frac)
 
 
@@ -386,7 +384,7 @@ class Trainer:
     def evaluate(self) -> dict:
         """The method's metrics on this rank's share of a batch, averaged over ranks; `extra_eval` on rank 0 only."""
         batch = to_device(self.source.next(), self.device)
-        with distributed.gathered(self.cm):
+        with distributed.gathered(self.step_loss):
             with torch.no_grad(), autocast(self.device, self.cfg.train):
                 metrics = self.method.evaluate(self.cm, self.fwd, batch)
             record = distributed.mean_over_ranks({"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()}})

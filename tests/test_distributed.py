@@ -26,20 +26,35 @@ TRAIN = {"steps": 6, "batch_size": 32, "lr": 1e-2, "log_every": 1, "eval_every":
          "faithfulness_warmup_steps": 10, "eval_pgd_steps": 0}
 DETERMINISTIC = [{"type": "faithfulness", "coeff": 1.0}, {"type": "ci_masked_recon", "coeff": 1.0},
                  {"type": "ci_masked_recon_layerwise", "coeff": 1.0}]
-#: case -> (importance-minimality β, data whose two halves are identical)
-CASES = {"split": (0.0, False), "log_term": (0.5, True)}
+#: case -> (importance-minimality β, data whose two halves are identical, FSDP2 instead of DDP)
+CASES = {"split": (0.0, False, False), "log_term": (0.5, True, False), "fsdp": (0.0, False, True)}
 N_DRAWS = 200
 
 
-def model() -> nn.Module:
+class Blocks(nn.Module):
+    """Two residual MLP blocks in a ModuleList and a head: FSDP2 shards each block, then the rest."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 6)) for _ in range(2))
+        self.head = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def model(blocks: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 6))
+    return Blocks() if blocks else nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 6))
 
 
-def config(beta: float) -> dict:
+def config(beta: float, fsdp: bool = False) -> dict:
     imp = {"type": "importance_minimality", "coeff": 1e-2, "pnorm": 1.0, "beta": beta}
-    return {"targets": {"0": 8, "2": 8}, "ci": {"type": "mlp", "hidden": [8]}, "losses": [*DETERMINISTIC, imp],
-            "train": TRAIN}
+    targets = {"blocks.*.0": 8, "head": 4} if fsdp else {"0": 8, "2": 8}
+    return {"targets": targets, "ci": {"type": "mlp", "hidden": [8]}, "losses": [*DETERMINISTIC, imp],
+            "train": {**TRAIN, "fsdp": fsdp}}
 
 
 def data(halves: bool) -> torch.Tensor | list[torch.Tensor]:
@@ -52,12 +67,14 @@ def data(halves: bool) -> torch.Tensor | list[torch.Tensor]:
 def run(case: str, out):
     import decomp_hooks as dh
 
-    beta, halves = CASES[case]
-    return dh.decompose(model(), data(halves), config=config(beta), out_dir=out, progress=False)
+    beta, halves, fsdp = CASES[case]
+    return dh.decompose(model(fsdp), data(halves), config=config(beta, fsdp), out_dir=out, progress=False)
 
 
 def state(dec) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone().contiguous() for k, v in dec.cm.named_parameters() if v.requires_grad}
+    from decomp_hooks.distributed import full
+
+    return {k: full(v).detach().clone().contiguous() for k, v in dec.cm.named_parameters() if v.requires_grad}
 
 
 def stochastic_draws(dec, world_size: int, rank: int) -> torch.Tensor:
@@ -87,9 +104,10 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     from decomp_hooks.data import make_source
     from decomp_hooks.distributed import current, shard_source
 
-    for case in CASES:
-        dec = run(case, os.path.join(tmp, f"ddp-{case}"))
-        save_file(state(dec), os.path.join(tmp, f"{case}-rank{rank}.safetensors"))
+    runs = {case: run(case, os.path.join(tmp, f"ddp-{case}")) for case in CASES}
+    for case, done in runs.items():
+        save_file(state(done), os.path.join(tmp, f"{case}-rank{rank}.safetensors"))
+    dec = runs["log_term"]
     save_file({"batch": shard_source(make_source(data(False), 32, 0), current()).next()},
               os.path.join(tmp, f"batch-rank{rank}.safetensors"))
     save_file({"draws": stochastic_draws(dec, 2, rank)}, os.path.join(tmp, f"draws-rank{rank}.safetensors"))
@@ -181,9 +199,10 @@ def test_stochastic_masks_match_in_distribution(two_ranks, tmp_path):
 
 def test_cli_nproc_launches_torchrun(tmp_path):
     """`decomp-hooks decompose --nproc 2` relaunches itself under torchrun; rank 0 writes one run directory."""
+    from decomp_hooks.toy import make_toy, save_toy
+
     toy = tmp_path / "toy"
-    subprocess.run([sys.executable, "-m", "decomp_hooks.cli", "toy", "train", "tms_5-2", "--steps", "50", "--out",
-                    str(toy)], check=True, capture_output=True)
+    save_toy(make_toy("tms_5-2", steps=50, progress=False)[0], toy)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(open("examples/tms_5-2.yaml").read().replace("toy: tms_5-2", f"path: {toy}")
                    .replace("batch_size: 4096", "batch_size: 64"))
