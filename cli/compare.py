@@ -1,0 +1,88 @@
+"""`decomp-hooks compare RUN_DIR SAE_DIR --data ... --out DIR`: a site's components against an SAE-Lens SAE's features."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from decomp_hooks.cli.dashboard import check_out, load_run, load_tokens
+
+
+@click.command("compare")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("sae_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path), required=True,
+              help="Token ids as a safetensors file (tensor 'tokens' [n, seq]), or text files / a directory of them.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Output directory: summary.json, components.csv, features.csv, compare.html (written atomically).")
+@click.option("--site", default=None, help="The decomposed site the SAE sits on (default: the only site, or the "
+                                           "one whose hooks the SAE's cfg.json names).")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Local Hugging Face model directory of a language-model run (as for `export`).")
+@click.option("--min-cosine", type=float, default=0.5, show_default=True, help="Decoder cosine that counts as a match.")
+@click.option("--min-corr", type=float, default=0.5, show_default=True,
+              help="Activation correlation that counts as a match.")
+@click.option("--top-k", type=int, default=3, show_default=True, help="Best features listed per component.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per batch.")
+@click.option("--max-batches", type=int, default=None, help="Read at most this many batches of --data.")
+@click.option("--context-length", type=int, default=128, show_default=True, help="Tokens per sequence for text data.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def compare_command(run_dir: Path, sae_dir: Path, data_path: Path, out: Path, site: str | None, model_dir: Path | None,
+                    min_cosine: float, min_corr: float, top_k: int, batch_size: int, max_batches: int | None,
+                    context_length: int, force: bool, no_progress: bool) -> None:
+    """Match the components of one site in RUN_DIR to the features of the SAE-Lens SAE or transcoder in SAE_DIR
+    (cfg.json + sae_weights.safetensors) trained on the same hook: decoder-direction cosine and activation
+    correlation over the same tokens of --data. Each component counts as two parts (its positive and negative
+    activations, as in the ±-split export). Writes a per-component table (best features), a per-feature table (best
+    component, explained or not), summary.json with the headline figures, and compare.html, which shows every live
+    component beside its best-matching SAE feature, then the SAE features no component explains and vice versa.
+
+    \b
+    Examples:
+      decomp-hooks compare runs/gpt2 saes/mlp0-out --model models/gpt2 --data tokens.safetensors \\
+          --site transformer.h.0.mlp.c_proj --out cmp/
+      decomp-hooks compare runs/gpt2 saes/mlp0-out --model models/gpt2 --data docs/ \\
+          --min-cosine 0.7 --min-corr 0.6 --out cmp/ --force
+    """
+    from decomp_hooks import store
+    from decomp_hooks.dashboard import CompareConfig, DashboardError, compare_with_sae
+    from decomp_hooks.export import load_sae
+
+    check_out(out, force)
+    try:
+        sae = load_sae(sae_dir)
+    except store.StoreError as err:
+        raise click.BadParameter(str(err), param_hint="SAE_DIR") from None
+    dec, tokenizer = load_run(run_dir, model_dir)
+    site = site or pick_site(dec, sae)
+    data = load_tokens(data_path, tokenizer, context_length, batch_size)
+    cfg = CompareConfig(min_cosine=min_cosine, min_corr=min_corr, top_k=top_k, batch_size=batch_size,
+                        max_batches=max_batches)
+    try:
+        result = compare_with_sae(dec, site, sae, data, out=out, config=cfg, tokenizer=tokenizer, overwrite=force,
+                                  progress=not no_progress)
+    except DashboardError as err:
+        raise click.ClickException(str(err)) from None
+    s = result.summary()
+    click.echo(f"{site} vs {sae_dir}: {s['live_components']}/{s['components']} live components, "
+               f"{s['live_features']}/{s['features']} live SAE features")
+    click.echo(f"matched pairs {s['matched_pairs']}  mean best cosine {s['mean_best_cosine_per_component']:.3f} "
+               f"(per component) / {s['mean_best_cosine_per_feature']:.3f} (per feature)  mean best correlation "
+               f"{s['mean_best_corr_per_component']:.3f} / {s['mean_best_corr_per_feature']:.3f}")
+    click.echo(f"unexplained: {s['unexplained_features']} SAE features, {s['unexplained_components']} components  "
+               f"-> {out / 'compare.html'}")
+
+
+def pick_site(dec, sae) -> str:
+    """The site an SAE belongs to: the only site, or the one whose module or hook names the SAE names."""
+    if len(dec.site_names) == 1:
+        return dec.site_names[0]
+    named = {sae.hf_hook_name, sae.hf_hook_name_out, sae.hook_name, sae.hook_name_out} - {None}
+    from decomp_hooks.export.sae_lens import site_hooks
+
+    hits = [n for n in dec.site_names if n in named or set(site_hooks(dec.model, dec.cm.sites[n]).values()) & named]
+    if len(hits) != 1:
+        raise click.BadParameter(f"cannot tell which site the SAE belongs to (candidates {hits or dec.site_names}); "
+                                 "pass --site.", param_hint="--site")
+    return hits[0]

@@ -1,0 +1,147 @@
+"""`decomp-hooks dashboard RUN_DIR --data ... --out DIR`: one self-contained HTML page per site's components."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from decomp_hooks.cli.export import decomposition_dir, load_model, read_data
+
+TEXT_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet", ".csv")
+
+
+def load_run(run_dir: Path, model_dir: Path | None) -> tuple[Any, Any]:
+    """The decomposition in RUN_DIR re-attached to the --model directory (or its saved toy target), and a tokenizer."""
+    import decomp_hooks as dh
+    from decomp_hooks.sites import SiteError
+
+    path = decomposition_dir(run_dir)
+    model = tokenizer = None
+    if model_dir is not None:
+        model, tokenizer = load_model(model_dir)
+    try:
+        return dh.load(path, model=model), tokenizer
+    except dh.FingerprintError as err:
+        raise click.BadParameter(str(err), param_hint="--model") from None
+    except (SiteError, ValueError) as err:
+        hint = " For a language-model run pass --model <local HF model directory>." if model is None else ""
+        raise click.ClickException(f"{err}{hint}") from None
+
+
+def load_tokens(path: Path, tokenizer: Any, context_length: int, batch_size: int) -> Any:
+    """Token ids from a safetensors file (tensor 'tokens'), or text files tokenized with the model's tokenizer."""
+    if path.suffix == ".safetensors":
+        return read_data(path)
+    if path.is_dir() or path.suffix in TEXT_SUFFIXES:
+        if tokenizer is None:
+            raise click.BadParameter(f"{str(path)!r} is text, and no tokenizer came with --model; pass token ids as a "
+                                     "safetensors file, or a --model directory with a tokenizer.", param_hint="--data")
+        from decomp_hooks.text import TokenBatches
+
+        return TokenBatches(str(path), tokenizer, context_length=context_length, batch_size=batch_size)
+    raise click.BadParameter(f"{str(path)!r}: expected a .safetensors file of token ids or text "
+                             f"({', '.join(TEXT_SUFFIXES)} files or a directory of them).", param_hint="--data")
+
+
+def parse_components(values: tuple[str, ...]) -> list[int] | None:
+    """'0,3,5' (repeatable) as a list of ints; None when not given."""
+    if not values:
+        return None
+    try:
+        return [int(v) for value in values for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{values}: give component indices as integers, e.g. --components 0,3,5.",
+                                 param_hint="--components") from None
+
+
+def check_out(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise click.ClickException(f"{str(out)!r} already exists and is not empty; pass --force to replace it.")
+
+
+@click.command("dashboard")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path), required=True,
+              help="Token ids as a safetensors file (tensor 'tokens' [n, seq]), or text files / a directory of them "
+                   "(tokenized with --model's tokenizer).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory (written atomically).")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Local Hugging Face model directory of a language-model run (as for `export`).")
+@click.option("--sites", multiple=True, metavar="PATTERN", help="fnmatch pattern over site names (repeatable).")
+@click.option("--components", multiple=True, metavar="LIST", help="Component indices to show, e.g. 0,3,5 "
+                                                                   "(default: every component that fires).")
+@click.option("--engine", type=click.Choice(["native", "sae-dashboard"]), default="native", show_default=True,
+              help="native: decomp-hooks pages (CI and signed-activation highlighting). sae-dashboard: its SaeVisRunner "
+                   "on the sites exported as ±-split transcoders (needs sae-dashboard, installed with --no-deps).")
+@click.option("--n-examples", type=int, default=10, show_default=True, help="Top contexts per component.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per batch.")
+@click.option("--max-batches", type=int, default=None, help="Read at most this many batches of --data.")
+@click.option("--context-length", type=int, default=128, show_default=True, help="Tokens per sequence for text data.")
+@click.option("--model-name", default=None, help="Model name shown on the pages.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def dashboard_command(run_dir: Path, data_path: Path, out: Path, model_dir: Path | None, sites: tuple[str, ...],
+                      components: tuple[str, ...], engine: str, n_examples: int, batch_size: int,
+                      max_batches: int | None, context_length: int, model_name: str | None, force: bool,
+                      no_progress: bool) -> None:
+    """Dashboards of the components in RUN_DIR, computed over --data: one self-contained HTML page per site (no
+    network needed to open it) with, per live component, its top token contexts coloured by causal importance and by
+    signed activation, CI and activation histograms, firing frequency, the tokens it promotes and suppresses (sites
+    that write to the residual stream), its most co-active components; plus <site>.neuronpedia.json, index.html and
+    dashboard.json. The data is streamed twice (statistics, then contexts), with progress bars.
+
+    \b
+    Examples:
+      decomp-hooks dashboard runs/gpt2 --model models/gpt2 --data tokens.safetensors --out dash/
+      decomp-hooks dashboard runs/gpt2 --model models/gpt2 --data docs/ --context-length 64 \\
+          --sites 'transformer.h.0.*' --components 0,3,5 --out dash/ --force
+      decomp-hooks dashboard runs/gpt2 --model models/gpt2 --data tokens.safetensors \\
+          --engine sae-dashboard --sites transformer.h.0.mlp.c_proj --out dash-sd/
+    """
+    from decomp_hooks.dashboard import DashboardConfig, DashboardError, build_dashboards
+    from decomp_hooks.export import ExportError
+
+    check_out(out, force)
+    dec, tokenizer = load_run(run_dir, model_dir)
+    data = load_tokens(data_path, tokenizer, context_length, batch_size)
+    chosen = parse_components(components)
+    try:
+        if engine == "sae-dashboard":
+            pages = sae_dashboard_pages(dec, data, out, list(sites) or None, chosen)
+        else:
+            cfg = DashboardConfig(n_examples=n_examples, batch_size=batch_size, max_batches=max_batches)
+            pages = build_dashboards(dec, data, out, sites=list(sites) or None, components=chosen, tokenizer=tokenizer,
+                                     config=cfg, model_name=model_name, dataset=str(data_path), overwrite=force,
+                                     progress=not no_progress)
+    except (DashboardError, ExportError) as err:
+        param = "--sites" if "pattern" in str(err) else "--components" if "components" in str(err) else None
+        if param:
+            raise click.BadParameter(str(err), param_hint=param) from None
+        raise click.ClickException(str(err)) from None
+    for site, page in pages.items():
+        click.echo(f"{site}: {page}")
+    click.echo(f"wrote {len(pages)} page(s) to {out}")
+
+
+def sae_dashboard_pages(dec: Any, data: Any, out: Path, sites: list[str] | None,
+                        components: list[int] | None) -> dict[str, Path]:
+    """sae-dashboard's feature-centric page per site (its features 2C: c and C + c are component c's ± parts)."""
+    import torch
+
+    from decomp_hooks import store
+    from decomp_hooks.dashboard.build import select_components
+    from decomp_hooks.dashboard.sae_dashboard import render_with_sae_dashboard
+    from decomp_hooks.export.sae_lens import dir_name, select_sites
+
+    tokens = data if isinstance(data, torch.Tensor) else torch.cat(list(data))
+    names = select_sites(dec, sites)
+    pages = {}
+    with store.atomic_dir(out, overwrite=out.exists()) as tmp:
+        for n in names:
+            C = dec.cm.component(n).C
+            chosen = select_components(C, components, n)
+            features = None if components is None else [f for c in chosen for f in (c, C + c)]
+            render_with_sae_dashboard(dec, n, tokens, tmp / f"{dir_name(n)}.html", features=features)
+            pages[n] = out / f"{dir_name(n)}.html"
+    return pages
