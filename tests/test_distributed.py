@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with gloo is not available")
 
 TRAIN = {"steps": 6, "batch_size": 32, "lr": 1e-2, "log_every": 1, "eval_every": 3, "checkpoint_every": 3,
-         "faithfulness_warmup_steps": 10, "eval_pgd_steps": 0}
+         "keep_checkpoints": 3, "faithfulness_warmup_steps": 10, "eval_pgd_steps": 0}
 DETERMINISTIC = [{"type": "faithfulness", "coeff": 1.0}, {"type": "ci_masked_recon", "coeff": 1.0},
                  {"type": "ci_masked_recon_layerwise", "coeff": 1.0}]
 #: case -> (importance-minimality β, data whose two halves are identical, FSDP2 instead of DDP)
@@ -108,6 +108,20 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     for case, done in runs.items():
         save_file(state(done), os.path.join(tmp, f"{case}-rank{rank}.safetensors"))
     dec = runs["log_term"]
+    # resume the split run from its step-3 checkpoint (each rank restores its own RNG stream)
+    import shutil
+
+    import decomp_hooks as dh
+
+    ckpts = os.path.join(tmp, "ddp-split", "checkpoints")
+    dist.barrier()
+    if rank == 0:
+        for later in sorted(os.listdir(ckpts))[1:]:
+            shutil.rmtree(os.path.join(ckpts, later))
+    dist.barrier()
+    resumed = dh.decompose(model(), data(False), config=config(0.0), out_dir=os.path.join(tmp, "ddp-split"),
+                           resume=True, progress=False)
+    save_file(state(resumed), os.path.join(tmp, f"resumed-rank{rank}.safetensors"))
     save_file({"batch": shard_source(make_source(data(False), 32, 0), current()).next()},
               os.path.join(tmp, f"batch-rank{rank}.safetensors"))
     save_file({"draws": stochastic_draws(dec, 2, rank)}, os.path.join(tmp, f"draws-rank{rank}.safetensors"))
@@ -162,6 +176,16 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(two_ranks, tmp_path
     meta = json.loads((ckpt / "state.json").read_text())
     assert meta["world_size"] == 2 and len(meta["rng"]) == 2
     assert json.loads((two_ranks / f"ddp-{case}" / "decomposition" / "decomposition.json").read_text())
+
+
+def test_two_rank_resume_continues_the_run(two_ranks):
+    for rank in (0, 1):
+        got = load_file(str(two_ranks / f"resumed-rank{rank}.safetensors"))
+        want = load_file(str(two_ranks / f"split-rank{rank}.safetensors"))
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=f"rank {rank}, {k}")
+    # train records at steps 0-5 and evaluations at 0, 3, 6, none duplicated by the resume
+    assert [r["step"] for r in metrics(two_ranks / "ddp-split")] == [0, 0, 1, 2, 3, 3, 4, 5, 6]
 
 
 def test_each_rank_gets_its_half_of_the_global_batch(two_ranks):
