@@ -81,7 +81,10 @@ def pick_site(dec, sae) -> str:
     named = {sae.hf_hook_name, sae.hf_hook_name_out, sae.hook_name, sae.hook_name_out} - {None}
     from decomp_hooks.export.sae_lens import site_hooks
 
-    hits = [n for n in dec.site_names if n in named or set(site_hooks(dec.model, dec.cm.sites[n]).values()) & named]
+    def hooks(n: str) -> set:
+        return {v for v in site_hooks(dec.model, dec.cm.sites[n]).values() if isinstance(v, str)}
+
+    hits = [n for n in dec.site_names if n in named or hooks(n) & named]
     if len(hits) != 1:
         raise click.BadParameter(f"cannot tell which site the SAE belongs to (candidates {hits or dec.site_names}); "
                                  "pass --site.", param_hint="--site")

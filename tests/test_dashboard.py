@@ -44,7 +44,7 @@ def lm():
     model = gpt2()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dec = dh.decompose(nnsight.NNsight(model), TOKENS, targets=TARGETS, config=CONFIG, progress=False)
+        dec = dh.decompose(model, TOKENS, targets=TARGETS, config=CONFIG, progress=False)
     return model, dec
 
 
