@@ -10,7 +10,6 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-nnsight = pytest.importorskip("nnsight")
 pytest.importorskip("jinja2")
 
 from click.testing import CliRunner  # noqa: E402

@@ -203,7 +203,9 @@ class Comparison:
         f_cos, f_corr, _ = self.best_for_features()
         c_cos, c_corr = self.best_for_components()
         lf, lc = torch.tensor(live_f, dtype=torch.long), torch.tensor(live_c, dtype=torch.long)
-        mean = lambda t, idx: float(t[idx].mean()) if len(idx) else float("nan")  # noqa: E731
+        def mean(t: torch.Tensor, idx: torch.Tensor) -> float:
+            return float(t[idx].mean()) if len(idx) else float("nan")
+
         return {"site": self.site, "sae": self.sae_path, "sae_reads": self.reads, "space": self.space,
                 "components": self.C,
                 "features": int(self.feat_freq.numel()), "live_components": len(live_c), "live_features": len(live_f),
