@@ -7,6 +7,7 @@ from decomp_hooks.cli.compare import compare_command
 from decomp_hooks.cli.dashboard import dashboard_command
 from decomp_hooks.cli.decompose import decompose_command
 from decomp_hooks.cli.export import export_command
+from decomp_hooks.cli.lib import lib_command
 from decomp_hooks.cli.toy import toy_group
 
 
@@ -18,6 +19,7 @@ def main() -> None:
 
 main.add_command(decompose_command)
 main.add_command(export_command)
+main.add_command(lib_command)
 main.add_command(toy_group)
 main.add_command(dashboard_command)
 main.add_command(compare_command)

@@ -90,3 +90,43 @@ def load_lib_config(config: LIBConfig | dict | str | Path | None, **overrides: A
     unknown = set(overrides) - names
     _check(not unknown, f"unknown LIB setting(s) {sorted(unknown)}; valid: {', '.join(sorted(names))}.")
     return validate(dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None}))
+
+
+@dataclass
+class LIBTargetConfig:
+    """The CLI's model: a saved toy directory (`path`), or the modular-addition transformer trained on the spot."""
+
+    toy: str | None = "modadd"
+    path: str | None = None
+    seed: int = 0
+    lr: float = 1e-3
+    steps: int = 60_000
+    stop_accuracy: float = 0.99
+
+
+@dataclass
+class LIBRunConfig:
+    """`decomp-hooks lib CONFIG.yaml`: the target, the LIB settings, and what to write besides the result."""
+
+    target: LIBTargetConfig = field(default_factory=LIBTargetConfig)
+    lib: LIBConfig = field(default_factory=LIBConfig)
+    ablation: bool = True  # node and edge ablation curves (modular addition: test accuracy)
+    ablation_samples: int | None = None  # test rows used for ablations (None: all)
+    plot_top_k: int = 50
+
+
+def load_lib_run_config(path: str | Path) -> LIBRunConfig:
+    """A validated LIBRunConfig from a YAML file."""
+    path = Path(path)
+    _check(path.is_file(), f"config file {str(path)!r} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    cfg = from_dict(LIBRunConfig, data, where=path.name)
+    validate(cfg.lib)
+    t = cfg.target
+    _check(t.path is not None or t.toy == "modadd",
+           f"target.toy={t.toy!r}: only 'modadd' is trained on the spot; give target.path (a saved toy) otherwise.")
+    _check(cfg.ablation_samples is None or cfg.ablation_samples > 0, f"ablation_samples={cfg.ablation_samples}: must be > 0.")
+    return cfg

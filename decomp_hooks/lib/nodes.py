@@ -123,10 +123,18 @@ class NodeLayers:
 
     def run_from(self, layer: int, batch: Any, x: Tensor, until: int | None = None) -> Tensor:
         """Run `batch` with node layer `layer` replaced by `x` `[B', P, d]` and return node layer `until` (default the
-        next one); `B'` may be a multiple of the batch size (the batch is repeated). The map is differentiable in `x`."""
-        until = layer + 1 if until is None else until
+        next one). `B'` may be a multiple `r` of the batch size (r variants of the node, repeat-major): the upstream
+        part runs once on the batch when the model allows it, else on the batch repeated r times. The map is
+        differentiable in `x`."""
         if x.shape[0] != _batch_size(batch):
-            batch = _repeat(batch, x.shape[0] // _batch_size(batch))
+            try:
+                return self._run_from(layer, batch, x, until)
+            except RuntimeError:  # something computed upstream is used downstream with the batch's own size
+                batch = _repeat(batch, x.shape[0] // _batch_size(batch))
+        return self._run_from(layer, batch, x, until)
+
+    def _run_from(self, layer: int, batch: Any, x: Tensor, until: int | None) -> Tensor:
+        until = layer + 1 if until is None else until
         pieces = dict(zip(self.members[layer], x.split(self.widths[layer], -1)))
         grabbed: dict[str, Tensor] = {}
         targets = [n for n in self.members[until] if n != OUTPUT]
@@ -160,7 +168,8 @@ class NodeLayers:
             return piece[:, 0]
         piece = piece.reshape(*piece.shape[:2], *out.shape[2:])
         if self.last_only[layer] and out.shape[1] > 1:
-            return torch.cat([out[:, :-1], piece], 1)
+            rest = out[:, :-1].repeat(piece.shape[0] // out.shape[0], *([1] * (out.dim() - 1)))
+            return torch.cat([rest, piece], 1)
         return piece
 
 

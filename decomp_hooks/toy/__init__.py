@@ -1,4 +1,4 @@
-"""Ground-truth toy targets (TMS, residual MLP): a preset registry, training by name, and safetensors + JSON save/load."""
+"""Ground-truth toy targets (TMS, residual MLP; modular addition saved/loaded too): a preset registry, training by name, and safetensors + JSON save/load."""
 from __future__ import annotations
 
 import os
@@ -19,10 +19,11 @@ from decomp_hooks.toy.resid_mlp import (
     ResidMLPSampler,
     train_resid_mlp,
 )
+from decomp_hooks.toy.modadd import ModAddConfig, ModAddSampler, ModAddTransformer, fit_modadd
 from decomp_hooks.toy.tms import TMS_PRESETS, TMSConfig, TMSModel, TMSSampler, train_tms
 
-ToyConfig = TMSConfig | ResidMLPConfig
-ToyModel = TMSModel | ResidMLP
+ToyConfig = TMSConfig | ResidMLPConfig | ModAddConfig
+ToyModel = TMSModel | ResidMLP | ModAddTransformer
 Sampler = Callable[[int], Tensor]
 
 TOYS: dict[str, tuple[ToyConfig, dict[str, Any]]] = {**TMS_PRESETS, **RESID_MLP_PRESETS}
@@ -41,6 +42,7 @@ class _Kind:
 _KINDS = {
     "tms": _Kind(TMSConfig, TMSModel, train_tms, TMSSampler),
     "resid_mlp": _Kind(ResidMLPConfig, ResidMLP, train_resid_mlp, ResidMLPSampler),
+    "modadd": _Kind(ModAddConfig, ModAddTransformer, fit_modadd, ModAddSampler),
 }
 
 

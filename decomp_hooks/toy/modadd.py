@@ -156,3 +156,20 @@ def train_modadd(config: ModAddConfig = ModAddConfig(), seed: int = 0, max_steps
                 break
     model.eval()
     return model, {"train_accuracy": evaluate(model, train_x, train_y), "test_accuracy": test_acc, "steps": step + 1}
+
+
+class ModAddSampler:
+    """Data callable `sampler(batch_size) -> tokens [batch_size, 3]`: rows of the training split, global RNG."""
+
+    def __init__(self, config: ModAddConfig, device: str | torch.device | None = None, data_seed: int = 0) -> None:
+        self.tokens = modadd_dataset(config.p, seed=data_seed)[0].to(device)
+
+    def __call__(self, batch_size: int) -> Tensor:
+        return self.tokens[torch.randint(len(self.tokens), (batch_size,), device=self.tokens.device)]
+
+
+def fit_modadd(config: ModAddConfig, seed: int = 0, device: str | torch.device = "cpu", progress: bool = True,
+               steps: int = 60_000, **recipe) -> ModAddTransformer:
+    """`train_modadd` in the toy registry's calling convention (`steps` = the step cap); returns the model."""
+    return train_modadd(config, seed=seed, max_steps=steps, device=device, progress=progress, **recipe)[0]
+

@@ -1,0 +1,89 @@
+"""`decomp-hooks lib CONFIG.yaml`: Local Interaction Basis and interaction graph of a toy target, with plots."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def load_target(cfg, progress: bool):
+    """The model, its LIB data and, for modular addition, the test tokens and accuracy metric."""
+    from decomp_hooks.toy import load_toy, toy_sampler
+    from decomp_hooks.toy.modadd import ModAddTransformer, modadd_dataset, train_modadd
+
+    t = cfg.target
+    if t.path is not None:
+        model = load_toy(t.path)
+    else:
+        click.echo(f"training the modular-addition transformer (seed {t.seed}) ...")
+        model, info = train_modadd(seed=t.seed, lr=t.lr, max_steps=t.steps, stop_accuracy=t.stop_accuracy,
+                                   progress=progress)
+        click.echo(f"trained {info['steps']} steps: test accuracy {info['test_accuracy']:.4f}")
+    if isinstance(model, ModAddTransformer):
+        p = model.config.p
+        train_x, _, test_x, _ = modadd_dataset(p)
+        metric = lambda out, tokens: (out[:, -1].argmax(-1) == (tokens[:, 0] + tokens[:, 1]) % p).float().mean()  # noqa: E731
+        return model, train_x, test_x[: cfg.ablation_samples], metric
+    if cfg.lib.n_samples is None:
+        raise click.BadParameter("a sampled toy needs lib.n_samples (how many inputs LIB draws).", param_hint="CONFIG")
+    return model, toy_sampler(model), None, None
+
+
+@click.command("lib")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output directory (default: runs/<config name>-<basis>).")
+@click.option("--basis", type=click.Choice(["lib", "pca"]), default=None, help="Override lib.basis (pca = the baseline).")
+@click.option("--device", default=None, help="Torch device (default: the model's).")
+@click.option("--no-ablation", is_flag=True, help="Skip the node/edge ablation curves.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def lib_command(config: Path, out: Path | None, basis: str | None, device: str | None, no_ablation: bool, force: bool,
+                no_progress: bool) -> None:
+    """Build the LIB (or PCA) bases and interaction graph of the target in CONFIG (see examples/lib_modadd.yaml).
+
+    Writes OUT/lib (safetensors + JSON, reload with decomp_hooks.load_lib), graph.json, graph.png and, for modular
+    addition, ablation.json + ablation.png (test accuracy vs kept directions / edges).
+
+    Example: decomp-hooks lib examples/lib_modadd.yaml --out runs/lib-modadd
+    """
+    import decomp_hooks as dh
+    from decomp_hooks import store
+    from decomp_hooks.config import ConfigError
+    from decomp_hooks.lib.ablation import ablation_curves
+    from decomp_hooks.lib.config import load_lib_run_config
+    from decomp_hooks.lib.graph import graph_dict, plot_ablation, plot_graph
+
+    try:
+        cfg = load_lib_run_config(config)
+    except ConfigError as err:
+        raise click.BadParameter(str(err), param_hint="CONFIG") from None
+    basis = basis or cfg.lib.basis
+    out = out or Path("runs") / f"{config.stem}-{basis}"
+    if out.exists() and any(out.iterdir()) and not force:
+        raise click.ClickException(f"{str(out)!r} exists and is not empty; choose another --out or pass --force.")
+    progress = not no_progress
+    try:
+        model, data, test, metric = load_target(cfg, progress)
+        result = dh.local_interaction_basis(model, data, config=cfg.lib, basis=basis, device=device, progress=progress)
+        curves = None
+        if cfg.ablation and not no_ablation and metric is not None:
+            curves = ablation_curves(result, model, test, metric, batch_size=cfg.lib.batch_size, progress=progress)
+    except ValueError as err:  # ConfigError, NodeError, DataError, StoreError
+        raise click.ClickException(str(err)) from None
+    with store.atomic_dir(out, overwrite=out.exists()) as tmp:
+        result.save(tmp / "lib")
+        graph = graph_dict(result, top_k=cfg.plot_top_k)
+        store.write_json(tmp / "graph.json", graph)
+        plot_graph(result, tmp / "graph.png", top_k=cfg.plot_top_k)
+        if curves is not None:
+            store.write_json(tmp / "ablation.json", curves.to_dict())
+            plot_ablation(curves, tmp / "ablation.png", label="test accuracy")
+    click.echo(f"{basis.upper()} directions per node layer: {result.sizes()}")
+    for pair, m in graph["mass"].items():
+        need = f", edges for Δscore ≤ 0.001: {curves.required[pair]}" if curves and pair in curves.required else ""
+        click.echo(f"{pair}: edges holding 90 % / 99 % of the mass: {m['edges_90']} / {m['edges_99']}{need}")
+    if curves is not None:
+        click.echo(f"unablated test accuracy {curves.base:.4f}; kept directions for ≥ 99 %: "
+                   + ", ".join(f"{n}: {curves.required[n]}" for n in curves.nodes))
+    click.echo(f"output directory: {out}")
