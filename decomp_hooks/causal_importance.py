@@ -48,6 +48,41 @@ def _kaiming(shape: tuple[int, ...], fan_in: int, gain: float) -> nn.Parameter:
     return nn.Parameter(torch.randn(shape) * (gain / math.sqrt(fan_in)))
 
 
+def _mlp1_forward(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """z_c = w2_c · GELU(w1_c h_c + b1_c) + b2_c for every component at once (one hidden layer)."""
+    return (F.gelu(h.unsqueeze(-1) * w1 + b1) * w2).sum(-1) + b2
+
+
+def _mlp1_backward(dz: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """∂h, and the per-position terms whose sums over positions are ∂b1, ∂w1 and ∂w2; GELU' = Φ + x·φ."""
+    pre = h.unsqueeze(-1) * w1 + b1
+    cdf = 0.5 * (1 + torch.erf(pre * _SQRT_HALF))
+    dpre = dz.unsqueeze(-1) * w2 * (cdf + pre * torch.exp(-0.5 * pre * pre) * _INV_SQRT_2PI)
+    return (dpre * w1).sum(-1), dpre, dpre * h.unsqueeze(-1), dz.unsqueeze(-1) * pre * cdf
+
+
+_SQRT_HALF, _INV_SQRT_2PI = math.sqrt(0.5), 1 / math.sqrt(2 * math.pi)
+
+
+class _MLP1(torch.autograd.Function):
+    """The one-hidden-layer per-component MLP with a hand-written backward: its elementwise parts are two functions
+    that torch.compile fuses into one loop each, and the sums over positions stay plain reductions."""
+
+    @staticmethod
+    def forward(ctx, h, w1, b1, w2, b2, kernels):
+        ctx.save_for_backward(h, w1, b1, w2)
+        ctx.backward_kernel = kernels[1]
+        return kernels[0](h, w1, b1, w2, b2)
+
+    @staticmethod
+    def backward(ctx, dz):
+        h, w1, b1, w2 = ctx.saved_tensors
+        dh, dpre, dw1, dw2 = ctx.backward_kernel(dz.contiguous(), h, w1, b1, w2)
+        total = lambda t: t.flatten(0, -3).sum(0)  # noqa: E731  sum over all leading (position) dims
+        return dh.to(h.dtype), total(dw1), total(dpre), total(dw2), dz.flatten(0, -2).sum(0), None
+
+
 class PerComponentMLP(nn.Module):
     """`mlp`: each component's own small GELU MLP on its scalar inner activation h_c = (a V)_c (the paper's)."""
 
@@ -60,8 +95,18 @@ class PerComponentMLP(nn.Module):
         self.biases = nn.ParameterList(nn.Parameter(torch.zeros(C, b)) for b in dims[1:])
         self.w_out = _kaiming((C, dims[-1]), dims[-1], 1.0)
         self.b_out = nn.Parameter(torch.zeros(C))
+        self.kernels: tuple | None = None
+
+    def compile(self, **kwargs) -> None:
+        """With one hidden layer (the paper's), fuse the elementwise forward and backward with torch.compile; deeper
+        MLPs compile as a whole."""
+        if len(self.weights) != 1:
+            return super().compile(**kwargs)
+        self.kernels = (torch.compile(_mlp1_forward, **kwargs), torch.compile(_mlp1_backward, **kwargs))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None:
+            return _MLP1.apply(h, self.weights[0].squeeze(1), self.biases[0], self.w_out, self.b_out, self.kernels)
         x = h.unsqueeze(-1)  # [..., C, 1]
         for w, b in zip(self.weights, self.biases):
             x = F.gelu(torch.einsum("...ca,cab->...cb", x, w) + b)
