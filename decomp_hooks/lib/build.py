@@ -40,7 +40,7 @@ def working_model(model: Any, cfg: LIBConfig) -> tuple[nn.Module, torch.device, 
     device = torch.device(cfg.device) if cfg.device else (param.device if param is not None else torch.device("cpu"))
     dtype = getattr(torch, cfg.dtype)
     if param is None or param.dtype != dtype or param.device != device:
-        module = copy.deepcopy(module).to(device=device, dtype=dtype)
+        module = nn.Module.to(copy.deepcopy(module), device=device, dtype=dtype)  # bypasses toolkit overrides of .to
     return module.eval(), device, dtype
 
 
