@@ -92,7 +92,7 @@ def _devtools_port(proc: subprocess.Popen, timeout: float) -> int:
 def check_page(path: str | Path, expressions: dict[str, str] | None = None, screenshot: str | Path | None = None,
                timeout: float = 60.0, settle: float = 0.3) -> PageReport:
     """Load `path` in headless Chromium; evaluate each JS expression (by name) after load; optionally save a full-page
-    PNG screenshot. Raises FileNotFoundError without a Chromium."""
+    PNG screenshot (the viewport only, for pages too tall to capture). Raises FileNotFoundError without a Chromium."""
     exe = chromium_path()
     if exe is None:
         raise FileNotFoundError("no Chromium found; install Debian's `chromium` package (apt-get install chromium).")
@@ -117,7 +117,10 @@ def check_page(path: str | Path, expressions: dict[str, str] | None = None, scre
                     report.errors.append(f"evaluating {name}: {result['exceptionDetails'].get('text')}")
                 report.values[name] = result.get("result", {}).get("value")
             if screenshot is not None:
-                shot = tools.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+                try:
+                    shot = tools.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+                except RuntimeError:  # "Page is too large" for a full-page capture: take the viewport
+                    shot = tools.call("Page.captureScreenshot", format="png")
                 Path(screenshot).write_bytes(base64.b64decode(shot["data"]))
                 report.screenshot = Path(screenshot)
             _read_events(tools.events, report)
