@@ -48,8 +48,8 @@ def signed_colour(value: float, scale: float) -> str:
 
 
 def visible_token(token: str) -> str:
-    """A token string with newlines and tabs made visible."""
-    return token.replace("\n", "⏎").replace("\t", "⇥")
+    """A token string with newlines and tabs (also byte-level BPE's `Ċ`, `ĉ`) made visible."""
+    return token.replace("\n", "⏎").replace("Ċ", "⏎").replace("\t", "⇥").replace("ĉ", "⇥")
 
 
 def histogram_png(centres: Sequence[float], counts: Sequence[float], width: float, xlabel: str,
