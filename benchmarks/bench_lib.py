@@ -167,6 +167,8 @@ def main() -> None:
     print(f"{'case':42s} {'impl':8s} {'wall s':>8s} {'peak MiB':>9s} {'speed-up':>8s}  max rel diff")
     for name, (model, data, cfg) in cases(device, args.n_modadd, args.n_tiny).items():
         results = {}
+        for impl in ("naive", "vmap"):  # warm-up: torch.func's first call pays one-off setup costs (~5 s on CPU)
+            lib_pipeline(model, [d[:2] for d in data], cfg, impl == "naive")
         for impl in ("naive", "vmap"):
             results[impl] = measure(lambda: lib_pipeline(model, data, cfg, impl == "naive"), device)
         (tn, mn, on), (tv, mv, ov) = results["naive"], results["vmap"]

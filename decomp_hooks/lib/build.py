@@ -73,6 +73,13 @@ def _rows(b: Any) -> int:
     return (next(iter(b.values())) if isinstance(b, dict) else b).shape[0]
 
 
+def budget_bytes(cfg: LIBConfig, device: torch.device) -> int:
+    """Bytes per chunk of vmapped VJPs: large chunks keep a GPU busy; on a CPU, chunks that stay in cache are fastest
+    (measured in benchmarks/bench_lib.py)."""
+    gb = cfg.memory_budget_gb if cfg.memory_budget_gb is not None else (2.0 if device.type == "cuda" else 0.03)
+    return int(gb * 2**30)
+
+
 def _with_const(f: Tensor) -> Tensor:
     return torch.cat([f, torch.ones_like(f[..., :1])], -1)
 
@@ -92,7 +99,7 @@ def jacobian_gram(nodes: NodeLayers, layer: int, data: list[Any], c_next: Tensor
     d = sum(nodes.widths[layer])
     acc = torch.zeros(d + 1, d + 1, dtype=F64, device=c_next.device)
     rows = 0
-    budget = int(cfg.memory_budget_gb * 2**30)
+    budget = budget_bytes(cfg, c_next.device)
     for batch in tqdm(data, desc=f"M' {nodes.names[layer]}", disable=not progress, leave=False):
         (x,) = nodes.read(batch, [layer])
         c = c_next.to(x.dtype)
@@ -114,7 +121,7 @@ def edge_matrix(nodes: NodeLayers, layer: int, data: list[Any], lower: LayerBasi
     d = sum(nodes.widths[layer])
     k_in, k_out = lower.C.shape[1], upper.C.shape[1]
     acc, rows = None, 0
-    budget = int(cfg.memory_budget_gb * 2**30)
+    budget = budget_bytes(cfg, upper.C.device)
     n_src = cfg.n_stochastic_sources_edges
     for batch in tqdm(data, desc=f"edges {nodes.names[layer]}", disable=not progress, leave=False):
         (x,) = nodes.read(batch, [layer])

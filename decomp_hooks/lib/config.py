@@ -34,7 +34,7 @@ class LIBConfig:
     dtype: str = "float64"  # the dtype the model runs in; M′, Grams and eigendecompositions are always float64
     batch_size: int = 1024
     n_samples: int | None = None  # rows of `data` to use (None: all of a tensor / iterable)
-    memory_budget_gb: float = 2.0  # per chunk of vmapped vector-Jacobian products
+    memory_budget_gb: float | None = None  # per chunk of vmapped VJPs; None: 2 on CUDA, 0.03 on CPU (cache-sized)
     device: str | None = None  # None: the model's device
     seed: int = 0  # stochastic sources
 
@@ -66,7 +66,8 @@ def validate(cfg: LIBConfig) -> LIBConfig:
     _check(cfg.dtype in DTYPES, f"dtype={cfg.dtype!r}; use 'float64' or 'float32'.")
     _check(cfg.batch_size > 0, f"batch_size={cfg.batch_size}: must be > 0.")
     _check(cfg.n_samples is None or cfg.n_samples > 0, f"n_samples={cfg.n_samples}: must be > 0 or null.")
-    _check(cfg.memory_budget_gb > 0, f"memory_budget_gb={cfg.memory_budget_gb}: must be > 0.")
+    _check(cfg.memory_budget_gb is None or cfg.memory_budget_gb > 0,
+           f"memory_budget_gb={cfg.memory_budget_gb}: must be > 0, or null for the device's default.")
     return cfg
 
 
