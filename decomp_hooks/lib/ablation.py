@@ -101,7 +101,7 @@ class Ablator:
                 nxt = _with_const(self.nodes.run_from(layer, batch, x)) @ c_out
                 outs.append(nxt.view(chunk.shape[0], y.shape[0], *nxt.shape[1:]))
             per_group = torch.cat(outs)  # [groups, B, P', k_out]
-            y_next = per_group[group, :, :, torch.arange(len(group))].permute(1, 2, 0)  # output node i from its group
+            y_next = per_group[group, :, :, torch.arange(len(group), device=group.device)].permute(1, 2, 0)  # node i
             return self._to_end(layer + 1, batch, (y_next @ cp_out)[..., :d_out])
         return self._score(final)
 
