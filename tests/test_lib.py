@@ -129,3 +129,16 @@ def test_bad_inputs_name_the_fix():
     with pytest.raises(ConfigError, match="n_intervals"):
         dh.local_interaction_basis(model, x, layers=["hidden", "output"], integration="gradient", n_intervals=3,
                                    progress=False)
+
+
+@pytest.mark.parametrize("rule,n", [("trapezoidal", 4), ("gauss-legendre", 2)])
+def test_integration_rules_agree_on_a_linear_network(rule, n):
+    """For a linear section ∂f̂/∂f̂ is constant in α and the weights sum to 1, so every rule gives the gradient's answer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Identity(), nn.Linear(5, 4))
+    x = _data(128, 5)
+    kw = dict(layers=["0", "output"], progress=False, truncation_threshold=1e-10)
+    grad = dh.local_interaction_basis(model, x, **kw)
+    ig = dh.local_interaction_basis(model, x, integration=rule, n_intervals=n, **kw)
+    assert torch.allclose(ig.eigenvalues["0"], grad.eigenvalues["0"], rtol=1e-9)
+    assert torch.allclose(ig.edges[0], grad.edges[0], rtol=1e-9, atol=1e-14)
