@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from decomp_hooks.data import DataError, to_device
 from decomp_hooks.lib.basis import F64, LayerBasis, Moments, identity_basis, lib_basis, pca_basis, whitening
 from decomp_hooks.lib.config import LIBConfig, load_lib_config
-from decomp_hooks.lib.jacobians import cotangents, integration_points, vjp_chunks
+from decomp_hooks.lib.jacobians import Directions, integration_points, vjp_chunks
 from decomp_hooks.lib.nodes import NodeLayers
 from decomp_hooks.lib.reduce import all_reduce_sum, total
 from decomp_hooks.lib.result import LIBResult
@@ -103,8 +103,8 @@ def jacobian_gram(nodes: NodeLayers, layer: int, data: list[Any], c_next: Tensor
     for batch in tqdm(data, desc=f"M' {nodes.names[layer]}", disable=not progress, leave=False):
         (x,) = nodes.read(batch, [layer])
         c = c_next.to(x.dtype)
-        fn = lambda z: _with_const(nodes.run_from(layer, batch, z)) @ c  # noqa: E731
-        make = lambda shape: cotangents(tuple(shape), cfg.n_stochastic_sources_basis, generator, x.device, x.dtype)  # noqa: E731
+        fn = lambda z: nodes.run_from(layer, batch, z)  # noqa: E731
+        make = lambda shape: Directions(shape, c, cfg.n_stochastic_sources_basis, generator)  # noqa: E731
         for g in vjp_chunks(fn, x, make, budget, alphas, weights):
             g = g.reshape(-1, d).to(F64)
             acc[:d, :d] += g.T @ g
@@ -127,8 +127,8 @@ def edge_matrix(nodes: NodeLayers, layer: int, data: list[Any], lower: LayerBasi
         (x,) = nodes.read(batch, [layer])
         c_in, c_in_pinv, c_out = (t.to(x.dtype) for t in (lower.C, lower.C_pinv, upper.C))
         y = _with_const(x) @ c_in
-        fn = lambda z: _with_const(nodes.run_from(layer, batch, (z @ c_in_pinv)[..., :d])) @ c_out  # noqa: E731
-        make = lambda shape: cotangents(tuple(shape), n_src, generator, x.device, x.dtype)  # noqa: E731
+        fn = lambda z: nodes.run_from(layer, batch, (z @ c_in_pinv)[..., :d])  # noqa: E731
+        make = lambda shape: Directions(shape, c_out, n_src, generator)  # noqa: E731
         parts = [(g * y).sum(2).to(F64).pow(2).sum(1) for g in vjp_chunks(fn, y, make, budget, alphas, weights)]
         per_phi = torch.cat(parts).view(-1, k_out, k_in).sum(0)
         acc = per_phi if acc is None else acc + per_phi

@@ -36,18 +36,34 @@ def integration_points(rule: str, n_intervals: int) -> tuple[list[float], list[f
     raise ValueError(f"integration={rule!r}; use one of {', '.join(INTEGRATION_RULES)}.")
 
 
-def cotangents(shape: tuple[int, int, int], n_sources: int | None, generator: torch.Generator | None,
-               device: torch.device, dtype: torch.dtype) -> Tensor:
-    """Output directions `[n_φ, B, P_out, k]`: one-hot over (t, i) when `n_sources` is None, else per source r and
-    output dim i the mixture `ε_{r,b,t} δ_{i,·}` with random signs ε ∈ {±1} over positions."""
-    b, p, k = shape
-    if n_sources is None:
-        eye = torch.eye(p * k, device=device, dtype=dtype).view(p * k, 1, p, k)
-        return eye.expand(p * k, b, p, k)
-    signs = torch.randint(0, 2, (n_sources, b, p), generator=generator, device=generator.device if generator else "cpu")
-    signs = (2 * signs - 1).to(device=device, dtype=dtype)
-    eye = torch.eye(k, device=device, dtype=dtype)
-    return torch.einsum("rbp,ik->ribpk", signs, eye).reshape(n_sources * k, b, p, k)
+class Directions:
+    """Output directions φ over (position t, LIB dim i) of an output `[B, P, d]` whose LIB functions are `[f, 1] C`:
+    one-hot over (t, i) when `n_sources` is None, else per source r and dim i the mixture `ε_{r,b,t} δ_i` with
+    random signs ε ∈ {±1} over positions. Chunks are built on demand and pulled back through `C` to the raw output
+    (the constant row drops out), so neither the full set nor the `@ C` backward is ever materialised."""
+
+    def __init__(self, shape: torch.Size, c: Tensor, n_sources: int | None, generator: torch.Generator):
+        self.b, self.p, _ = shape
+        self.k = c.shape[1]
+        self.ct = c[:-1].T  # [k, d]
+        self.signs = None
+        if n_sources is not None:
+            signs = torch.randint(0, 2, (n_sources, self.b, self.p), generator=generator, device=generator.device)
+            self.signs = (2 * signs - 1).to(c)
+        self.n = (self.p if n_sources is None else n_sources) * self.k
+
+    def __len__(self) -> int:
+        return self.n
+
+    def chunk(self, start: int, stop: int) -> Tensor:
+        """Directions `start … stop−1` as raw-output cotangents `[stop − start, B, P, d]`; index n = (t or r)·k + i."""
+        idx = torch.arange(start, stop, device=self.ct.device)
+        outer, dim = idx // self.k, idx % self.k
+        rows = self.ct[dim]  # [n, d]
+        if self.signs is None:
+            where = torch.nn.functional.one_hot(outer, self.p).to(rows)  # [n, P]
+            return (where[:, None, :, None] * rows[:, None, None, :]).expand(-1, self.b, -1, -1)
+        return self.signs[outer][..., None] * rows[:, None, None, :]
 
 
 def chunk_size(n_phi: int, per_phi_bytes: int, budget_bytes: int) -> int:
@@ -55,18 +71,18 @@ def chunk_size(n_phi: int, per_phi_bytes: int, budget_bytes: int) -> int:
     return max(1, min(n_phi, budget_bytes // max(per_phi_bytes, 1)))
 
 
-def vjp_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, make_phis: Callable[[torch.Size], Tensor],
+def vjp_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, make: Callable[[torch.Size], Directions],
                budget_bytes: int, alphas: list[float], weights: list[float]) -> Iterator[Tensor]:
-    """Yield `Σ_α w_α φ·∂fn(αx)/∂(αx)` `[chunk, *x.shape]` for the directions `make_phis(out.shape)` `[n_φ, *out.shape]`,
-    chunk by chunk; one forward per α, then the VJP vmapped over the chunk's directions."""
+    """Yield `Σ_α w_α φ·∂fn(αx)/∂(αx)` `[chunk, *x.shape]` for the directions `make(out.shape)`, chunk by chunk; one
+    forward per α, then the VJP vmapped over the chunk's directions."""
     outs, vjps = zip(*(torch.func.vjp(fn, a * x) for a in alphas))
-    phis = make_phis(outs[0].shape)
+    directions = make(outs[0].shape)
     batched = [torch.func.vmap(v) for v in vjps]
     elem = torch.finfo(x.dtype).bits // 8
-    per_phi = elem * 4 * (x.numel() + phis[0].numel())  # gradient buffer + backward intermediates, roughly
-    step = chunk_size(phis.shape[0], per_phi, budget_bytes)
-    for start in range(0, phis.shape[0], step):
-        phi = phis[start:start + step]
+    per_phi = elem * 4 * (x.numel() + outs[0].numel())  # gradient buffer + backward intermediates, roughly
+    step = chunk_size(len(directions), per_phi, budget_bytes)
+    for start in range(0, len(directions), step):
+        phi = directions.chunk(start, min(start + step, len(directions)))
         total = None
         for w, vjp in zip(weights, batched):
             (g,) = vjp(phi)
