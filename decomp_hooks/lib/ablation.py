@@ -136,7 +136,8 @@ def edges_for_mass(edges: Tensor, fraction: float = 0.9) -> int:
 def ablation_curves(result: LIBResult, model: Any, data: Any, metric: Metric, *, nodes: bool = True,
                     edges: bool = True, tolerance: float = 0.001, node_fraction: float = 0.99,
                     batch_size: int = 1024, n_samples: int | None = None, progress: bool = True) -> AblationCurves:
-    """Node curves (score vs k on the exponential schedule; `required` = least k with score ≥ `node_fraction`·base) and
+    """Node curves (score vs k on the exponential schedule; `required` = least k with score ≥ base − (1 −
+    `node_fraction`)·|base|, i.e. `node_fraction`·base for accuracies) and
     edge bisection per layer pair (`required` = least top-k edges with score ≥ base − `tolerance`)."""
     ab = Ablator(result, model, data, metric, batch_size, n_samples)
     out = AblationCurves(base=ab.base())
@@ -146,7 +147,8 @@ def ablation_curves(result: LIBResult, model: Any, data: Any, metric: Metric, *,
         name = result.layers[layer]
         curve = [(k, ab.node_score(layer, k)) for k in k_schedule(result.C[name].shape[1])]
         out.nodes[name] = curve
-        out.required[name] = next((k for k, s in curve if s >= node_fraction * out.base), curve[-1][0])
+        floor = out.base - (1 - node_fraction) * abs(out.base)  # node_fraction·base for accuracies; also for −loss
+        out.required[name] = next((k for k, s in curve if s >= floor), curve[-1][0])
     for layer in tqdm(range(last) if edges else [], desc="edge ablation", disable=not progress):
         pair = f"{result.layers[layer]} -> {result.layers[layer + 1]}"
         e = result.edges[layer].to(ab.device)

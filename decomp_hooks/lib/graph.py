@@ -69,6 +69,7 @@ def plot_ablation(curves: AblationCurves, path: str | Path, label: str = "score"
                 ax.plot(ks, scores, marker=".", label=name)
         ax.axhline(curves.base, color="grey", linestyle="--", linewidth=0.8)
         ax.set_xscale("symlog")
+        ax.set_xlim(left=0)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         if table:
