@@ -87,8 +87,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--models", type=Path, default=Path("runs/modadd-targets"), help="trained targets (reused)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="training lr (the reference uses 1e-3; 3e-3 groks "
-                        "≈10× sooner on CPU)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="training lr (the reference uses 1e-3; with 3e-3 "
+                        "seeds 0–2 reach 99 %% test accuracy in 1.7k–3.5k steps, which fits a CPU budget)")
     parser.add_argument("--stop-accuracy", type=float, default=0.99, help="train until this test accuracy")
     parser.add_argument("--dtype", default="float32", help="model dtype for LIB (accumulators are float64 anyway)")
     parser.add_argument("--batch-size", type=int, default=4096)
