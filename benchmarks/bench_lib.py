@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from decomp_hooks.lib import build
-from decomp_hooks.lib.basis import F64, LayerBasis, Moments, identity_basis, lib_basis, pca_basis, whitening
+from decomp_hooks.lib.basis import F64, LayerBasis
 from decomp_hooks.lib.config import LIBConfig, load_lib_config
 from decomp_hooks.lib.nodes import NodeLayers
 from decomp_hooks.toy.modadd import ModAddConfig, ModAddTransformer, modadd_dataset
@@ -28,10 +28,10 @@ def _with_const(f: torch.Tensor) -> torch.Tensor:
     return torch.cat([f, torch.ones_like(f[..., :1])], -1)
 
 
-def naive_jacobian_gram(nodes: NodeLayers, layer: int, data: list, c_next: torch.Tensor) -> torch.Tensor:
+def naive_jacobian_gram(nodes: NodeLayers, layer: int, data: list, c_next: torch.Tensor, *_) -> torch.Tensor:
     """M′ with one backward per output direction (t, i) per batch."""
     d = sum(nodes.widths[layer])
-    acc, rows = torch.zeros(d + 1, d + 1, dtype=F64), 0
+    acc, rows = torch.zeros(d + 1, d + 1, dtype=F64, device=c_next.device), 0
     for batch in data:
         with torch.no_grad():
             (x,) = nodes.read(batch, [layer])
@@ -46,10 +46,10 @@ def naive_jacobian_gram(nodes: NodeLayers, layer: int, data: list, c_next: torch
     return acc / rows
 
 
-def naive_edges(nodes: NodeLayers, layer: int, data: list, lower: LayerBasis, upper: LayerBasis) -> torch.Tensor:
+def naive_edges(nodes: NodeLayers, layer: int, data: list, lower: LayerBasis, upper: LayerBasis, *_) -> torch.Tensor:
     """Squared gradient-rule edges with one backward per output direction (t, i) per batch."""
     d = sum(nodes.widths[layer])
-    acc, rows = torch.zeros(upper.C.shape[1], lower.C.shape[1], dtype=F64), 0
+    acc, rows = torch.zeros(upper.C.shape[1], lower.C.shape[1], dtype=F64, device=upper.C.device), 0
     for batch in data:
         with torch.no_grad():
             (x,) = nodes.read(batch, [layer])
@@ -65,31 +65,12 @@ def naive_edges(nodes: NodeLayers, layer: int, data: list, lower: LayerBasis, up
 
 
 def lib_pipeline(model: torch.nn.Module, data: list, cfg: LIBConfig, naive: bool) -> list[torch.Tensor]:
-    """Grams, LIB bases backwards and edges, with the vmapped or the naive Jacobians; returns every M′ and E."""
+    """The library's build (Grams, bases backwards, edges) with the vmapped or the naive Jacobians; returns every
+    layer's Λ and every edge matrix."""
     nodes = NodeLayers(model, cfg.layers, cfg.last_position_from)
-    moments = []
-    with torch.no_grad():
-        for batch in data:
-            acts = nodes.read(batch)
-            moments = moments or [Moments.zeros(a.shape[-1], a.device) for a in acts]
-            for m, a in zip(moments, acts):
-                m.add(a)
-    last, gen = len(nodes) - 1, torch.Generator().manual_seed(0)
-    bases = [None] * len(nodes)
-    bases[last] = (pca_basis(moments[last].gram(), moments[last].mean(), [sum(nodes.widths[last])], cfg.truncation_threshold)
-                   if cfg.rotate_final else identity_basis(sum(nodes.widths[last]), torch.device("cpu")))
-    outputs = []
-    for layer in range(last - 1, -1, -1):
-        r, rp, n_iso = whitening(moments[layer].gram(), moments[layer].mean(), [sum(nodes.widths[layer])],
-                                 cfg.truncation_threshold)
-        m = (naive_jacobian_gram(nodes, layer, data, bases[layer + 1].C) if naive
-             else build.jacobian_gram(nodes, layer, data, bases[layer + 1].C, cfg, gen))
-        bases[layer] = lib_basis(r, rp, n_iso, m, cfg.truncation_threshold)
-        outputs.append(m)
-    for layer in range(last):
-        outputs.append(naive_edges(nodes, layer, data, bases[layer], bases[layer + 1]) if naive
-                       else build.edge_matrix(nodes, layer, data, bases[layer], bases[layer + 1], cfg, gen))
-    return outputs
+    fns = {"gram_fn": naive_jacobian_gram, "edge_fn": naive_edges} if naive else {}
+    res = build.build_graph(nodes, data, data, cfg, next(model.parameters()).device, **fns)
+    return [res.eigenvalues[n] for n in res.layers] + res.edges
 
 
 class PeakRSS:

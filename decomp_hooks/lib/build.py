@@ -5,6 +5,7 @@ Everything runs on the model's device; the Gram, M′ and all eigendecomposition
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,13 @@ def local_interaction_basis(model: Any, data: Any, layers: list[str | list[str]]
     nodes = NodeLayers(module, cfg.layers, cfg.last_position_from)
     main = batches(data, cfg.batch_size, cfg.n_samples, device, dtype)
     grams = main if gram_data is None else batches(gram_data, cfg.batch_size, None, device, dtype)
+    return build_graph(nodes, main, grams, cfg, device, progress)
+
+
+def build_graph(nodes: NodeLayers, main: list[Any], grams: list[Any], cfg: LIBConfig, device: torch.device,
+                progress: bool = False, gram_fn: Callable = jacobian_gram, edge_fn: Callable = edge_matrix) -> LIBResult:
+    """Moments, bases backwards from the output, and edges, on prepared batches; `gram_fn` / `edge_fn` compute M′
+    and E (benchmarks swap in other implementations)."""
     generator = torch.Generator(device).manual_seed(cfg.seed)
 
     moments: list[Moments] = []
@@ -172,12 +180,13 @@ def local_interaction_basis(model: Any, data: Any, layers: list[str | list[str]]
             bases[layer] = pca_basis(gram, mu, iso, cfg.truncation_threshold)
             continue
         r, r_pinv, n_iso = whitening(gram, mu, iso, cfg.truncation_threshold)
-        m_prime = jacobian_gram(nodes, layer, main, bases[layer + 1].C, cfg, generator, progress)
+        m_prime = gram_fn(nodes, layer, main, bases[layer + 1].C, cfg, generator, progress)
         bases[layer] = lib_basis(r, r_pinv, n_iso, m_prime, cfg.truncation_threshold)
 
     edges = {}
     if cfg.edges:
         for layer in tqdm(range(last), desc="edges", disable=not progress):
-            edges[layer] = edge_matrix(nodes, layer, main, bases[layer], bases[layer + 1], cfg, generator, progress)
+            edges[layer] = edge_fn(nodes, layer, main, bases[layer], bases[layer + 1], cfg, generator, progress)
     return LIBResult.from_bases(nodes, bases, moments, edges, cfg)
+
 
