@@ -122,6 +122,23 @@ def broadcast_parameters(params: list[torch.Tensor]) -> None:
             dist.broadcast(p.data, src=0)
 
 
+@torch.no_grad()
+def broadcast_from_main(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's values of `t` on every rank (in place; one tensor shared by all ranks, e.g. shared PGD sources)."""
+    if current().enabled:
+        dist.broadcast(t, src=0)
+    return t
+
+
+@torch.no_grad()
+def mean_(t: torch.Tensor) -> torch.Tensor:
+    """`t` averaged over ranks, in place (gradients of a quantity that all ranks share)."""
+    if current().enabled:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
 def slice_batch(batch: Any, rank: int, world_size: int) -> Any:
     """This rank's contiguous share of a global batch (tensors and dicts/tuples of tensors, split on dim 0)."""
     if isinstance(batch, torch.Tensor):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from decomp_hooks import distributed
 from decomp_hooks.component_model import CausalImportance, ComponentModel
 from decomp_hooks.components import SiteMask
 from decomp_hooks.config import DecomposeConfig, LossConfig
@@ -221,6 +222,8 @@ class SPD:
             shape = (*shape, g.shape[-1] + 1)
             init = {"random": torch.rand, "ones": torch.ones, "zeroes": torch.zeros}[lc.init]
             sources[name] = init(shape, device=g.device)
+            if lc.mask_scope == "shared_across_batch":
+                distributed.broadcast_from_main(sources[name])  # one source for the global batch, as on one rank
         return sources
 
     def pgd_masks(self, ctx: StepContext, sources: dict[str, torch.Tensor], group: dict, detach_ci: bool) -> dict[str, SiteMask]:
@@ -241,6 +244,8 @@ class SPD:
                 s.requires_grad_(True)
             out, _ = ctx.fwd(ctx.batch, masks=self.pgd_masks(ctx, sources, group, True), delta_ws=delta_ws)
             grads = torch.autograd.grad(self.divergence(out, ctx.target_out), list(sources.values()))
+            if lc.mask_scope == "shared_across_batch":
+                grads = [distributed.mean_(gr) for gr in grads]  # the ascent direction of the global-batch loss
             sources = {n: (s.detach() + lc.step_size * gr.sign()).clamp(0, 1) for (n, s), gr in zip(sources.items(), grads)}
         return self.recon(ctx, self.pgd_masks(ctx, sources, group, False))
 
