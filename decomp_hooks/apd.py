@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from decomp_hooks import distributed
 from decomp_hooks.component_model import CausalImportance, ComponentModel, output_tensor
 from decomp_hooks.components import SiteComponents, SiteMask, intervention_mask
 from decomp_hooks.config import APDConfig, ConfigError, DecomposeConfig
@@ -313,13 +314,21 @@ class APD:
                 scores = activation_attributions(cm, acts_in)
             else:
                 scores = ablation_attributions(cm, batch)
+        ranked = scores[..., :-1] if a.distil_from_target else scores
+        mask = self.topk(ranked)
         if a.distil_from_target:
-            mask = topk_mask(scores[..., :-1], a.topk, a.batch_topk)
             mask = torch.cat([mask, torch.ones_like(mask[..., :1])], dim=-1)
-        else:
-            mask = topk_mask(scores, a.topk, a.batch_topk)
         m = mask.float()
         return APDContext(fwd, batch, target_out.detach(), inputs, outputs, scores, mask, {"topk": CausalImportance(m, m)})
+
+    def topk(self, scores: torch.Tensor) -> torch.Tensor:
+        """The top-k mask of this rank's positions; batch top-k ranks the scores of the whole global batch."""
+        if not (self.a.batch_topk and self.world_size > 1):
+            return topk_mask(scores, self.a.topk, self.a.batch_topk)
+        mask = topk_mask(distributed.all_gather_cat(scores), self.a.topk, True)
+        n = scores.shape[0]
+        rank = distributed.current().rank
+        return mask[rank * n:(rank + 1) * n]
 
     def masks(self, cm: ComponentModel, mask: torch.Tensor) -> dict[str, SiteMask]:
         """The shared forward's masks for a per-component mask `[..., C]` (no delta component)."""

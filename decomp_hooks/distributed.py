@@ -139,6 +139,15 @@ def mean_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` (same shape on all ranks), concatenated on dim 0 in rank order: the global batch's values."""
+    if not current().enabled:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 def slice_batch(batch: Any, rank: int, world_size: int) -> Any:
     """This rank's contiguous share of a global batch (tensors and dicts/tuples of tensors, split on dim 0)."""
     if isinstance(batch, torch.Tensor):

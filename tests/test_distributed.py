@@ -32,7 +32,7 @@ PGD_SHARED = {"type": "pgd_recon", "coeff": 1.0, "init": "zeroes", "n_steps": 2,
               "mask_scope": "shared_across_batch"}
 #: case -> (method, importance-minimality β, data whose two halves are identical, FSDP2 instead of DDP)
 CASES = {"split": ("spd", 0.0, False, False), "log_term": ("spd", 0.5, True, False), "fsdp": ("spd", 0.0, False, True),
-         "apd": ("apd", 0.0, False, False), "pgd_shared": ("spd", 0.0, False, False)}
+         "apd": ("apd", 0.0, False, False), "apd_batch_topk": ("apd", 0.0, False, False), "pgd_shared": ("spd", 0.0, False, False)}
 N_DRAWS = 200
 
 
@@ -55,12 +55,12 @@ def model(blocks: bool = False) -> nn.Module:
     return Blocks() if blocks else nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 6))
 
 
-def config(method: str, beta: float, fsdp: bool = False, pgd: bool = False) -> dict:
-    """SPD with deterministic terms, or APD with per-sample top-k (its batch top-k would rank each rank's half)."""
+def config(method: str, beta: float, fsdp: bool = False, pgd: bool = False, batch_topk: bool = False) -> dict:
+    """SPD with deterministic terms, or APD with per-sample or batch top-k (which ranks the whole global batch)."""
     targets = {"blocks.*.0": 8, "head": 4} if fsdp else {"0": 8, "2": 8}
     if method == "apd":
         return {"method": "apd", "targets": {"0": 4, "2": 4}, "train": TRAIN,
-                "apd": {"topk": 1.0, "batch_topk": False, "unit_norm_matrices": True}}
+                "apd": {"topk": 1.0, "batch_topk": batch_topk, "unit_norm_matrices": True}}
     imp = {"type": "importance_minimality", "coeff": 1e-2, "pnorm": 1.0, "beta": beta}
     return {"targets": targets, "ci": {"type": "mlp", "hidden": [8]}, "losses": [*DETERMINISTIC, imp, *([PGD_SHARED] if pgd else [])],
             "train": {**TRAIN, "fsdp": fsdp}}
@@ -77,7 +77,8 @@ def run(case: str, out):
     import decomp_hooks as dh
 
     method, beta, halves, fsdp = CASES[case]
-    return dh.decompose(model(fsdp), data(halves), config=config(method, beta, fsdp, case == "pgd_shared"), out_dir=out, progress=False)
+    return dh.decompose(model(fsdp), data(halves), config=config(method, beta, fsdp, case == "pgd_shared", case == "apd_batch_topk"),
+                        out_dir=out, progress=False)
 
 
 def state(dec) -> dict[str, torch.Tensor]:
