@@ -65,10 +65,11 @@ def decompose_command(config: Path, steps: int | None, device: str | None, seed:
     The run directory holds config.yaml, metrics.jsonl, checkpoints/, decomposition/ (safetensors + JSON), the
     toy target (target/) and PNG plots; a summary table of the final metrics is printed.
 
-    Examples: decomp-hooks decompose examples/tms_5-2.yaml --steps 2000 --out runs/tms
-              decomp-hooks decompose examples/tms_5-2.yaml --resume runs/tms   (after a crash or pre-emption)
-              decomp-hooks decompose examples/resid_mlp1.yaml --nproc 4       (= torchrun --nproc_per_node 4
-                                                                               -m decomp_hooks.cli decompose ...)
+    \b
+    Examples:
+      decomp-hooks decompose examples/tms_5-2.yaml --steps 2000 --out runs/tms
+      decomp-hooks decompose examples/tms_5-2.yaml --resume runs/tms    # after a crash or pre-emption
+      decomp-hooks decompose examples/resid_mlp1.yaml --nproc 4        # = torchrun --nproc_per_node 4 -m decomp_hooks.cli decompose ...
     """
     import decomp_hooks as dh
     from decomp_hooks import distributed
