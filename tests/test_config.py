@@ -12,6 +12,13 @@ EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_shipped_configs_load(path):
+    """Decomposition configs load as DecomposeConfig, LIB configs (`lib_*.yaml`) as the LIB run config."""
+    if path.name.startswith("lib_"):
+        from decomp_hooks.lib.config import load_lib_run_config
+
+        cfg = load_lib_run_config(path)
+        assert cfg.lib.layers and cfg.target.toy
+        return
     cfg = load_config(path)
     assert cfg.targets and (cfg.losses or cfg.method == "apd") and cfg.target.toy
 
