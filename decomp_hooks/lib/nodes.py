@@ -105,13 +105,7 @@ class NodeLayers:
             return hook
 
         handles = [self.modules[n].register_forward_hook(grab(n)) for n in wanted]
-        try:
-            grabbed[OUTPUT] = model_output(call_model(self.model, batch))
-        except _Stop:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
+        self._call(batch, handles, grabbed)
         acts = []
         for i in layers:
             parts = [self._select(i, grabbed[n]) for n in self.members[i]]
@@ -120,6 +114,16 @@ class NodeLayers:
             self.widths[i] = [p.shape[-1] for p in parts]
             acts.append(torch.cat(parts, -1))
         return acts
+
+    def _call(self, batch: Any, handles: list, grabbed: dict[str, Tensor]) -> None:
+        """Run the model with `handles` attached (a hook may stop it early with _Stop), then remove them."""
+        try:
+            grabbed[OUTPUT] = model_output(call_model(self.model, batch))
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
 
     def run_from(self, layer: int, batch: Any, x: Tensor, until: int | None = None) -> Tensor:
         """Run `batch` with node layer `layer` replaced by `x` `[B', P, d]` and return node layer `until` (default the
@@ -153,13 +157,7 @@ class NodeLayers:
 
         handles = [self.modules[n].register_forward_hook(put(n)) for n in self.members[layer]]
         handles += [self.modules[n].register_forward_hook(grab(n)) for n in targets]
-        try:
-            grabbed[OUTPUT] = model_output(call_model(self.model, batch))
-        except _Stop:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
+        self._call(batch, handles, grabbed)
         return torch.cat([self._select(until, grabbed[n]) for n in self.members[until]], -1)
 
     def _place(self, layer: int, out: Tensor, piece: Tensor) -> Tensor:
