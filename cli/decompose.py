@@ -95,13 +95,13 @@ def decompose_command(config: Path, steps: int | None, device: str | None, seed:
         if main_rank and created and not (out / "checkpoints").exists():
             shutil.rmtree(out, ignore_errors=True)  # refused before any checkpoint: leave nothing behind
         raise click.ClickException(str(err)) from None
-    if not main_rank:
-        return
-    toy_plots(dec, out)
-    final = dec.final_metrics()
-    click.echo(summary_table(final))
-    verdict = passes({k.removeprefix("eval/"): v for k, v in final.items()}, dec)
-    click.echo(f"ground-truth bars (benchmarks.md): {'PASS' if verdict else 'FAIL'}   run directory: {out}")
+    if main_rank:
+        toy_plots(dec, out)
+        final = dec.final_metrics()
+        click.echo(summary_table(final))
+        verdict = passes({k.removeprefix("eval/"): v for k, v in final.items()}, dec)
+        click.echo(f"ground-truth bars (benchmarks.md): {'PASS' if verdict else 'FAIL'}   run directory: {out}")
+    distributed.shutdown()
 
 
 def launch(nproc: int, config: Path, out: Path, steps: int | None, device: str | None, seed: int, resume: bool,

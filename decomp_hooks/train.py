@@ -267,7 +267,8 @@ class Trainer:
             return
         kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         self.records = [r for r in kept if r.get("step", 0) < self.step]
-        store.write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
+        if self.rank == 0:  # rank 0 alone writes (all ranks keep the records)
+            store.write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     # -- the loop --------------------------------------------------------------------------------------------
 
