@@ -211,15 +211,20 @@ def load_config(config: DecomposeConfig | dict | str | Path | None) -> Decompose
         cfg = from_dict(DecomposeConfig, config)
     else:
         path = Path(config)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML path, a dict or a DecomposeConfig.")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
-        cfg = from_dict(DecomposeConfig, data, where=path.name)
+        cfg = from_dict(DecomposeConfig, read_yaml(path, "; pass a YAML path, a dict or a DecomposeConfig."), where=path.name)
     validate(cfg)
     return cfg
+
+
+def read_yaml(path: Path, hint: str = ".") -> Any:
+    """The parsed YAML file at `path` ({} when empty); a ConfigError when it is missing (`hint` says what to pass) or
+    not YAML."""
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist{hint}")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
 
 
 def _check(ok: bool, message: str) -> None:

@@ -22,6 +22,20 @@ class StoreError(ValueError):
     """A saved file or directory that is missing, truncated or not one of ours."""
 
 
+def replaceable_dir(path: str | Path, overwrite: bool, error: type[Exception] = StoreError) -> bool:
+    """Check an output directory before writing it whole; returns the `overwrite` flag for `atomic_dir` (True for an
+    existing empty one, or a non-empty one when `overwrite`). Raises `error` naming the fix otherwise."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    if not path.is_dir():
+        raise error(f"{str(path)!r} exists and is not a directory; choose another output path.")
+    if any(path.iterdir()) and not overwrite:
+        raise error(f"{str(path)!r} already exists and is not empty; choose another output directory or pass "
+                    "overwrite=True (--force) to replace it.")
+    return True
+
+
 @contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `path` in one rename, on failure it vanishes."""

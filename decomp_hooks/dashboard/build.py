@@ -61,15 +61,7 @@ def collect(dec: Any, sites: list[str], data: Any, cfg: DashboardConfig,
 
 def output_dir(out: str | Path, overwrite: bool) -> bool:
     """Check the output directory; True when an existing (empty, or replaceable) one is to be replaced."""
-    out = Path(out)
-    if not out.exists():
-        return False
-    if not out.is_dir():
-        raise DashboardError(f"{str(out)!r} exists and is not a directory; choose another output path.")
-    if any(out.iterdir()) and not overwrite:
-        raise DashboardError(f"{str(out)!r} already exists and is not empty; choose another directory or pass "
-                             "overwrite=True (--force).")
-    return True
+    return store.replaceable_dir(out, overwrite, DashboardError)
 
 
 def context_view(contexts: Contexts, pairs: list[tuple[float, int]], i: int, tokenizer: Any) -> list[dict]:

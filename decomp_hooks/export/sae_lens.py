@@ -159,18 +159,6 @@ class SAEFiles:
             store.write_json(directory / NEURONPEDIA_FILE, self.neuronpedia)
 
 
-def _output_dir(path: str | Path, overwrite: bool) -> bool:
-    """Check the output directory; returns the `overwrite` flag for `store.atomic_dir` (True for an empty one)."""
-    path = Path(path)
-    if not path.exists():
-        return False
-    if not path.is_dir():
-        raise ExportError(f"{str(path)!r} exists and is not a directory; choose another output path.")
-    if any(path.iterdir()) and not overwrite:
-        raise ExportError(f"{str(path)!r} already exists and is not empty; choose another output directory or pass "
-                          "overwrite=True (--force) to replace it.")
-    return True
-
 
 def export_basis(path: str | Path, encoder: torch.Tensor, decoder: torch.Tensor, b_dec: torch.Tensor | None = None,
                  b_enc: torch.Tensor | None = None, *, format: str = TRANSCODER, hook_name: str | None = None,
@@ -195,7 +183,7 @@ def export_basis(path: str | Path, encoder: torch.Tensor, decoder: torch.Tensor,
     md.update(export_format=fmt, feature_layout=feature_layout(fmt, k), decomp_hooks_version=_own_version())
     reshape = "hook_z" if (hook_name or "").endswith("hook_z") else "none"
     files = SAEFiles(tensors, sae_cfg(fmt, d_in, d_sae, d_out, md, reshape), sparsity)
-    with store.atomic_dir(path, overwrite=_output_dir(path, overwrite)) as tmp:
+    with store.atomic_dir(path, overwrite=store.replaceable_dir(path, overwrite, ExportError)) as tmp:
         files.write(tmp)
     return Path(path)
 
@@ -462,7 +450,7 @@ def export_decomposition(dec: Any, path: str | Path, format: str = TRANSCODER,
     dirs = [dir_name(n) for n in names]
     if len(set(dirs)) != len(dirs):
         raise ExportError(f"site names {names} give clashing directory names {dirs}.")
-    replace = _output_dir(path, overwrite)
+    replace = store.replaceable_dir(path, overwrite, ExportError)
     context = model_context(dec.model, model_name)
     rid = run_id(dec)
     statistics = None

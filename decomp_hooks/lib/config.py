@@ -6,9 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from decomp_hooks.config import ConfigError, from_dict
+from decomp_hooks.config import ConfigError, from_dict, read_yaml
 from decomp_hooks.lib.jacobians import INTEGRATION_RULES
 
 BASES = ("lib", "pca")
@@ -81,11 +79,7 @@ def load_lib_config(config: LIBConfig | dict | str | Path | None, **overrides: A
         cfg = from_dict(LIBConfig, config, where="lib config")
     else:
         path = Path(config)
-        _check(path.is_file(), f"config file {str(path)!r} does not exist; pass a YAML path, a dict or a LIBConfig.")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        data = read_yaml(path, "; pass a YAML path, a dict or a LIBConfig.")
         cfg = from_dict(LIBConfig, data.get("lib", data) if isinstance(data, dict) else data, where=path.name)
     names = {f.name for f in dataclasses.fields(LIBConfig)}
     unknown = set(overrides) - names
@@ -119,12 +113,7 @@ class LIBRunConfig:
 def load_lib_run_config(path: str | Path) -> LIBRunConfig:
     """A validated LIBRunConfig from a YAML file."""
     path = Path(path)
-    _check(path.is_file(), f"config file {str(path)!r} does not exist.")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
-    cfg = from_dict(LIBRunConfig, data, where=path.name)
+    cfg = from_dict(LIBRunConfig, read_yaml(path), where=path.name)
     validate(cfg.lib)
     t = cfg.target
     _check(t.path is not None or t.toy == "modadd",
