@@ -162,7 +162,7 @@ def test_save_load_round_trip(tmp_path) -> None:
 
 def test_make_toy_and_registry() -> None:
     assert set(toy_names()) == {
-        "tms_5-2", "tms_5-2-id", "tms_40-10", "tms_40-10-id", "resid_mlp1", "resid_mlp2", "resid_mlp3"
+        "tms_5-2", "tms_5-2-id", "tms_40-10", "tms_40-10-apd", "tms_40-10-id", "resid_mlp1", "resid_mlp2", "resid_mlp3"
     }
     model, sampler = make_toy("tms_5-2-id", steps=10, progress=False)
     assert isinstance(model, TMSModel) and len(model.hidden_layers) == 1

@@ -110,9 +110,11 @@ def tms_ground_truth(model: TMSModel) -> Tensor:
 # 1-5 features on 9 of 10 seeds (output unit dead from step 0), so every preset starts the bias at zero instead.
 _RECIPE_5_2 = {"steps": 10_000, "batch_size": 1024}
 _RECIPE_40_10 = {"steps": 10_000, "batch_size": 8192}
+_RECIPE_40_10_APD = {"steps": 2_000, "batch_size": 2048, "lr": 1e-3}  # the APD paper's target (methods.md §4.1)
 TMS_PRESETS: dict[str, tuple[TMSConfig, dict[str, Any]]] = {
     "tms_5-2": (TMSConfig(5, 2, init_bias_to_zero=True), _RECIPE_5_2),
     "tms_5-2-id": (TMSConfig(5, 2, n_identity_layers=1, init_bias_to_zero=True), _RECIPE_5_2),
     "tms_40-10": (TMSConfig(40, 10, init_bias_to_zero=True), _RECIPE_40_10),
+    "tms_40-10-apd": (TMSConfig(40, 10, init_bias_to_zero=True), _RECIPE_40_10_APD),
     "tms_40-10-id": (TMSConfig(40, 10, n_identity_layers=1, init_bias_to_zero=True), _RECIPE_40_10),
 }
