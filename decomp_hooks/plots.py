@@ -21,6 +21,12 @@ from torch import Tensor
 from decomp_hooks.metrics import norms
 
 _TICK_LIMIT = 40
+_MAX_INCHES = (24.0, 16.0)  # beyond this a heatmap cell is under a pixel anyway; keeps APD's C·m columns drawable
+
+
+def _figsize(width: float, height: float) -> tuple[float, float]:
+    """A figure size that grows with the matrix drawn, capped at `_MAX_INCHES`."""
+    return min(width, _MAX_INCHES[0]), min(height, _MAX_INCHES[1])
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
@@ -59,7 +65,7 @@ def plot_ci_matrix(
 ) -> Path:
     """Heatmap of a one-hot-probe CI matrix [n, C] (columns permuted if given), coloured on [0, 1]."""
     order = torch.arange(ci.shape[1]) if permutation is None else permutation.detach().cpu()
-    fig = Figure(figsize=(max(4.0, 0.25 * len(order) + 2.0), max(3.0, 0.25 * ci.shape[0] + 1.5)))
+    fig = Figure(figsize=_figsize(max(4.0, 0.25 * len(order) + 2.0), max(3.0, 0.25 * ci.shape[0] + 1.5)))
     ax = fig.add_subplot()
     image = ax.imshow(_to_numpy(ci[:, order.to(ci.device)]), vmin=0.0, vmax=1.0, cmap="Blues", aspect="auto")
     fig.colorbar(image, ax=ax, label="causal importance")
@@ -93,7 +99,7 @@ def plot_components(
         component_norms = norms(V, U).cpu()[order]
         order = order[torch.topk(component_norms, max_components).indices.sort().values]
     V_shown, U_shown = _to_numpy(V[:, order.to(V.device)]), _to_numpy(U[order.to(U.device)])
-    fig = Figure(figsize=(max(8.0, 0.5 * len(order) + 6.0), max(3.5, 0.2 * max(V.shape[0], len(order)) + 2.0)))
+    fig = Figure(figsize=_figsize(max(8.0, 0.5 * len(order) + 6.0), max(3.5, 0.2 * max(V.shape[0], len(order)) + 2.0)))
     ax_v, ax_u = fig.subplots(1, 2)
     _diverging(ax_v, fig, V_shown, "V [d_in, C]", "component", "input dim")
     _diverging(ax_u, fig, U_shown, "U [C, d_out]", "output dim", "component")

@@ -161,3 +161,12 @@ def test_plots_write_png_files(tmp_path) -> None:
     for path in paths:
         assert path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["ci.png", "curves.png", "uv.png"]
+
+
+def test_component_plot_of_many_columns_stays_drawable(tmp_path) -> None:
+    """APD's C·m rank-one columns (here 3000 of a 600-wide site) draw into a capped figure, not a 150,000-pixel one."""
+    from PIL import Image
+
+    path = plots.plot_components(torch.randn(600, 3000), torch.randn(3000, 600), tmp_path / "uv.png", "UV")
+    width, height = Image.open(path).size
+    assert width <= 2600 and height <= 1800
