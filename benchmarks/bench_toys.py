@@ -12,7 +12,7 @@ import argparse
 import json
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -57,12 +57,14 @@ def main() -> None:
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     results_path = Path(args.out) / f"{Path(args.config).stem}.jsonl"
-    with ProcessPoolExecutor(args.workers) as pool:
+    results = []
+    with ProcessPoolExecutor(args.workers) as pool, open(results_path, "a") as f:
         futures = [pool.submit(run_seed, args.config, s, args.steps, args.device, args.out, threads) for s in seeds]
-        results = [f.result() for f in futures]
-    with open(results_path, "a") as f:
-        for r in results:
-            f.write(json.dumps(r) + "\n")
+        for future in as_completed(futures):  # each seed's line is kept as soon as it finishes
+            results.append(future.result())
+            f.write(json.dumps(results[-1]) + "\n")
+            f.flush()
+    results.sort(key=lambda r: r["seed"])
     keys = [k for k in results[0] if k not in ("config", "device", "threads", "target_train_s")]
     print(" | ".join(keys))
     for r in results:
