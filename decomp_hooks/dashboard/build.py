@@ -59,11 +59,6 @@ def collect(dec: Any, sites: list[str], data: Any, cfg: DashboardConfig,
     return stats, n_seqs, seq_len
 
 
-def output_dir(out: str | Path, overwrite: bool) -> bool:
-    """Check the output directory; True when an existing (empty, or replaceable) one is to be replaced."""
-    return store.replaceable_dir(out, overwrite, DashboardError)
-
-
 def context_view(contexts: Contexts, pairs: list[tuple[float, int]], i: int, tokenizer: Any) -> list[dict]:
     """The template's view of item i's example windows: per token its text, CI and signed activation."""
     examples = []
@@ -109,7 +104,7 @@ def build_dashboards(dec: Any, data: Any, out: str | Path, sites: str | list[str
     e.g. `TokenBatches`), streamed twice (statistics, then the top contexts). `components` restricts every site to
     those indices; only components that fire are shown."""
     cfg = config or DashboardConfig()
-    replace = output_dir(out, overwrite)
+    replace = store.replaceable_dir(out, overwrite, DashboardError)
     names = select_sites(dec, sites)
     chosen = {n: select_components(dec.cm.component(n).C, components, n) for n in names}
     data = reiterable(data)

@@ -27,7 +27,7 @@ import torch
 from decomp_hooks import store
 from decomp_hooks.dashboard import render
 from decomp_hooks.dashboard.activations import DashboardError, reiterable, site_batches, stream, windows
-from decomp_hooks.dashboard.build import context_view, example_scale, output_dir
+from decomp_hooks.dashboard.build import context_view, example_scale
 from decomp_hooks.dashboard.statistics import ComponentStats
 from decomp_hooks.export import neuronpedia as npd
 from decomp_hooks.export.sae_lens import LoadedSAE, load_sae, site_hooks
@@ -271,7 +271,7 @@ def compare_with_sae(dec: Any, site: str, sae: str | Path | LoadedSAE, data: Any
     cfg = config or CompareConfig()
     if site not in dec.cm.sites:
         raise DashboardError(f"site {site!r} is not decomposed; the sites are {dec.site_names}.")
-    replace = output_dir(out, overwrite) if out is not None else False
+    replace = store.replaceable_dir(out, overwrite, DashboardError) if out is not None else False
     sae = sae if isinstance(sae, LoadedSAE) else load_sae(sae)
     reads, space = comparison_space(dec, site, sae)
     data = reiterable(data)

@@ -159,7 +159,6 @@ class SAEFiles:
             store.write_json(directory / NEURONPEDIA_FILE, self.neuronpedia)
 
 
-
 def export_basis(path: str | Path, encoder: torch.Tensor, decoder: torch.Tensor, b_dec: torch.Tensor | None = None,
                  b_enc: torch.Tensor | None = None, *, format: str = TRANSCODER, hook_name: str | None = None,
                  hook_name_out: str | None = None, hf_hook_name: str | None = None,
