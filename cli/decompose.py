@@ -29,6 +29,7 @@ def run_toy(cfg, out: Path, steps: int | None, device: str | None, seed: int, re
     ctx, dev = distributed.setup(resolve_device(device))
     saved = out / "target"
     if ctx.is_main:
+        trained: dict = {}
         if (saved / "toy.json").is_file():
             model = load_toy(saved)
         elif cfg.target.path is not None:
@@ -36,8 +37,9 @@ def run_toy(cfg, out: Path, steps: int | None, device: str | None, seed: int, re
         else:
             click.echo(f"training target {cfg.target.toy} (seed {cfg.target.seed}) ...")
             model, _ = make_toy(cfg.target.toy, seed=cfg.target.seed, steps=cfg.target.steps, progress=progress)
+            trained = {"preset": cfg.target.toy, "seed": cfg.target.seed}
         if not saved.exists():
-            save_toy(model, saved)
+            save_toy(model, saved, **trained)
     distributed.barrier()
     if not ctx.is_main:
         model = load_toy(saved)

@@ -37,5 +37,5 @@ def train_command(name: str, out: Path, steps: int | None, seed: int, device: st
         model, _ = make_toy(name, seed=seed, device=device, steps=steps)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="NAME") from None
-    save_toy(model, out)
+    save_toy(model, out, preset=name, seed=seed)
     click.echo(f"saved {name} (seed {seed}) to {out}")

@@ -42,7 +42,9 @@ def test_bad_config_is_a_usage_error(tmp_path):
 
 
 def test_toy_train_and_unknown_name(tmp_path):
-    result = CliRunner().invoke(main, ["toy", "train", "tms_5-2", "--steps", "50", "--out", str(tmp_path / "t")])
+    result = CliRunner().invoke(main, ["toy", "train", "tms_40-10-apd", "--steps", "20", "--seed", "2", "--out", str(tmp_path / "t")])
     assert result.exit_code == 0 and (tmp_path / "t" / "model.safetensors").is_file()
+    meta = json.loads((tmp_path / "t" / "toy.json").read_text())  # named as trained, not as the first 40-10 preset
+    assert (meta["preset"], meta["seed"]) == ("tms_40-10-apd", 2)
     bad = CliRunner().invoke(main, ["toy", "train", "tms_7-3", "--out", str(tmp_path / "u")])
     assert bad.exit_code == 2 and "unknown toy 'tms_7-3'" in bad.output

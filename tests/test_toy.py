@@ -155,9 +155,12 @@ def test_save_load_round_trip(tmp_path) -> None:
     assert not load_toy(tmp_path / "tms").hidden_layers[0].weight.requires_grad
     meta = json.loads((tmp_path / "resid" / "toy.json").read_text())
     assert meta["kind"] == "resid_mlp" and meta["config"]["d_embed"] == 200
+    save_toy(tms, tmp_path / "named", preset="tms_5-2-id", seed=3)  # the caller's preset and seed are recorded
+    named = json.loads((tmp_path / "named" / "toy.json").read_text())
+    assert (named["preset"], named["seed"]) == ("tms_5-2-id", 3)
     save_toy(resid, tmp_path / "tms")  # overwriting an existing save replaces it whole
     assert isinstance(load_toy(tmp_path / "tms"), ResidMLP)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["resid", "tms"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["named", "resid", "tms"]
 
 
 def test_make_toy_and_registry() -> None:
