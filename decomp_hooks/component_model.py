@@ -1,7 +1,8 @@
 """The target model with its sites' components and CI functions: forwards with chosen site masks.
 
 One `forward(x, masks=..., cache=...)` serves every method: hooks installed for the call read each site's input and,
-for sites with a mask, replace the output with `SiteComponents.forward`.
+for sites with a mask, replace the output with `SiteComponents.forward`. A masked site that runs before any other
+masked site sees the target's own input, so it may reuse that input's `x V` from the target pass (`reuse`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class CausalImportance:
 
     lower: torch.Tensor
     upper: torch.Tensor
+    inner: torch.Tensor | None = None  # the component activations x V at the same input, for reuse in masked forwards
 
 
 def key(name: str) -> str:
@@ -98,48 +100,60 @@ class ComponentModel(nn.Module):
 
     @contextmanager
     def _hooks(self, masks: dict[str, SiteMask], inputs: dict[str, torch.Tensor] | None,
-               delta_ws: dict[str, torch.Tensor] | None, outputs: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
+               delta_ws: dict[str, torch.Tensor] | None, outputs: dict[str, torch.Tensor] | None,
+               reuse: dict[str, torch.Tensor] | None, calls: dict[str, int] | None) -> Iterator[None]:
+        state = _Pass(calls if calls is not None else {})
         handles = []
         for name, site in self.sites.items():
             if name not in masks and inputs is None:
                 continue
-            handles.append(site.hook(self._site_fn(name, masks.get(name), inputs, delta_ws, outputs)))
+            handles.append(site.hook(self._site_fn(name, masks.get(name), inputs, delta_ws, outputs, reuse, state)))
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
 
-    def _site_fn(self, name, mask, inputs, delta_ws, outputs=None):
+    def _site_fn(self, name, mask, inputs, delta_ws, outputs, reuse, state):
         comps = self.component(name)
 
         def fn(x: torch.Tensor, target_out: torch.Tensor) -> torch.Tensor | None:
+            first_call = name not in state.calls
+            state.calls[name] = state.calls.get(name, 0) + 1
             if inputs is not None:
                 inputs[name] = x
             if mask is None:
                 if outputs is not None:
                     outputs[name] = target_out
                 return None
+            inner = reuse.get(name) if reuse and first_call and not state.masked_ran else None
+            state.masked_ran = True
             dw = delta_ws.get(name) if delta_ws else None
-            out = comps(x, mask, target_out=target_out, delta_w=dw).to(target_out.dtype)
+            out = comps(x, mask, target_out=target_out, delta_w=dw, inner=inner).to(target_out.dtype)
             if outputs is not None:
                 outputs[name] = out
             return out
         return fn
 
     def forward(self, x: Any, masks: dict[str, SiteMask] | None = None, cache: bool = False,
-                delta_ws: dict[str, torch.Tensor] | None = None,
-                outputs: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                delta_ws: dict[str, torch.Tensor] | None = None, outputs: dict[str, torch.Tensor] | None = None,
+                reuse: dict[str, torch.Tensor] | None = None,
+                calls: dict[str, int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Run the target with the given site masks (others untouched); returns (output tensor, site inputs if cached).
 
-        `outputs`, if given, is filled with every site's output in this forward (masked or target)."""
+        `outputs`, if given, is filled with every site's output in this forward (masked or target); `calls` with how
+        often each hooked site ran. `reuse[site]`: `x V` of the site's input in a target pass of the same batch, used
+        by a masked site on its first call if no masked site ran before it (its input is then the target's)."""
         inputs: dict[str, torch.Tensor] | None = {} if cache or outputs is not None else None
-        with self._hooks(masks or {}, inputs, delta_ws, outputs):
+        with self._hooks(masks or {}, inputs, delta_ws, outputs, reuse, calls):
             out = self.target(**x) if isinstance(x, dict) else self.target(x)
         return output_tensor(out), inputs or {}
 
-    def causal_importances(self, inputs: dict[str, torch.Tensor], noise: bool = False) -> dict[str, CausalImportance]:
-        """CI per site from the target's site inputs; `noise` adds the binomial-sampling perturbation of z."""
+    def causal_importances(self, inputs: dict[str, torch.Tensor], noise: bool = False,
+                           keep_inner: bool = False) -> dict[str, CausalImportance]:
+        """CI per site from the target's site inputs; `noise` adds the binomial-sampling perturbation of z.
+
+        `.inner` holds `x V` where the CI function read it, and for every site with `keep_inner` (for reuse)."""
         out = {}
         if not self.ci_fns:  # no CI functions (APD): every component counts as fully important
             for name, x in inputs.items():
@@ -150,16 +164,23 @@ class ComponentModel(nn.Module):
             return out
         for name, x in inputs.items():
             comps, fn = self.component(name), self.ci_fns[key(name)]
-            if fn.takes_inner_acts:
-                z = fn(comps.inner_acts(x if comps.kind == "embedding" else x.to(comps.V.dtype)))
-            else:
-                z = fn(x.to(comps.V.dtype))
+            x = x if comps.kind == "embedding" else x.to(comps.V.dtype)
+            inner = comps.inner_acts(x) if fn.takes_inner_acts or keep_inner else None
+            z = fn(inner) if fn.takes_inner_acts else fn(x)
             if noise and self.ci_config.sampling == "binomial":
                 lower_z = 1.05 * z - 0.05 * torch.rand_like(z)
             else:
                 lower_z = z
-            out[name] = CausalImportance(self.lower_sigmoid(lower_z), self.upper_sigmoid(z))
+            out[name] = CausalImportance(self.lower_sigmoid(lower_z), self.upper_sigmoid(z), inner)
         return out
+
+
+@dataclass
+class _Pass:
+    """One forward's bookkeeping: how often each hooked site has run, and whether a masked site has run yet."""
+
+    calls: dict[str, int]
+    masked_ran: bool = False
 
 
 def _tied_sources(tied: list[list[str]], sites: dict[str, Site], C: dict[str, int]) -> dict[str, str]:

@@ -98,17 +98,38 @@ class SiteComponents(nn.Module):
     def _apply_delta(self, x: torch.Tensor, delta_w: torch.Tensor) -> torch.Tensor:
         return delta_w[x] if self.kind == "embedding" else x @ delta_w
 
+    def _delta_from_target(self, acts: torch.Tensor, mask: SiteMask, target_out: torch.Tensor) -> torch.Tensor:
+        """`((x V) ⊙ (m − m_δ)) U + m_δ (target − b) + b` as one matmul and one fused multiply-add: the bias term
+        `(1 − m_δ) b` rides along as an extra column of the matmul."""
+        m_delta = mask.delta.unsqueeze(-1)
+        coeff = acts * (mask.component - m_delta)
+        if self.bias is None:
+            out = coeff @ self.U
+        else:
+            bias_coeff = (1 - m_delta).to(coeff.dtype).expand(*coeff.shape[:-1], 1)
+            out = torch.cat([coeff, bias_coeff], -1) @ torch.cat([self.U, self.bias.unsqueeze(0)])
+        return torch.addcmul(out, m_delta.to(out.dtype), target_out.to(out.dtype))  # bf16 under autocast, like the matmul
+
     def forward(self, x: torch.Tensor, mask: SiteMask, target_out: torch.Tensor | None = None,
-                delta_w: torch.Tensor | None = None) -> torch.Tensor:
-        """The masked site output; `delta_w` may be passed in to share one ΔW across several forwards."""
+                delta_w: torch.Tensor | None = None, inner: torch.Tensor | None = None) -> torch.Tensor:
+        """The masked site output.
+
+        `inner` is `x V` when the caller already holds it for this very input (the target pass's, reused). With the
+        target output `x Wᵀ + b` at hand, the delta term needs no ΔW: m_δ·x ΔW = m_δ·(target − b − (x V) U) folds into
+        the component matmul, `((x V) ⊙ (m − m_δ)) U + m_δ (target − b)`. Without it, ΔW is `delta_w` or computed.
+        """
         if self.kind != "embedding" and x.dtype != self.V.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.V.dtype)
-        out = (self.inner_acts(x) * mask.component) @ self.U
-        if mask.delta is not None:
-            dw = self.delta_weight() if delta_w is None else delta_w
-            out = out + mask.delta.unsqueeze(-1) * self._apply_delta(x, dw)
-        if self.bias is not None:
-            out = out + self.bias
+        acts = self.inner_acts(x) if inner is None else inner
+        if mask.delta is not None and target_out is not None and (target_out.requires_grad or not x.requires_grad):
+            out = self._delta_from_target(acts, mask, target_out)
+        else:
+            out = (acts * mask.component) @ self.U
+            if mask.delta is not None:
+                dw = self.delta_weight() if delta_w is None else delta_w
+                out = out + mask.delta.unsqueeze(-1) * self._apply_delta(x, dw)
+            if self.bias is not None:
+                out = out + self.bias
         if mask.route is not None:
             if target_out is None:
                 raise ValueError("a routed site mask needs the target output to fall back on")

@@ -44,7 +44,8 @@ Forward = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 @dataclass
 class StepContext:
-    """What every loss term of one step reads: the batch, target output and site inputs, CI, and ΔW per site."""
+    """What every loss term of one step reads: the batch, target output and site inputs, CI, ΔW per site (where a term
+    needs it), and the sites' `x V` that masked forwards may reuse."""
 
     fwd: Forward
     batch: object
@@ -52,6 +53,7 @@ class StepContext:
     inputs: dict[str, torch.Tensor]
     ci: dict[str, CausalImportance]
     delta_ws: dict[str, torch.Tensor]
+    reuse: dict[str, torch.Tensor]
 
 
 def annealed_p(loss: LossConfig, frac: float) -> float:
@@ -88,13 +90,19 @@ class SPD:
         self.world_size = world_size
         self.divergence = kl_logits if cfg.output_loss == "kl" else mse
 
-    def prepare(self, cm: ComponentModel, fwd: Forward, batch: object, noise: bool = True) -> StepContext:
-        """Target forward caching site inputs, CI, and ΔW per site: the shared start of every step."""
+    def prepare(self, cm: ComponentModel, fwd: Forward, batch: object, noise: bool = True,
+                delta: bool | None = None) -> StepContext:
+        """Target forward caching site inputs, CI, and ΔW per site (if `delta`, by default if a loss term reads it):
+        the shared start of every step. Sites that ran once keep their `x V` for the masked forwards to reuse."""
+        calls: dict[str, int] = {}
         with torch.no_grad():
-            target_out, inputs = fwd(batch, cache=True)
-        ci = cm.causal_importances(inputs, noise=noise)
-        delta_ws = {n: cm.component(n).delta_weight() for n in cm.site_names}
-        return StepContext(fwd, batch, target_out, inputs, ci, delta_ws)
+            target_out, inputs = fwd(batch, cache=True, calls=calls)
+        ci = cm.causal_importances(inputs, noise=noise, keep_inner=True)
+        reuse = {n: c.inner for n, c in ci.items() if c.inner is not None and calls.get(n) == 1}
+        if delta is None:
+            delta = any(lc.type == "faithfulness" for lc in self.cfg.losses)
+        delta_ws = {n: cm.component(n).delta_weight() for n in cm.site_names} if delta else {}
+        return StepContext(fwd, batch, target_out, inputs, ci, delta_ws, reuse)
 
     def loss(self, cm: ComponentModel, fwd: Forward, batch: object, frac: float) -> tuple[torch.Tensor, dict[str, float], StepContext]:
         """Total loss and each term's raw value, at training-progress fraction `frac`."""
@@ -121,7 +129,7 @@ class SPD:
 
     def evaluate(self, cm: ComponentModel, fwd: Forward, batch: object) -> dict[str, float]:
         """Faithfulness, reconstruction under each mask kind, the PGD probe, and CI-L0 / live components per site."""
-        ctx = self.prepare(cm, fwd, batch, noise=False)
+        ctx = self.prepare(cm, fwd, batch, noise=False, delta=True)
         everywhere = {n: None for n in ctx.ci}
         out = {"faithfulness": faithfulness(cm, ctx.delta_ws).item()}
         for kind in ("stochastic", "ci", "unmasked"):
@@ -200,13 +208,13 @@ class SPD:
         return out
 
     def recon(self, ctx: StepContext, masks: dict[str, SiteMask]) -> torch.Tensor:
-        out, _ = ctx.fwd(ctx.batch, masks=masks, delta_ws=ctx.delta_ws)
+        out, _ = ctx.fwd(ctx.batch, masks=masks, delta_ws=ctx.delta_ws, reuse=ctx.reuse)
         return self.divergence(out, ctx.target_out)
 
     def hidden_acts_recon(self, ctx: StepContext) -> torch.Tensor:
         """Σ_l ‖a_l(masked) − a_l(target)‖² / Σ_l numel(a_l) over the sites' inputs, under stochastic masks."""
         masks = self.masks(ctx, "stochastic", {n: None for n in ctx.ci})
-        _, masked_inputs = ctx.fwd(ctx.batch, masks=masks, cache=True, delta_ws=ctx.delta_ws)
+        _, masked_inputs = ctx.fwd(ctx.batch, masks=masks, cache=True, delta_ws=ctx.delta_ws, reuse=ctx.reuse)
         names = [n for n, x in ctx.inputs.items() if x.is_floating_point()]
         sq = sum((masked_inputs[n].float() - ctx.inputs[n].float()).pow(2).sum() for n in names)
         return sq / max(sum(ctx.inputs[n].numel() for n in names), 1)
@@ -239,10 +247,11 @@ class SPD:
         """n_steps of sign ascent on the sources, then the reconstruction loss at the final sources."""
         sources = self.pgd_sources(ctx, list(group), lc)
         delta_ws = {n: dw.detach() for n, dw in ctx.delta_ws.items()}
+        reuse = {n: r.detach() for n, r in ctx.reuse.items()}
         for _ in range(lc.n_steps):
             for s in sources.values():
                 s.requires_grad_(True)
-            out, _ = ctx.fwd(ctx.batch, masks=self.pgd_masks(ctx, sources, group, True), delta_ws=delta_ws)
+            out, _ = ctx.fwd(ctx.batch, masks=self.pgd_masks(ctx, sources, group, True), delta_ws=delta_ws, reuse=reuse)
             grads = torch.autograd.grad(self.divergence(out, ctx.target_out), list(sources.values()))
             if lc.mask_scope == "shared_across_batch":
                 grads = [distributed.mean_(gr) for gr in grads]  # the ascent direction of the global-batch loss

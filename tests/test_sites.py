@@ -83,6 +83,72 @@ def test_masked_forward_matches_formula():
     torch.testing.assert_close(routed[route], out[route])
 
 
+def _grads(out, *tensors):
+    return torch.autograd.grad(out.pow(2).sum(), tensors, retain_graph=True)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_delta_from_target_output_equals_delta_weight(bias):
+    """With the target output at hand the delta term is m_δ·(target − b − xVU): same values and gradients as x ΔWᵀ."""
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 4, bias=bias)
+    comps = build(nn.Sequential(lin), {"0": 5}).component("0")
+    x = torch.randn(2, 7, 6, requires_grad=True)
+    target = lin(x)
+    for m, md in [(torch.rand(2, 7, 5), torch.rand(2, 7)), (torch.rand(5), torch.tensor(0.3))]:
+        by_weight = comps(x, SiteMask(m, md))
+        by_target = comps(x, SiteMask(m, md), target_out=target)
+        torch.testing.assert_close(by_target, by_weight, rtol=1e-5, atol=1e-6)
+        for a, b in zip(_grads(by_target, x, comps.V, comps.U), _grads(by_weight, x, comps.V, comps.U)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # a detached target output cannot carry the gradient to x: the forward falls back to ΔW
+    detached = comps(x, SiteMask(m, md), target_out=target.detach())
+    torch.testing.assert_close(_grads(detached, x)[0], _grads(comps(x, SiteMask(m, md)), x)[0])
+
+
+def test_reused_inner_acts_give_the_same_loss_and_gradients(tms52):
+    """Masked forwards that reuse the target pass's x V equal those that recompute it, in value and gradient."""
+    cm = ComponentModel(*resolve(tms52, {"linear1": 6, "linear2": 6}), CIConfig(), tied=[["linear1", "linear2"]])
+    x = torch.rand(32, 5)
+    calls: dict[str, int] = {}
+    target, inputs = cm(x, cache=True, calls=calls)
+    assert calls == {"linear1": 1, "linear2": 1}
+    reuse = {n: c.inner for n, c in cm.causal_importances(inputs, keep_inner=True).items()}
+    torch.manual_seed(1)
+    masks = {n: SiteMask(torch.rand(32, 6), torch.rand(32)) for n in inputs}
+    params = cm.component_parameters()
+    for group in (masks, {"linear2": masks["linear2"]}):  # all sites, and the second site alone (layerwise)
+        fresh, _ = cm(x, masks=group)
+        reused, _ = cm(x, masks=group, reuse=reuse)
+        torch.testing.assert_close(reused, fresh)
+        for a, b in zip(_grads(reused, *params), _grads(fresh, *params)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class Twice(nn.Module):
+    """One Linear applied twice in a forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(torch.relu(self.lin(x)))
+
+
+def test_no_reuse_for_a_site_called_twice():
+    """A module run twice per forward sees two inputs; its target-pass x V must not stand in for either."""
+    from decomp_hooks.config import load_config
+    from decomp_hooks.spd import SPD
+
+    torch.manual_seed(0)
+    cm = build(Twice(), {"lin": 3})
+    ctx = SPD(load_config({"targets": {"lin": 3}})).prepare(cm, cm, torch.randn(8, 4))
+    assert ctx.reuse == {}
+    once = build(nn.Sequential(nn.Linear(4, 4)), {"0": 3})
+    assert set(SPD(load_config({"targets": {"0": 3}})).prepare(once, once, torch.randn(8, 4)).reuse) == {"0"}
+
+
 def test_tied_components_share_storage(tms52):
     from decomp_hooks.toy.tms import TMSModel
 

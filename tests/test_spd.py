@@ -34,6 +34,17 @@ def test_importance_minimality_formula():
     torch.testing.assert_close(got, expected)
 
 
+def test_keep_freed_memory_applies_on_linux_cpu_only():
+    import platform
+
+    from decomp_hooks.config import TrainConfig
+    from decomp_hooks.train import keep_freed_memory
+
+    assert keep_freed_memory(torch.device("cpu"), TrainConfig()) == (platform.system() == "Linux")
+    assert not keep_freed_memory(torch.device("cpu"), TrainConfig(keep_freed_memory=False))
+    assert not keep_freed_memory(torch.device("meta"), TrainConfig())
+
+
 def test_p_annealing():
     lc = LossConfig(type="importance_minimality", pnorm=2.0, p_anneal_final_p=0.5, p_anneal_start_frac=0.2, p_anneal_end_frac=0.6)
     assert annealed_p(lc, 0.1) == 2.0 and annealed_p(lc, 0.9) == 0.5
