@@ -105,16 +105,20 @@ def test_greedy_matching_on_large_matrix() -> None:
     assert metrics.identity_ci_error(ci) == 0
 
 
-def test_dense_error() -> None:
+def test_dense_errors() -> None:
     k, n, C = 3, 5, 9
     ci = torch.zeros(n, C)
     ci[:, torch.tensor([7, 1, 4])] = 0.95
     ci[0, 0] = 0.05
-    assert metrics.dense_ci_error(ci, k) == 0
-    assert metrics.dense_ci_error(ci, k - 1) == n  # one always-on column is now counted as "should be off"
-    assert metrics.dense_ci_error(ci, k + 1) == n  # a dead column is now expected to be on everywhere
-    ci[2, 4] = 0.5
-    assert metrics.dense_ci_error(ci, k) == 1
+    for error in (metrics.dense_ci_error, metrics.dense_always_on_error):
+        assert error(ci, k) == 0
+        assert error(ci, k - 1) == n  # one always-on column is now counted as "should be off"
+    assert metrics.dense_always_on_error(ci, k + 1) == n  # a dead column is now expected to be on everywhere
+    assert metrics.dense_ci_error(ci, k + 1) == 1  # ... and, as methods.md counts, it misses its one strong probe
+    ci[2, 4] = 0.5  # an on-column off on one probe: the always-on reading counts it, methods.md's does not
+    assert metrics.dense_always_on_error(ci, k) == 1 and metrics.dense_ci_error(ci, k) == 0
+    ci[:, 4] = 0.5  # never strongly on
+    assert metrics.dense_ci_error(ci, k) == 1 and metrics.dense_always_on_error(ci, k) == n
 
 
 def test_one_hot_probes_norms_and_non_negligible() -> None:
