@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from decomp_hooks.causal_importance import SIGMOIDS, make_ci_fn
+from decomp_hooks.causal_importance import SIGMOIDS, LeakyHardPair, make_ci_fn
 from decomp_hooks.components import SiteComponents, SiteMask
 from decomp_hooks.config import CIConfig, DecomposeConfig
 from decomp_hooks.sites import Site, SiteError
@@ -68,6 +68,7 @@ class ComponentModel(nn.Module):
         self.ci_fns = nn.ModuleDict({} if ci is None else
                                     {key(s.name): make_ci_fn(ci.type, s.kind, s.d_in, C[s.name], ci.hidden) for s in sites})
         self.lower_sigmoid, self.upper_sigmoid = SIGMOIDS[ci.sigmoid] if ci is not None else (None, None)
+        self.sigmoid_pair: LeakyHardPair | None = None  # both sigmoids fused, after compile_ci_fns()
 
     @classmethod
     def from_config(cls, target: nn.Module, sites: list[Site], C: dict[str, int], cfg: DecomposeConfig) -> "ComponentModel":
@@ -81,9 +82,12 @@ class ComponentModel(nn.Module):
         return cls(target, sites, C, cfg.ci, cfg.tied, cfg.init)
 
     def compile_ci_fns(self) -> None:
-        """torch.compile each CI function in place (their elementwise hidden layers dominate a step)."""
+        """torch.compile each CI function in place (their elementwise hidden layers dominate a step), and the pair of
+        `leaky_hard` sigmoids as one kernel each way."""
         for fn in self.ci_fns.values():
             fn.compile()
+        if self.ci_config is not None and self.ci_config.sigmoid == "leaky_hard":
+            self.sigmoid_pair = LeakyHardPair()
 
     @property
     def site_names(self) -> list[str]:
@@ -171,7 +175,11 @@ class ComponentModel(nn.Module):
                 lower_z = 1.05 * z - 0.05 * torch.rand_like(z)
             else:
                 lower_z = z
-            out[name] = CausalImportance(self.lower_sigmoid(lower_z), self.upper_sigmoid(z), inner)
+            if self.sigmoid_pair is not None and lower_z is z:
+                lower, upper = self.sigmoid_pair(z)
+            else:
+                lower, upper = self.lower_sigmoid(lower_z), self.upper_sigmoid(z)
+            out[name] = CausalImportance(lower, upper, inner)
         return out
 
 

@@ -89,6 +89,28 @@ def test_fused_per_component_mlp_matches_autograd(real_compile):
         torch.testing.assert_close(b, a, **tol)
 
 
+def test_fused_sigmoid_pair_matches_the_two_sigmoids():
+    """LeakyHardPair: same values, and the gradient to z from both outputs (one-sided leak included) as the pair of
+    separate sigmoids, on every region of z and both signs of the upstream gradients."""
+    from decomp_hooks.causal_importance import LeakyHardPair
+
+    torch.manual_seed(0)
+    z = torch.cat([Z, torch.randn(200) * 2])
+    d_lower, d_upper = torch.randn_like(z), torch.randn_like(z)
+    pair = LeakyHardPair()
+    zs = [z.clone().requires_grad_(True) for _ in range(2)]
+    fused = pair(zs[0])
+    plain = (lower_leaky_hard_sigmoid(zs[1]), upper_leaky_hard_sigmoid(zs[1]))
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b)
+    for outs, zz in ((fused, zs[0]), (plain, zs[1])):
+        ((outs[0] * d_lower).sum() + (outs[1] * d_upper).sum()).backward()
+    torch.testing.assert_close(zs[0].grad, zs[1].grad)
+    only_lower = z.clone().requires_grad_(True)
+    pair(only_lower)[0].backward(d_lower)
+    torch.testing.assert_close(only_lower.grad, grad_of(lower_leaky_hard_sigmoid, z, d_lower))
+
+
 def test_deeper_per_component_mlp_compiles_whole():
     fn = PerComponentMLP(6, 3, [4, 4])
     fn.compile()
