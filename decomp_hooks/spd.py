@@ -70,7 +70,7 @@ def importance_minimality(ci: dict[str, CausalImportance], p: float, eps: float,
     total = 0.0
     for c in ci.values():
         g = c.upper.flatten(0, -2).float()
-        mu = (g + eps).pow(p).mean(0)
+        mu = (g + eps).mean(0) if p == 1 else (g + eps).pow(p).mean(0)
         term = mu + beta * mu * torch.log2(1 + g.shape[0] * world_size * mu) if beta else mu
         total = total + term.sum()
     return total
@@ -200,7 +200,7 @@ class SPD:
             if kind == "stochastic":
                 r = torch.rand_like(g) if self.cfg.ci.sampling == "continuous" else torch.randint_like(g, 2)
                 delta = torch.rand(g.shape[:-1], device=g.device, dtype=g.dtype) if self.cfg.use_delta_component else None
-                out[name] = SiteMask(g + (1 - g) * r, delta, route)
+                out[name] = SiteMask(torch.addcmul(g, 1 - g, r), delta, route)  # g + (1 − g) r
             elif kind == "ci":
                 out[name] = SiteMask(g, None, route)
             else:
