@@ -122,6 +122,41 @@ class _MLP1(torch.autograd.Function):
         return dh.to(h.dtype), total(dw1), total(dpre), total(dw2), dz.flatten(0, -2).sum(0), None
 
 
+def _mlp1_importances(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """σ_lower(z), σ_upper(z) and z of the one-hidden-layer MLP, in one pass."""
+    z = _mlp1_forward(h, w1, b1, w2, b2)
+    return (*_leaky_hard_pair_forward(z), z)
+
+
+def _mlp1_importances_backward(d_lower: torch.Tensor, d_upper: torch.Tensor, z: torch.Tensor, h: torch.Tensor,
+                               w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """∂z through both sigmoids, then the MLP's backward terms."""
+    dz = _leaky_hard_pair_backward(z, d_lower, d_upper)
+    return (dz, *_mlp1_backward(dz, h, w1, b1, w2))
+
+
+class _MLP1Importances(torch.autograd.Function):
+    """The one-hidden-layer MLP and both leaky-hard sigmoids as one compiled kernel each way."""
+
+    @staticmethod
+    def forward(ctx, h, w1, b1, w2, b2, kernels):
+        lower, upper, z = kernels[0](h, w1, b1, w2, b2)
+        ctx.save_for_backward(h, w1, b1, w2, z)
+        ctx.backward_kernel = kernels[1]
+        return lower, upper
+
+    @staticmethod
+    def backward(ctx, d_lower, d_upper):
+        h, w1, b1, w2, z = ctx.saved_tensors
+        zero = torch.zeros_like(z)
+        d_lower = zero if d_lower is None else d_lower.contiguous()
+        d_upper = zero if d_upper is None else d_upper.contiguous()
+        dz, dh, dpre, dw1, dw2 = ctx.backward_kernel(d_lower, d_upper, z, h, w1, b1, w2)
+        total = lambda t: t.flatten(0, -3).sum(0)  # noqa: E731  sum over all leading (position) dims
+        return dh.to(h.dtype), total(dw1), total(dpre), total(dw2), dz.flatten(0, -2).sum(0), None
+
+
 class PerComponentMLP(nn.Module):
     """`mlp`: each component's own small GELU MLP on its scalar inner activation h_c = (a V)_c (the paper's)."""
 
@@ -135,6 +170,7 @@ class PerComponentMLP(nn.Module):
         self.w_out = _kaiming((C, dims[-1]), dims[-1], 1.0)
         self.b_out = nn.Parameter(torch.zeros(C))
         self.kernels: tuple | None = None
+        self.importance_kernels: tuple | None = None
 
     def compile(self, **kwargs) -> None:
         """With one hidden layer (the paper's), fuse the elementwise forward and backward with torch.compile; deeper
@@ -142,6 +178,15 @@ class PerComponentMLP(nn.Module):
         if len(self.weights) != 1:
             return super().compile(**kwargs)
         self.kernels = (torch.compile(_mlp1_forward, **kwargs), torch.compile(_mlp1_backward, **kwargs))
+        self.importance_kernels = (torch.compile(_mlp1_importances, **kwargs),
+                                   torch.compile(_mlp1_importances_backward, **kwargs))
+
+    def leaky_hard_importances(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`(σ_lower(z), σ_upper(z))` of this MLP's z in one fused kernel each way, once compiled; else None."""
+        if self.importance_kernels is None:
+            return None
+        return _MLP1Importances.apply(h, self.weights[0].squeeze(1), self.biases[0], self.w_out, self.b_out,
+                                      self.importance_kernels)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.kernels is not None:

@@ -170,17 +170,21 @@ class ComponentModel(nn.Module):
             comps, fn = self.component(name), self.ci_fns[key(name)]
             x = x if comps.kind == "embedding" else x.to(comps.V.dtype)
             inner = comps.inner_acts(x) if fn.takes_inner_acts or keep_inner else None
-            z = fn(inner) if fn.takes_inner_acts else fn(x)
-            if noise and self.ci_config.sampling == "binomial":
-                lower_z = 1.05 * z - 0.05 * torch.rand_like(z)
-            else:
-                lower_z = z
-            if self.sigmoid_pair is not None and lower_z is z:
-                lower, upper = self.sigmoid_pair(z)
-            else:
-                lower, upper = self.lower_sigmoid(lower_z), self.upper_sigmoid(z)
-            out[name] = CausalImportance(lower, upper, inner)
+            out[name] = CausalImportance(*self._importances(fn, x, inner, noise), inner)
         return out
+
+    def _importances(self, fn: nn.Module, x: torch.Tensor, inner: torch.Tensor | None,
+                     noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g, g⁺) of one site: fused kernels where compiled (leaky-hard sigmoids, no binomial noise), else z and then
+        the two sigmoids."""
+        binomial = noise and self.ci_config.sampling == "binomial"
+        if self.sigmoid_pair is not None and not binomial:
+            fused = getattr(fn, "leaky_hard_importances", None)
+            pair = fused(inner) if fused is not None else None
+            return pair if pair is not None else self.sigmoid_pair(fn(inner) if fn.takes_inner_acts else fn(x))
+        z = fn(inner) if fn.takes_inner_acts else fn(x)
+        lower_z = 1.05 * z - 0.05 * torch.rand_like(z) if binomial else z
+        return self.lower_sigmoid(lower_z), self.upper_sigmoid(z)
 
 
 @dataclass

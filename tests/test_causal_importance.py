@@ -111,6 +111,26 @@ def test_fused_sigmoid_pair_matches_the_two_sigmoids():
     torch.testing.assert_close(only_lower.grad, grad_of(lower_leaky_hard_sigmoid, z, d_lower))
 
 
+def test_fused_mlp_importances_match_mlp_then_sigmoids():
+    """The compiled MLP + both sigmoids in one kernel each way: the values and gradients (to h and every parameter)
+    of the plain MLP followed by the two leaky-hard sigmoids."""
+    torch.manual_seed(0)
+    plain, fused = PerComponentMLP(6, 4, [5]), PerComponentMLP(6, 4, [5])
+    fused.load_state_dict(plain.state_dict())
+    fused.compile()
+    h = torch.randn(3, 7, 4, requires_grad=True) * 3
+    d_lower, d_upper = torch.randn(3, 7, 4), torch.randn(3, 7, 4)
+    z = plain(h)
+    results = []
+    for fn, (lower, upper) in ((plain, (lower_leaky_hard_sigmoid(z), upper_leaky_hard_sigmoid(z))),
+                               (fused, fused.leaky_hard_importances(h))):
+        loss = (lower * d_lower).sum() + (upper * d_upper).sum()
+        results.append((lower, upper, *torch.autograd.grad(loss, [h, *fn.parameters()])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert PerComponentMLP(6, 4, [5]).leaky_hard_importances(h) is None  # not compiled
+
+
 def test_deeper_per_component_mlp_compiles_whole():
     fn = PerComponentMLP(6, 3, [4, 4])
     fn.compile()
