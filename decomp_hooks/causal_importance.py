@@ -57,10 +57,12 @@ class _LeakyHardPair(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_lower, d_upper):
         (z,) = ctx.saved_tensors
-        zero = torch.zeros_like(z)
-        d_lower = zero if d_lower is None else d_lower.contiguous()
-        d_upper = zero if d_upper is None else d_upper.contiguous()
-        return ctx.backward_kernel(z, d_lower, d_upper), None
+        return ctx.backward_kernel(z, *_dense_grads(z, d_lower, d_upper)), None
+
+
+def _dense_grads(like: torch.Tensor, *grads: torch.Tensor | None) -> list[torch.Tensor]:
+    """Upstream gradients as contiguous tensors for a compiled kernel, zeros for outputs that received none."""
+    return [torch.zeros_like(like) if g is None else g.contiguous() for g in grads]
 
 
 class LeakyHardPair:
@@ -117,9 +119,14 @@ class _MLP1(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dz):
         h, w1, b1, w2 = ctx.saved_tensors
-        dh, dpre, dw1, dw2 = ctx.backward_kernel(dz.contiguous(), h, w1, b1, w2)
-        total = lambda t: t.flatten(0, -3).sum(0)  # noqa: E731  sum over all leading (position) dims
-        return dh.to(h.dtype), total(dw1), total(dpre), total(dw2), dz.flatten(0, -2).sum(0), None
+        return (*_mlp1_grads(h, dz, *ctx.backward_kernel(dz.contiguous(), h, w1, b1, w2)), None)
+
+
+def _mlp1_grads(h: torch.Tensor, dz: torch.Tensor, dh: torch.Tensor, dpre: torch.Tensor, dw1: torch.Tensor,
+                dw2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Gradients for (h, w1, b1, w2, b2) from the backward kernel's per-position terms, summed over positions."""
+    total = lambda t: t.flatten(0, -3).sum(0)  # noqa: E731  sum over all leading (position) dims
+    return dh.to(h.dtype), total(dw1), total(dpre), total(dw2), dz.flatten(0, -2).sum(0)
 
 
 def _mlp1_importances(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
@@ -149,12 +156,8 @@ class _MLP1Importances(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_lower, d_upper):
         h, w1, b1, w2, z = ctx.saved_tensors
-        zero = torch.zeros_like(z)
-        d_lower = zero if d_lower is None else d_lower.contiguous()
-        d_upper = zero if d_upper is None else d_upper.contiguous()
-        dz, dh, dpre, dw1, dw2 = ctx.backward_kernel(d_lower, d_upper, z, h, w1, b1, w2)
-        total = lambda t: t.flatten(0, -3).sum(0)  # noqa: E731  sum over all leading (position) dims
-        return dh.to(h.dtype), total(dw1), total(dpre), total(dw2), dz.flatten(0, -2).sum(0), None
+        dz, *terms = ctx.backward_kernel(*_dense_grads(z, d_lower, d_upper), z, h, w1, b1, w2)
+        return (*_mlp1_grads(h, dz, *terms), None)
 
 
 class PerComponentMLP(nn.Module):

@@ -96,17 +96,21 @@ def dense_ci_error(ci: Tensor, k: int, tol: float = 0.1) -> int:
     Columns ranked by mass; each of the first k needs at least one probe with CI >= 1 - ``tol`` (one error per column
     without), every other column must stay <= ``tol`` on every probe (one error per entry above). 0 = perfect.
     """
-    mass_order = torch.argsort(ci.detach().sum(0), descending=True)
-    on, off = ci[:, mass_order[:k]], ci[:, mass_order[k:]]
+    on, off = _split_by_mass(ci, k)
     return int(((on >= 1 - tol).sum(0) == 0).sum() + (off > tol).sum())
 
 
 def dense_always_on_error(ci: Tensor, k: int, tol: float = 0.1) -> int:
     """The stricter reading of the dense pattern (benchmarks.md: "CI >= 0.9 on every probe"): entries of the k
     heaviest columns below 1 - ``tol``, plus entries of the other columns above ``tol``. 0 = k always-on columns."""
-    mass_order = torch.argsort(ci.detach().sum(0), descending=True)
-    on, off = ci[:, mass_order[:k]], ci[:, mass_order[k:]]
+    on, off = _split_by_mass(ci, k)
     return int((on < 1 - tol).sum() + (off > tol).sum())
+
+
+def _split_by_mass(ci: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k columns of ``ci`` with the largest total CI, and the rest."""
+    mass_order = torch.argsort(ci.detach().sum(0), descending=True)
+    return ci[:, mass_order[:k]], ci[:, mass_order[k:]]
 
 
 def one_hot_probes(n_features: int, value: float = 0.75, device: torch.device | str | None = None) -> Tensor:

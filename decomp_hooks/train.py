@@ -92,7 +92,7 @@ def keep_freed_memory(device: torch.device, train: TrainConfig) -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (e.g. musl)
         return False
-    return all(libc.mallopt(option, value) == 1 for option, value in _MALLOPT.items())
+    return all([libc.mallopt(option, value) == 1 for option, value in _MALLOPT.items()])  # every option, even after a refusal
 
 
 #: glibc mallopt options: M_MMAP_THRESHOLD (its maximum), M_TRIM_THRESHOLD, M_TOP_PAD
