@@ -94,8 +94,10 @@ def passes(record: dict, dec: Decomposition) -> bool:
     if isinstance(dec.model, TMSModel):
         expected = {s: dense_k(dec, s) or dec.model.config.n_features for s in dec.components}
         ok &= all(record.get(f"non_negligible/{s}") == n for s, n in expected.items())
-    if "mmcs" in record:
-        ok &= record["mmcs"] >= 0.999 and 0.98 <= record["ml2r"] <= (1.04 if "hidden_layers.0" in dec.components else 1.03)
+    if "mmcs" in record:  # benchmarks.md widens ML2R to 1.04 for 40-10+ID only (the paper reports 1.031 there)
+        cfg = dec.model.config
+        wide = cfg.n_identity_layers > 0 and cfg.n_features == 40
+        ok &= record["mmcs"] >= 0.999 and 0.98 <= record["ml2r"] <= (1.04 if wide else 1.03)
     return bool(ok)
 
 
