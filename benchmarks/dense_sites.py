@@ -47,6 +47,7 @@ def ablation_table(dec, site: str, k: int) -> dict[str, float]:
                        for c in heavy], dim=1)  # [n, k]: probe i, component c ablated
     off = ci[:, heavy] < 0.9
     on_mse = mse[~off]
+    costly = off & (mse > on_mse.min()) if on_mse.numel() else off & False  # off, yet as costly as some on entry
     return {"site": site, "k": k, "off_entries": int(off.sum()), "on_entries": int((~off).sum()),
             "off_max_mse": float(mse[off].max()) if off.any() else float("nan"),
             "off_p99_mse": float(mse[off].quantile(0.99)) if off.any() else float("nan"),
@@ -55,7 +56,8 @@ def ablation_table(dec, site: str, k: int) -> dict[str, float]:
             "on_min_mse": float(on_mse.min()) if on_mse.numel() else float("nan"),
             "off_max_rel_act": float(rel_act[off].max()) if off.any() else float("nan"),
             "off_median_rel_act": float(rel_act[off].median()) if off.any() else float("nan"),
-            "on_median_rel_act": float(rel_act[~off].median()) if (~off).any() else float("nan")}
+            "on_median_rel_act": float(rel_act[~off].median()) if (~off).any() else float("nan"),
+            "off_costly": int(costly.sum()), "off_costly_ci_le_0p1": int((costly & (ci[:, heavy] <= 0.1)).sum())}
 
 
 def main() -> None:
@@ -78,6 +80,8 @@ def main() -> None:
                   f"   CI < 0.9: median {row['off_median_mse']:.3g}, 99th pct {row['off_p99_mse']:.3g}, max {row['off_max_mse']:.3g}")
             print(f"  |inner act| / its max over probes  CI ≥ 0.9: median {row['on_median_rel_act']:.3f}"
                   f"   CI < 0.9: median {row['off_median_rel_act']:.3f}, max {row['off_max_rel_act']:.3f}")
+            print(f"  entries with CI < 0.9 whose ablation costs more than the cheapest CI ≥ 0.9 entry: {row['off_costly']},"
+                  f" of them {row['off_costly_ci_le_0p1']} with CI ≤ 0.1 (the rest partly on)")
 
 
 if __name__ == "__main__":
