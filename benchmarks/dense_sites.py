@@ -30,6 +30,11 @@ def load_run(run: Path, toy: str | None, seed: int):
     return dh.load(run / "decomposition", model=model)
 
 
+def _stats(values: torch.Tensor, **fns) -> dict[str, float]:
+    """Named statistics of ``values`` (NaN when empty)."""
+    return {name: float(fn(values)) if values.numel() else float("nan") for name, fn in fns.items()}
+
+
 @torch.no_grad()
 def ablation_table(dec, site: str, k: int) -> dict[str, float]:
     """Output MSE when one of the k heaviest components is ablated on each probe, split by its CI (< or ≥ 0.9)."""
@@ -39,25 +44,25 @@ def ablation_table(dec, site: str, k: int) -> dict[str, float]:
     n = dec.model.config.n_features
     probes = metrics.one_hot_probes(n, device=dec.device)
     ci = probe_ci(dec)[site]
-    heavy = torch.argsort(ci.sum(0), descending=True)[:k]
+    heavy = metrics.columns_by_mass(ci)[:k]
     target = dec.run(probes, dec.site_masks()).float()
+    # one batched forward: block j repeats the probes with component heavy[j] ablated
+    masks = torch.ones(k, n, dec.components[site].C, device=dec.device)
+    masks[torch.arange(k), :, heavy.to(dec.device)] = 0
+    ablated = dec.run(probes.repeat(k, 1), dec.site_masks(masks={site: masks.reshape(k * n, -1)})).float()
+    mse = ((ablated.reshape(k, n, -1) - target) ** 2).mean(-1).T.cpu()  # [n, k]: probe i, component heavy[j] ablated
     acts = dec.component_acts(probes)[site].float().cpu()[:, heavy].abs()
     rel_act = acts / acts.max(0).values.clamp_min(1e-12)
-    mse = torch.stack([((dec.run(probes, dec.site_masks(ablate={site: [int(c)]})).float() - target) ** 2).mean(-1).cpu()
-                       for c in heavy], dim=1)  # [n, k]: probe i, component c ablated
-    off = ci[:, heavy] < 0.9
-    on_mse = mse[~off]
-    costly = off & (mse > on_mse.min()) if on_mse.numel() else off & False  # off, yet as costly as some on entry
+    ci_heavy = ci[:, heavy]
+    off = ci_heavy < 0.9
+    on_min = mse[~off].min() if (~off).any() else torch.tensor(float("inf"))
+    costly = off & (mse > on_min)  # below 0.9, yet as costly to ablate as some entry at or above it
     return {"site": site, "k": k, "off_entries": int(off.sum()), "on_entries": int((~off).sum()),
-            "off_max_mse": float(mse[off].max()) if off.any() else float("nan"),
-            "off_p99_mse": float(mse[off].quantile(0.99)) if off.any() else float("nan"),
-            "off_median_mse": float(mse[off].median()) if off.any() else float("nan"),
-            "on_median_mse": float(on_mse.median()) if on_mse.numel() else float("nan"),
-            "on_min_mse": float(on_mse.min()) if on_mse.numel() else float("nan"),
-            "off_max_rel_act": float(rel_act[off].max()) if off.any() else float("nan"),
-            "off_median_rel_act": float(rel_act[off].median()) if off.any() else float("nan"),
-            "on_median_rel_act": float(rel_act[~off].median()) if (~off).any() else float("nan"),
-            "off_costly": int(costly.sum()), "off_costly_ci_le_0p1": int((costly & (ci[:, heavy] <= 0.1)).sum())}
+            **_stats(mse[off], off_median_mse=torch.median, off_p99_mse=lambda v: v.quantile(0.99), off_max_mse=torch.max),
+            **_stats(mse[~off], on_median_mse=torch.median, on_min_mse=torch.min),
+            **_stats(rel_act[off], off_median_rel_act=torch.median, off_max_rel_act=torch.max),
+            **_stats(rel_act[~off], on_median_rel_act=torch.median),
+            "off_costly": int(costly.sum()), "off_costly_ci_le_0p1": int((costly & (ci_heavy <= 0.1)).sum())}
 
 
 def main() -> None:

@@ -107,9 +107,14 @@ def dense_always_on_error(ci: Tensor, k: int, tol: float = 0.1) -> int:
     return int((on < 1 - tol).sum() + (off > tol).sum())
 
 
+def columns_by_mass(ci: Tensor) -> Tensor:
+    """Column indices of ``ci`` [n, C], largest total CI first: the dense pattern's ranking of components."""
+    return torch.argsort(ci.detach().sum(0), descending=True)
+
+
 def _split_by_mass(ci: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k columns of ``ci`` with the largest total CI, and the rest."""
-    mass_order = torch.argsort(ci.detach().sum(0), descending=True)
+    mass_order = columns_by_mass(ci)
     return ci[:, mass_order[:k]], ci[:, mass_order[k:]]
 
 
