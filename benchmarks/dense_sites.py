@@ -8,6 +8,9 @@ x = 0.75·e_i, ablates one component at a time (all others and the delta compone
 against the target. A CI below 0.9 is right when that ablation changes nothing; an "always-on" pattern would need CI
 near 1 there. Also prints each component's inner activation on the probe relative to its largest over the probes: the
 per-component `mlp` CI function sees only that scalar, and it is the same (zero) on the all-zero input.
+Last, the peak CI of each of the k components at several probe values (`--scales`): a peak that stays put as the
+probe grows is a plateau of the trained CI function (where importance minimality balances reconstruction), not an
+input too weak to switch the component fully on.
 """
 from __future__ import annotations
 
@@ -65,11 +68,25 @@ def ablation_table(dec, site: str, k: int) -> dict[str, float]:
             "off_costly": int(costly.sum()), "off_costly_ci_le_0p1": int((costly & (ci_heavy <= 0.1)).sum())}
 
 
+@torch.no_grad()
+def peak_ci(dec, site: str, k: int, scales: list[float]) -> dict[float, list[float]]:
+    """Per probe value v: the largest CI over the probes v·e_i of each of the k heaviest components (at v = 0.75), sorted."""
+    from decomp_hooks import metrics
+    from decomp_hooks.toy.evaluate import probe_ci
+
+    heavy = metrics.columns_by_mass(probe_ci(dec)[site])[:k]
+    n = dec.model.config.n_features
+    return {v: dec.causal_importance(metrics.one_hot_probes(n, v, device=dec.device))[site].float().cpu()[:, heavy]
+            .max(0).values.sort().values.tolist() for v in scales}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (each with decomposition/)")
     parser.add_argument("--toy", default=None, help="toy preset, for runs without a saved target/ (bench_toys runs)")
     parser.add_argument("--seed", type=int, default=0, help="the toy's training seed, with --toy")
+    parser.add_argument("--scales", type=float, nargs="+", default=[0.5, 0.75, 1.0],
+                        help="probe values v (probes v·e_i) at which to print each heavy component's peak CI")
     args = parser.parse_args()
     from decomp_hooks.toy.evaluate import dense_k
 
@@ -87,6 +104,9 @@ def main() -> None:
                   f"   CI < 0.9: median {row['off_median_rel_act']:.3f}, max {row['off_max_rel_act']:.3f}")
             print(f"  entries with CI < 0.9 whose ablation costs more than the cheapest CI ≥ 0.9 entry: {row['off_costly']},"
                   f" of them {row['off_costly_ci_le_0p1']} with CI ≤ 0.1 (the rest partly on)")
+            for v, peaks in peak_ci(dec, site, k, args.scales).items():
+                print(f"  peak CI per component, probes {v:g}·e_i: min {peaks[0]:.4f}, median {peaks[len(peaks) // 2]:.4f},"
+                      f" max {peaks[-1]:.4f}")
 
 
 if __name__ == "__main__":
