@@ -39,15 +39,12 @@ def _stats(values: torch.Tensor, **fns) -> dict[str, float]:
 
 
 @torch.no_grad()
-def ablation_table(dec, site: str, k: int) -> dict[str, float]:
-    """Output MSE when one of the k heaviest components is ablated on each probe, split by its CI (< or ≥ 0.9)."""
+def ablation_table(dec, site: str, ci: torch.Tensor, heavy: torch.Tensor) -> dict[str, float]:
+    """Output MSE when one of the heavy components is ablated on each probe, split by its probe CI ``ci`` (< or ≥ 0.9)."""
     from decomp_hooks import metrics
-    from decomp_hooks.toy.evaluate import probe_ci
 
-    n = dec.model.config.n_features
+    n, k = dec.model.config.n_features, len(heavy)
     probes = metrics.one_hot_probes(n, device=dec.device)
-    ci = probe_ci(dec)[site]
-    heavy = metrics.columns_by_mass(ci)[:k]
     target = dec.run(probes, dec.site_masks()).float()
     # one batched forward: block j repeats the probes with component heavy[j] ablated
     masks = torch.ones(k, n, dec.components[site].C, device=dec.device)
@@ -69,12 +66,10 @@ def ablation_table(dec, site: str, k: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def peak_ci(dec, site: str, k: int, scales: list[float]) -> dict[float, list[float]]:
-    """Per probe value v: the largest CI over the probes v·e_i of each of the k heaviest components (at v = 0.75), sorted."""
+def peak_ci(dec, site: str, heavy: torch.Tensor, scales: list[float]) -> dict[float, list[float]]:
+    """Per probe value v: the largest CI over the probes v·e_i of each heavy component, sorted."""
     from decomp_hooks import metrics
-    from decomp_hooks.toy.evaluate import probe_ci
 
-    heavy = metrics.columns_by_mass(probe_ci(dec)[site])[:k]
     n = dec.model.config.n_features
     return {v: dec.causal_importance(metrics.one_hot_probes(n, v, device=dec.device))[site].float().cpu()[:, heavy]
             .max(0).values.sort().values.tolist() for v in scales}
@@ -88,15 +83,18 @@ def main() -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=[0.5, 0.75, 1.0],
                         help="probe values v (probes v·e_i) at which to print each heavy component's peak CI")
     args = parser.parse_args()
-    from decomp_hooks.toy.evaluate import dense_k
+    from decomp_hooks import metrics
+    from decomp_hooks.toy.evaluate import dense_k, probe_ci
 
     for run in args.runs:
         dec = load_run(run, args.toy, args.seed)
+        ci = probe_ci(dec)
         for site in dec.site_names:
             k = dense_k(dec, site)
             if k is None:
                 continue
-            row = ablation_table(dec, site, k)
+            heavy = metrics.columns_by_mass(ci[site])[:k]
+            row = ablation_table(dec, site, ci[site], heavy)
             print(f"{run.name} {site} (k={k}): {row['on_entries']} entries CI ≥ 0.9, {row['off_entries']} below")
             print(f"  ablation MSE  CI ≥ 0.9: median {row['on_median_mse']:.3g}, min {row['on_min_mse']:.3g}"
                   f"   CI < 0.9: median {row['off_median_mse']:.3g}, 99th pct {row['off_p99_mse']:.3g}, max {row['off_max_mse']:.3g}")
@@ -104,7 +102,7 @@ def main() -> None:
                   f"   CI < 0.9: median {row['off_median_rel_act']:.3f}, max {row['off_max_rel_act']:.3f}")
             print(f"  entries with CI < 0.9 whose ablation costs more than the cheapest CI ≥ 0.9 entry: {row['off_costly']},"
                   f" of them {row['off_costly_ci_le_0p1']} with CI ≤ 0.1 (the rest partly on)")
-            for v, peaks in peak_ci(dec, site, k, args.scales).items():
+            for v, peaks in peak_ci(dec, site, heavy, args.scales).items():
                 print(f"  peak CI per component, probes {v:g}·e_i: min {peaks[0]:.4f}, median {peaks[len(peaks) // 2]:.4f},"
                       f" max {peaks[-1]:.4f}")
 
