@@ -112,7 +112,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2", HF_HUB_OFFLINE="1")
     from decomp_hooks.data import make_source
-    from decomp_hooks.distributed import current, shard_source
+    from decomp_hooks.distributed import current, shard_source, shutdown
 
     runs = {case: run(case, os.path.join(tmp, f"ddp-{case}")) for case in CASES}
     for case, done in runs.items():
@@ -146,8 +146,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     both = [torch.zeros(()), torch.zeros(())]
     dist.all_gather(both, mine.reshape(()))
     save_file({"losses": torch.stack(both)}, os.path.join(tmp, f"same-rows-rank{rank}.safetensors"))
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown()
     # Everything is on disk. Skip interpreter teardown: gloo work objects still referenced by the runs' DDP reducers
     # can abort the process while Python finalizes (SIGABRT, "terminate called without an active exception"; seen
     # once on a loaded 2-core machine, after every file above had been written).
