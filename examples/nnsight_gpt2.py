@@ -9,6 +9,7 @@ the same script on the real model.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from nnsight import TransformersModel
@@ -19,6 +20,7 @@ from decomp_hooks.assets import gpt2_tokenizer
 from decomp_hooks.text import TokenBatches, stdlib_docstrings
 
 SITE = "transformer.h.0.mlp.c_fc"
+CONFIG = Path(__file__).with_name("lm_tiny.yaml")  # the shipped SPD settings for a small LM
 
 
 def main() -> None:
@@ -29,14 +31,7 @@ def main() -> None:
     tok = gpt2_tokenizer()
     model = TransformersModel(GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128)), tokenizer=tok)
     data = TokenBatches(stdlib_docstrings(limit=400), tok, context_length=64, batch_size=8)
-    config = {
-        "ci": {"type": "vector_mlp", "hidden": [12]},
-        "losses": [{"type": "stochastic_recon_layerwise", "coeff": 2.0},
-                   {"type": "importance_minimality", "coeff": 3e-4, "pnorm": 2.0, "p_anneal_final_p": 0.5}],
-        "output_loss": "kl", "ci_alive_threshold": 0.0,
-        "train": {"steps": args.steps, "batch_size": 8, "lr": 3e-3, "log_every": 50, "eval_every": args.steps},
-    }
-    dec = dh.decompose(model, data, targets={SITE: 64}, config=config)
+    dec = dh.decompose(model, data, targets={SITE: 64}, config=CONFIG, steps=args.steps)
     final = dec.final_metrics()
     print(f"KL ci_masked {final['eval/kl_ci_masked']:.4g}  unmasked {final['eval/kl_unmasked']:.4g}  "
           f"CI-L0 {final[f'eval/l0/{SITE}']:.2f} of 64 components")

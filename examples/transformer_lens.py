@@ -22,6 +22,8 @@ import decomp_hooks as dh  # noqa: E402
 from decomp_hooks.assets import gpt2_tokenizer  # noqa: E402
 from decomp_hooks.text import TokenBatches, stdlib_docstrings  # noqa: E402
 
+CONFIG = Path(__file__).with_name("lm_tiny.yaml")  # the shipped SPD settings for a small LM
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,14 +34,7 @@ def main() -> None:
                                   d_mlp=256, act_fn="gelu_new", normalization_type="LN", seed=0, device="cpu")
     model = HookedTransformer(cfg, tokenizer=tok)
     data = TokenBatches(stdlib_docstrings(limit=400), tok, context_length=64, batch_size=8, max_context=cfg.n_ctx)
-    config = {
-        "ci": {"type": "vector_mlp", "hidden": [12]},
-        "losses": [{"type": "stochastic_recon_layerwise", "coeff": 2.0},
-                   {"type": "importance_minimality", "coeff": 3e-4, "pnorm": 2.0, "p_anneal_final_p": 0.5}],
-        "output_loss": "kl", "ci_alive_threshold": 0.0,
-        "train": {"steps": args.steps, "batch_size": 8, "lr": 3e-3, "log_every": 50, "eval_every": args.steps},
-    }
-    dec = dh.decompose(model, data, targets={"blocks.*.mlp.W_in": 64}, config=config)
+    dec = dh.decompose(model, data, targets={"blocks.*.mlp.W_in": 64}, config=CONFIG, steps=args.steps)
     final = dec.final_metrics()
     print(f"KL ci_masked {final['eval/kl_ci_masked']:.4g}  unmasked {final['eval/kl_unmasked']:.4g}")
 

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from decomp_hooks.toy.fit import fit_target
+from decomp_hooks.toy.sparse import SparseSampler, sample_sparse
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,7 @@ def sample_resid_mlp(
     device: str | torch.device | None = None,
 ) -> Tensor:
     """Sparse inputs `[batch_size, n_features]`: each feature on with prob `feature_prob`, value U[-1, 1], else 0."""
-    if device is None and generator is not None:
-        device = generator.device
-    shape = (batch_size, n_features)
-    active = torch.rand(shape, generator=generator, device=device) < feature_prob
-    values = 2 * torch.rand(shape, generator=generator, device=device) - 1
-    return values * active
+    return sample_sparse(batch_size, n_features, feature_prob, -1.0, generator, device)
 
 
 def resid_mlp_labels(x: Tensor) -> Tensor:
@@ -73,18 +69,10 @@ def resid_mlp_labels(x: Tensor) -> Tensor:
     return x + F.relu(x)
 
 
-class ResidMLPSampler:
-    """Data callable `sampler(batch_size) -> batch` for a residual MLP target; global RNG unless given a generator."""
+class ResidMLPSampler(SparseSampler):
+    """Data callable `sampler(batch_size) -> batch` for a residual MLP target (values U[-1, 1])."""
 
-    def __init__(
-        self, config: ResidMLPConfig, device: str | torch.device | None = None, generator: torch.Generator | None = None
-    ) -> None:
-        self.config = config
-        self.device = device
-        self.generator = generator
-
-    def __call__(self, batch_size: int) -> Tensor:
-        return sample_resid_mlp(batch_size, self.config.n_features, self.config.feature_prob, self.generator, self.device)
+    low = -1.0
 
 
 def _cosine_lr(lr: float, step: int, steps: int) -> float:

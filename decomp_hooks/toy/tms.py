@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from decomp_hooks.tied import TiedLinear
 from decomp_hooks.toy.fit import fit_target
+from decomp_hooks.toy.sparse import SparseSampler, sample_sparse
 
 
 @dataclass(frozen=True)
@@ -60,27 +61,14 @@ def sample_tms(
     generator: torch.Generator | None = None,
     device: str | torch.device | None = None,
 ) -> Tensor:
-    """Sparse inputs `[batch_size, n_features]`: each feature on with prob `feature_prob`, value U[0, 1], else 0."""
-    if device is None and generator is not None:
-        device = generator.device
-    shape = (batch_size, n_features)
-    active = torch.rand(shape, generator=generator, device=device) < feature_prob
-    values = torch.rand(shape, generator=generator, device=device)
-    return values * active
+    """Sparse TMS inputs `[batch_size, n_features]`: each feature on with prob `feature_prob`, value U[0, 1], else 0."""
+    return sample_sparse(batch_size, n_features, feature_prob, 0.0, generator, device)
 
 
-class TMSSampler:
-    """Data callable `sampler(batch_size) -> batch` for a TMS target; uses the global RNG unless given a generator."""
+class TMSSampler(SparseSampler):
+    """Data callable `sampler(batch_size) -> batch` for a TMS target (values U[0, 1])."""
 
-    def __init__(
-        self, config: TMSConfig, device: str | torch.device | None = None, generator: torch.Generator | None = None
-    ) -> None:
-        self.config = config
-        self.device = device
-        self.generator = generator
-
-    def __call__(self, batch_size: int) -> Tensor:
-        return sample_tms(batch_size, self.config.n_features, self.config.feature_prob, self.generator, self.device)
+    low = 0.0
 
 
 def train_tms(
