@@ -3,6 +3,10 @@
     python benchmarks/dense_sites.py runs/bench/tms_5-2-id-s0 --toy tms_5-2-id --seed 0
     python benchmarks/dense_sites.py runs/resid_mlp1
 
+A run without a saved target/ (bench_toys.py runs) retrains its toy from `--toy`/`--seed`; do that with the thread count
+it was trained with (bench_toys `--threads 1`: prefix OMP_NUM_THREADS=1), or the weights differ in the last bits and
+loading refuses the decomposition (fingerprint mismatch).
+
 For every dense site (TMS identity layer, ResidMLP `mlp_out`), takes the k heaviest components and, on each probe
 x = 0.75·e_i, ablates one component at a time (all others and the delta component on) and measures the output MSE
 against the target. A CI below 0.9 is right when that ablation changes nothing; an "always-on" pattern would need CI
