@@ -2,6 +2,7 @@
 
     python benchmarks/bench_toys.py examples/tms_5-2.yaml --seeds 10 --workers 2
     python benchmarks/bench_toys.py examples/resid_mlp1.yaml --seeds 1
+    python benchmarks/bench_toys.py examples/tms_40-10-id.yaml --device cuda --fp32 --seeds 3 --workers 3
 
 Each seed trains its own target (toy seed = seed) and decomposes it with that seed; workers run seeds in parallel,
 one torch thread each. Results go to a JSON-lines file and a table on stdout.
@@ -18,13 +19,15 @@ from pathlib import Path
 import torch
 
 
-def run_seed(config: str, seed: int, steps: int | None, device: str, out_root: str, threads: int) -> dict:
+def run_seed(config: str, seed: int, steps: int | None, device: str, out_root: str, threads: int, fp32: bool) -> dict:
     torch.set_num_threads(threads)
     import decomp_hooks as dh
     from decomp_hooks.toy import make_toy, toy_sampler
     from decomp_hooks.toy.evaluate import passes, toy_metrics, toy_plots
 
     cfg = dh.load_config(config)
+    if fp32:
+        cfg.train.autocast_bf16, cfg.train.tf32 = False, False
     start = time.perf_counter()
     model, _ = make_toy(cfg.target.toy, seed=seed, steps=cfg.target.steps, device=device, progress=False)
     target_s = time.perf_counter() - start
@@ -39,7 +42,8 @@ def run_seed(config: str, seed: int, steps: int | None, device: str, out_root: s
             "unmasked_recon": final.get("unmasked_recon"), "stochastic_recon": final.get("stochastic_recon"),
             **{k: v for k, v in final.items() if k.startswith("l0/")},
             "median_step_ms": 1000 * statistics.median(step_times) if step_times else None,
-            "target_train_s": target_s, "decompose_s": dec.provenance["wall_time_s"], "threads": threads, "device": device}
+            "target_train_s": target_s, "decompose_s": dec.provenance["wall_time_s"], "threads": threads, "device": device,
+            "autocast_bf16": dec.provenance["autocast_bf16"]}
 
 
 def main() -> None:
@@ -52,6 +56,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--fp32", action="store_true", help="on CUDA: no bf16 autocast, no TF32 (the CPU runs' arithmetic)")
     args = parser.parse_args()
     threads = args.threads or max(1, (torch.get_num_threads()) // args.workers)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
@@ -59,13 +64,14 @@ def main() -> None:
     results_path = Path(args.out) / f"{Path(args.config).stem}.jsonl"
     results = []
     with ProcessPoolExecutor(args.workers) as pool, open(results_path, "a") as f:
-        futures = [pool.submit(run_seed, args.config, s, args.steps, args.device, args.out, threads) for s in seeds]
+        futures = [pool.submit(run_seed, args.config, s, args.steps, args.device, args.out, threads, args.fp32)
+                   for s in seeds]
         for future in as_completed(futures):  # each seed's line is kept as soon as it finishes
             results.append(future.result())
             f.write(json.dumps(results[-1]) + "\n")
             f.flush()
     results.sort(key=lambda r: r["seed"])
-    keys = [k for k in results[0] if k not in ("config", "device", "threads", "target_train_s")]
+    keys = [k for k in results[0] if k not in ("config", "device", "threads", "target_train_s", "autocast_bf16")]
     print(" | ".join(keys))
     for r in results:
         print(" | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys))
