@@ -51,6 +51,7 @@ class LossConfig:
     p_anneal_end_frac: float = 1.0
     eps: float = 1e-12
     beta: float = 0.0
+    site_coeffs: dict[str, float] = field(default_factory=dict)  # fnmatch glob -> multiplier on those sites (others 1)
     # *_subset terms
     routing: str = "uniform_k_subset"
     routing_p: float = 0.5
@@ -297,6 +298,10 @@ def validate(cfg: DecomposeConfig) -> None:
         _check(loss.type in LOSS_TYPES, f"{where}.type={loss.type!r} is unknown.{_did_you_mean(loss.type, list(LOSS_TYPES))}")
         _check(loss.coeff >= 0, f"{where}.coeff={loss.coeff}: must be ≥ 0.")
         _check(loss.pnorm > 0, f"{where}.pnorm={loss.pnorm}: must be > 0.")
+        _check(not loss.site_coeffs or loss.type == "importance_minimality",
+               f"{where}.site_coeffs: only the importance_minimality term takes per-site multipliers; remove it from {loss.type!r}.")
+        for pattern, w in loss.site_coeffs.items():
+            _check(w >= 0, f"{where}.site_coeffs[{pattern!r}]={w}: must be ≥ 0.")
         _check(loss.routing in ("uniform_k_subset", "static_probability"),
                f"{where}.routing={loss.routing!r}; use 'uniform_k_subset' or 'static_probability'.")
         _check(loss.init in ("random", "ones", "zeroes"), f"{where}.init={loss.init!r}; use 'random', 'ones' or 'zeroes'.")

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
 #: fn(site_input, target_output) -> replacement output, or None to keep the target output.
 SiteHook = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
+T = TypeVar("T")
 
 
 class SiteError(ValueError):
@@ -38,16 +41,17 @@ class Site(Protocol):
         """Call `fn` on every forward through the site; a returned tensor replaces the site's output."""
 
 
-def match_targets(names: Iterable[str], patterns: dict[str, int], what: str = "module") -> dict[str, int]:
-    """Resolve fnmatch globs to concrete names with their C; a glob matching nothing or a name matched twice is an error."""
+def match_targets(names: Iterable[str], patterns: dict[str, T], what: str = "module") -> dict[str, T]:
+    """Resolve fnmatch globs to concrete names with their value (C, a coefficient); a glob matching nothing or a name
+    matched twice is an error."""
     names = list(names)
-    resolved: dict[str, int] = {}
+    resolved: dict[str, T] = {}
     owner: dict[str, str] = {}
     for pattern, c in patterns.items():
         hits = fnmatch.filter(names, pattern)
         if not hits:
             raise SiteError(
-                f"target pattern {pattern!r} matches no {what}. Candidates: {_preview(names)}. "
+                f"pattern {pattern!r} matches no {what}. Candidates: {_preview(names)}. "
                 "Patterns are fnmatch globs such as 'layers.*.mlp_in'."
             )
         for name in hits:

@@ -15,6 +15,7 @@ from decomp_hooks.component_model import CausalImportance, ComponentModel
 from decomp_hooks.components import SiteMask
 from decomp_hooks.config import DecomposeConfig, LossConfig
 from decomp_hooks.metrics import ce_loss, ci_l0, kl_logits, mse
+from decomp_hooks.sites import match_targets
 
 #: the LM evaluation mask types of methods.md §5: component mask as a function of the CI g
 MASK_TYPES = {
@@ -65,14 +66,17 @@ def annealed_p(loss: LossConfig, frac: float) -> float:
     return loss.pnorm + (loss.p_anneal_final_p - loss.pnorm) * t
 
 
-def importance_minimality(ci: dict[str, CausalImportance], p: float, eps: float, beta: float, world_size: int) -> torch.Tensor:
-    """Σ_l Σ_c [μ + β μ log₂(1 + N·W·μ)], μ_{l,c} = mean over positions of (g⁺ + ε)^p."""
+def importance_minimality(ci: dict[str, CausalImportance], p: float, eps: float, beta: float, world_size: int,
+                          site_weights: dict[str, float] | None = None) -> torch.Tensor:
+    """Σ_l w_l Σ_c [μ + β μ log₂(1 + N·W·μ)], μ_{l,c} = mean over positions of (g⁺ + ε)^p; w_l from `site_weights`
+    (1 for the sites it does not name), so that one site can be held to a weaker or stronger sparsity than the rest."""
+    weights = site_weights or {}
     total = 0.0
-    for c in ci.values():
+    for name, c in ci.items():
         g = c.upper.flatten(0, -2).float()
         mu = (g + eps).mean(0) if p == 1 else (g + eps).pow(p).mean(0)
         term = mu + beta * mu * torch.log2(1 + g.shape[0] * world_size * mu) if beta else mu
-        total = total + term.sum()
+        total = total + weights.get(name, 1.0) * term.sum()
     return total
 
 
@@ -164,7 +168,8 @@ class SPD:
         if lc.type == "faithfulness":
             return faithfulness(cm, ctx.delta_ws)
         if lc.type == "importance_minimality":
-            return importance_minimality(ctx.ci, annealed_p(lc, frac), lc.eps, lc.beta, self.world_size)
+            weights = match_targets(ctx.ci, lc.site_coeffs, what="site") if lc.site_coeffs else None
+            return importance_minimality(ctx.ci, annealed_p(lc, frac), lc.eps, lc.beta, self.world_size, weights)
         if lc.type == "stochastic_hidden_acts_recon":
             return self.hidden_acts_recon(ctx)
         kind, routing = RECON_TERMS[lc.type]

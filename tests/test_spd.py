@@ -11,6 +11,7 @@ import decomp_hooks as dh
 from decomp_hooks.adapters import resolve
 from decomp_hooks.component_model import CausalImportance, ComponentModel
 from decomp_hooks.config import LossConfig, load_config
+from decomp_hooks.sites import SiteError
 from decomp_hooks.spd import SPD, annealed_p, importance_minimality
 from decomp_hooks.toy import toy_sampler
 from decomp_hooks.toy.evaluate import passes, toy_metrics
@@ -32,6 +33,22 @@ def test_importance_minimality_formula():
         mu = (x + eps).pow(p).mean(0)
         expected += (mu + beta * mu * torch.log2(1 + 6 * world * mu)).sum()
     torch.testing.assert_close(got, expected)
+
+
+def test_importance_minimality_site_weights_scale_their_sites(tms52, spd_config):
+    """`site_coeffs` multiplies each matched site's sum (others keep 1); a glob matching no site names the sites."""
+    g = torch.rand(6, 4)
+    ci = {"a": CausalImportance(g, g), "b": CausalImportance(g[:, :2], g[:, :2])}
+    per_site = {n: importance_minimality({n: c}, 2.0, 1e-12, 0.0, 1) for n, c in ci.items()}
+    torch.testing.assert_close(importance_minimality(ci, 2.0, 1e-12, 0.0, 1, {"a": 0.1}), 0.1 * per_site["a"] + per_site["b"])
+
+    cm, spd = spd_setup(tms52, spd_config)
+    ctx = spd.prepare(cm, cm, toy_sampler(tms52)(64))
+    lc = LossConfig(type="importance_minimality", site_coeffs={"linear2": 0.0})
+    only_linear1 = importance_minimality({"linear1": ctx.ci["linear1"]}, 2.0, 1e-12, 0.0, 1)
+    torch.testing.assert_close(spd.term(lc, cm, ctx, 0.0), only_linear1)
+    with pytest.raises(SiteError, match=r"pattern 'hidden\*' matches no site. Candidates: linear1, linear2"):
+        spd.term(LossConfig(type="importance_minimality", site_coeffs={"hidden*": 0.1}), cm, ctx, 0.0)
 
 
 def test_keep_freed_memory_applies_on_linux_cpu_only():
