@@ -93,6 +93,7 @@ class SPD:
         self.cfg = cfg
         self.world_size = world_size
         self.divergence = kl_logits if cfg.output_loss == "kl" else mse
+        self._site_weights: dict[tuple, dict[str, float]] = {}  # site_coeffs items -> site -> multiplier, resolved once
 
     def prepare(self, cm: ComponentModel, fwd: Forward, batch: object, noise: bool = True,
                 delta: bool | None = None) -> StepContext:
@@ -168,7 +169,10 @@ class SPD:
         if lc.type == "faithfulness":
             return faithfulness(cm, ctx.delta_ws)
         if lc.type == "importance_minimality":
-            weights = match_targets(ctx.ci, lc.site_coeffs, what="site") if lc.site_coeffs else None
+            key = tuple(lc.site_coeffs.items())
+            if key not in self._site_weights:
+                self._site_weights[key] = match_targets(ctx.ci, lc.site_coeffs, what="site")
+            weights = self._site_weights[key]
             return importance_minimality(ctx.ci, annealed_p(lc, frac), lc.eps, lc.beta, self.world_size, weights)
         if lc.type == "stochastic_hidden_acts_recon":
             return self.hidden_acts_recon(ctx)
