@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 
-def run_seed(config: str, seed: int, steps: int | None, device: str, out_root: str, threads: int, fp32: bool) -> dict:
+def run_seed(config: str, seed: int, steps: int | None, device: str, out_root: str, threads: int, fp32: bool,
+             resume: bool = False) -> dict:
     torch.set_num_threads(threads)
     import decomp_hooks as dh
     from decomp_hooks.toy import make_toy, toy_sampler
@@ -33,7 +34,7 @@ def run_seed(config: str, seed: int, steps: int | None, device: str, out_root: s
     target_s = time.perf_counter() - start
     out = Path(out_root) / f"{Path(config).stem}-s{seed}"
     dec = dh.decompose(model, toy_sampler(model, device), config=cfg, steps=steps, seed=seed, device=device,
-                       out_dir=out, progress=False)
+                       out_dir=out, resume=resume and (out / "checkpoints").exists(), progress=False)
     record = toy_metrics(dec)
     toy_plots(dec, out)
     step_times = [r["time_per_step_s"] for r in dec.metrics if "time_per_step_s" in r]
@@ -57,6 +58,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--fp32", action="store_true", help="on CUDA: no bf16 autocast, no TF32 (the CPU runs' arithmetic)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue each seed's run in --out from its last checkpoint (written on SIGTERM too)")
     args = parser.parse_args()
     threads = args.threads or max(1, (torch.get_num_threads()) // args.workers)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
@@ -64,7 +67,8 @@ def main() -> None:
     results_path = Path(args.out) / f"{Path(args.config).stem}.jsonl"
     results = []
     with ProcessPoolExecutor(args.workers) as pool, open(results_path, "a") as f:
-        futures = [pool.submit(run_seed, args.config, s, args.steps, args.device, args.out, threads, args.fp32)
+        futures = [pool.submit(run_seed, args.config, s, args.steps, args.device, args.out, threads, args.fp32,
+                               args.resume)
                    for s in seeds]
         for future in as_completed(futures):  # each seed's line is kept as soon as it finishes
             results.append(future.result())
