@@ -5,12 +5,16 @@
     python benchmarks/bench_toys.py examples/tms_40-10-id.yaml --device cuda --fp32 --seeds 3 --workers 3
 
 Each seed trains its own target (toy seed = seed) and decomposes it with that seed; workers run seeds in parallel,
-one torch thread each. Results go to a JSON-lines file and a table on stdout.
+one torch thread each. Results go to a JSON-lines file and a table on stdout. SIGTERM or Ctrl-C stops every running
+seed at a checkpoint and starts no further one; the same command with `--resume` continues them.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import multiprocessing.synchronize
+import signal
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -19,8 +23,19 @@ from pathlib import Path
 import torch
 
 
+_stop: multiprocessing.synchronize.Event | None = None  # in a worker: the parent's "start no further seed" event
+
+
+def init_worker(stop: multiprocessing.synchronize.Event) -> None:
+    """Signals reach a worker only through a run's own handler (checkpoint, then stop); between runs, `stop` says it."""
+    global _stop
+    _stop = stop
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def run_seed(config: str, seed: int, steps: int | None, device: str, out_root: str, threads: int, fp32: bool,
-             resume: bool = False) -> dict:
+             resume: bool = False) -> dict | None:
     torch.set_num_threads(threads)
     import decomp_hooks as dh
     from decomp_hooks.toy import make_toy, toy_sampler
@@ -33,6 +48,8 @@ def run_seed(config: str, seed: int, steps: int | None, device: str, out_root: s
     model, _ = make_toy(cfg.target.toy, seed=seed, steps=cfg.target.steps, device=device, progress=False)
     target_s = time.perf_counter() - start
     out = Path(out_root) / f"{Path(config).stem}-s{seed}"
+    if _stop is not None and _stop.is_set():
+        return None
     dec = dh.decompose(model, toy_sampler(model, device), config=cfg, steps=steps, seed=seed, device=device,
                        out_dir=out, resume=resume and (out / "checkpoints").exists(), progress=False)
     record = toy_metrics(dec)
@@ -45,6 +62,19 @@ def run_seed(config: str, seed: int, steps: int | None, device: str, out_root: s
             "median_step_ms": 1000 * statistics.median(step_times) if step_times else None,
             "target_train_s": target_s, "decompose_s": dec.provenance["wall_time_s"], "threads": threads, "device": device,
             "autocast_bf16": dec.provenance["autocast_bf16"]}
+
+
+def stop_on_signal(stop: multiprocessing.synchronize.Event) -> None:
+    """On SIGTERM/SIGINT: tell the workers to start no further seed and pass the signal on, so that each running seed
+    checkpoints and stops (`--resume` continues it) and no worker outlives this process."""
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+        for child in multiprocessing.active_children():
+            child.terminate()
+        raise SystemExit(f"stopped by signal {signum}; checkpoints are in the run directories, continue with --resume")
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
 
 
 def main() -> None:
@@ -66,13 +96,18 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     results_path = Path(args.out) / f"{Path(args.config).stem}.jsonl"
     results = []
-    with ProcessPoolExecutor(args.workers) as pool, open(results_path, "a") as f:
+    stop = multiprocessing.Event()
+    stop_on_signal(stop)
+    with ProcessPoolExecutor(args.workers, initializer=init_worker, initargs=(stop,)) as pool, \
+            open(results_path, "a") as f:
         futures = [pool.submit(run_seed, args.config, s, args.steps, args.device, args.out, threads, args.fp32,
                                args.resume)
                    for s in seeds]
         for future in as_completed(futures):  # each seed's line is kept as soon as it finishes
-            results.append(future.result())
-            f.write(json.dumps(results[-1]) + "\n")
+            if (record := future.result()) is None:  # stopped before it began
+                continue
+            results.append(record)
+            f.write(json.dumps(record) + "\n")
             f.flush()
     results.sort(key=lambda r: r["seed"])
     keys = [k for k in results[0] if k not in ("config", "device", "threads", "target_train_s", "autocast_bf16")]
