@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from decomp_hooks import store
 from decomp_hooks.causal_importance import SIGMOIDS, LeakyHardPair, make_ci_fn
 from decomp_hooks.components import SiteComponents, SiteMask
 from decomp_hooks.config import CIConfig, DecomposeConfig
@@ -92,6 +93,10 @@ class ComponentModel(nn.Module):
     @property
     def site_names(self) -> list[str]:
         return list(self.sites)
+
+    def fingerprints(self) -> dict[str, str]:
+        """Each site's target-weight fingerprint: tells later whether a model is the one the components were fit to."""
+        return {n: store.fingerprint(s.weight()) for n, s in self.sites.items()}
 
     def component(self, name: str) -> SiteComponents:
         return self.components[key(name)]

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from decomp_hooks import store
+from decomp_hooks.store import FingerprintError
 from decomp_hooks.component_model import ComponentModel
 from decomp_hooks.components import SiteComponents, SiteMask, intervention_mask
 from decomp_hooks.config import DecomposeConfig, from_dict
@@ -130,9 +131,6 @@ class Decomposition:
 
         return intervene(self, model, edits)
 
-    def fingerprints(self) -> dict[str, str]:
-        return {n: store.fingerprint(s.weight()) for n, s in self.cm.sites.items()}
-
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write `decomposition.safetensors` + `decomposition.json` into directory `path`, atomically."""
         path = Path(path)
@@ -140,7 +138,7 @@ class Decomposition:
         sites = [{"name": n, "kind": s.kind, "d_in": s.d_in, "d_out": s.d_out, "C": self.cm.component(n).C}
                  for n, s in self.cm.sites.items()]
         meta = {"format": FORMAT, "version": VERSION, "step": self.step, "sites": sites,
-                "fingerprints": self.fingerprints(), "config": self.config.to_dict(),
+                "fingerprints": self.cm.fingerprints(), "config": self.config.to_dict(),
                 "provenance": self.provenance, "final_metrics": self.final_metrics()}
         with store.atomic_dir(path, overwrite=overwrite) as tmp:
             store.write_tensors(tmp / "decomposition.safetensors", tensors)
@@ -170,10 +168,6 @@ class Decomposition:
         """The last evaluation record (metrics logged with an `eval/` prefix)."""
         evals = [r for r in self.metrics if any(k.startswith("eval/") for k in r)]
         return evals[-1] if evals else {}
-
-
-class FingerprintError(ValueError):
-    """The model's target weights differ from those the decomposition was trained on."""
 
 
 def read_meta(path: str | Path) -> dict:

@@ -107,6 +107,10 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise StoreError(f"{str(path)!r} is not a readable safetensors file ({err}); it is truncated or corrupt.") from None
 
 
+class FingerprintError(ValueError):
+    """The model's target weights differ from those a decomposition or checkpoint was trained on."""
+
+
 def fingerprint(weight: torch.Tensor) -> str:
     """SHA-256 of a weight's float32 values: tells whether a model is the one a decomposition was trained on."""
     data = weight.detach().float().contiguous().cpu().numpy().tobytes()

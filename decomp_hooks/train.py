@@ -190,6 +190,7 @@ class Trainer:
         self.step = 0
         self.records: list[dict] = []
         self.preflight_done = False
+        self.fingerprints = cm.fingerprints() if out_dir is not None else {}  # before FSDP2 shards the target
 
     def ready(self) -> None:
         """Wrap the step for the ranks (DDP, or FSDP2 with `train.fsdp`) and build the optimizer, once; after the
@@ -255,7 +256,7 @@ class Trainer:
         with store.atomic_dir(path, overwrite=True) as tmp:
             store.write_tensors(tmp / "state.safetensors", {**tensors, **opt_t, **rng_t})
             store.write_json(tmp / "state.json", {"step": self.step, "optimizer": opt_meta, "rng": rng_meta,
-                                                  "world_size": self.world_size,
+                                                  "world_size": self.world_size, "fingerprints": self.fingerprints,
                                                   "data": self.source.state_dict(), "config": self.cfg.to_dict()})
         for old in sorted(self.checkpoint_root.glob("step-*"))[:-self.cfg.train.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
@@ -264,6 +265,7 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         tensors = store.read_tensors(path / "state.safetensors")
         meta = store.read_json(path / "state.json")
+        self.check_fingerprints(path, meta.get("fingerprints", {}))
         self.set_rng_state(tensors, meta["rng"], meta.get("world_size", 1))
         params = dict(self.cm.named_parameters())
         with torch.no_grad():
@@ -278,6 +280,15 @@ class Trainer:
         self.source.load_state_dict(meta["data"])
         self.step = meta["step"]
         self._truncate_metrics()
+
+    def check_fingerprints(self, path: Path, saved: dict[str, str]) -> None:
+        """Refuse to resume on a model whose target weights differ from those the checkpointed run was fitting."""
+        for name, fp in self.fingerprints.items():
+            if name in saved and saved[name] != fp:
+                raise store.FingerprintError(
+                    f"site {name!r}: the model's weight differs from the one the run in {str(path.parent.parent)!r} "
+                    f"was fitting (fingerprint {fp} vs {saved[name]}); resume with the same model and weights (a "
+                    f"retrained target must match bit for bit: same seed, device and thread count), or start a new out_dir.")
 
     def _truncate_metrics(self) -> None:
         """Drop log lines written after the checkpoint we resume from, so metrics.jsonl has no duplicate steps."""

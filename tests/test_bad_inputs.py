@@ -123,6 +123,17 @@ def test_resume_without_checkpoint_and_existing_run(tmp_path):
         dh.decompose(mlp(), sample, config=BASE, out_dir=tmp_path / "done", progress=False)
 
 
+def test_resume_refuses_another_model(tmp_path):
+    dh.decompose(mlp(), sample, config=BASE, out_dir=tmp_path / "run", progress=False)
+    other = mlp()
+    with torch.no_grad():
+        other[0].weight[0, 0] += 1e-3
+    with pytest.raises(dh.FingerprintError, match=r"site '0': the model's weight differs from the one the run in .*run"):
+        dh.decompose(other, sample, config=BASE, out_dir=tmp_path / "run", resume=True, progress=False)
+    resumed = dh.decompose(mlp(), sample, config=BASE, out_dir=tmp_path / "run", resume=True, progress=False)
+    assert resumed.step == BASE["train"]["steps"]  # the same model resumes (here: a finished run, to its end at once)
+
+
 def test_load_and_masks_refuse(tmp_path):
     with pytest.raises(StoreError, match=r"missing file .*nowhere/decomposition.json"):
         dh.load(tmp_path / "nowhere", model=mlp())
