@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from decomp_hooks import store
-from decomp_hooks.store import FingerprintError
 from decomp_hooks.component_model import ComponentModel
 from decomp_hooks.components import SiteComponents, SiteMask, intervention_mask
 from decomp_hooks.config import DecomposeConfig, from_dict
@@ -195,7 +194,7 @@ def load(path: str | Path, model: Any = None, strict: bool = True, device: str |
     for site in sites:
         saved = meta["fingerprints"].get(site.name)
         if strict and saved != store.fingerprint(site.weight()):
-            raise FingerprintError(
+            raise store.FingerprintError(
                 f"site {site.name!r}: the model's weight differs from the one this decomposition was trained on "
                 f"(fingerprint {store.fingerprint(site.weight())} vs {saved}); load the original model, or pass strict=False.")
     tensors = store.read_tensors(path / "decomposition.safetensors")
