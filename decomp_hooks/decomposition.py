@@ -191,12 +191,9 @@ def load(path: str | Path, model: Any = None, strict: bool = True, device: str |
     identity = {s["name"].removesuffix(".pre_identity"): s["C"] for s in meta["sites"] if s["kind"] == "identity"}
     module, sites, cs = resolve(model, targets, identity)
     cm = ComponentModel.from_config(module, sites, cs, config)
-    for site in sites:
-        saved = meta["fingerprints"].get(site.name)
-        if strict and saved != store.fingerprint(site.weight()):
-            raise store.FingerprintError(
-                f"site {site.name!r}: the model's weight differs from the one this decomposition was trained on "
-                f"(fingerprint {store.fingerprint(site.weight())} vs {saved}); load the original model, or pass strict=False.")
+    if strict:
+        store.check_fingerprints(cm.fingerprints(), meta["fingerprints"], "this decomposition was trained on",
+                                 "load the original model, or pass strict=False.")
     tensors = store.read_tensors(path / "decomposition.safetensors")
     params = {k: v for k, v in cm.named_parameters() if not k.startswith("target.")}
     missing = sorted(set(params) - set(tensors))

@@ -117,6 +117,14 @@ def fingerprint(weight: torch.Tensor) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
+def check_fingerprints(current: dict[str, str], saved: dict[str, str], trained_on: str, fix: str) -> None:
+    """Raise FingerprintError for the first site whose weight's fingerprint differs from the saved one."""
+    for name, fp in current.items():
+        if saved.get(name) != fp:
+            raise FingerprintError(f"site {name!r}: the model's weight differs from the one {trained_on} "
+                                   f"(fingerprint {fp} vs {saved.get(name)}); {fix}")
+
+
 # -- RNG and optimizer state as tensors + JSON -------------------------------------------------------------------
 
 

@@ -265,7 +265,11 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         tensors = store.read_tensors(path / "state.safetensors")
         meta = store.read_json(path / "state.json")
-        self.check_fingerprints(path, meta.get("fingerprints", {}))
+        if "fingerprints" in meta:  # absent from checkpoints written before they were recorded
+            store.check_fingerprints(self.fingerprints, meta["fingerprints"],
+                                     f"the run in {str(path.parent.parent)!r} was fitting",
+                                     "resume with the same model and weights (a retrained target must match bit for "
+                                     "bit: same seed, device and thread count), or start a new out_dir.")
         self.set_rng_state(tensors, meta["rng"], meta.get("world_size", 1))
         params = dict(self.cm.named_parameters())
         with torch.no_grad():
@@ -280,15 +284,6 @@ class Trainer:
         self.source.load_state_dict(meta["data"])
         self.step = meta["step"]
         self._truncate_metrics()
-
-    def check_fingerprints(self, path: Path, saved: dict[str, str]) -> None:
-        """Refuse to resume on a model whose target weights differ from those the checkpointed run was fitting."""
-        for name, fp in self.fingerprints.items():
-            if name in saved and saved[name] != fp:
-                raise store.FingerprintError(
-                    f"site {name!r}: the model's weight differs from the one the run in {str(path.parent.parent)!r} "
-                    f"was fitting (fingerprint {fp} vs {saved[name]}); resume with the same model and weights (a "
-                    f"retrained target must match bit for bit: same seed, device and thread count), or start a new out_dir.")
 
     def _truncate_metrics(self) -> None:
         """Drop log lines written after the checkpoint we resume from, so metrics.jsonl has no duplicate steps."""
