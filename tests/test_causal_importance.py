@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from decomp_hooks import causal_importance
 from decomp_hooks.causal_importance import (
     PerComponentMLP, SharedMLP, VectorMLP, lower_leaky_hard_sigmoid, make_ci_fn, upper_leaky_hard_sigmoid,
 )
@@ -70,9 +71,13 @@ def _value_and_grads(fn, h):
 
 
 @pytest.mark.parametrize("real_compile", [False, True])
-def test_fused_per_component_mlp_matches_autograd(real_compile):
+@pytest.mark.parametrize("rows_per_block", [None, 2])
+def test_fused_per_component_mlp_matches_autograd(real_compile, rows_per_block, monkeypatch):
     """The compiled path's hand-written backward (GELU' = Φ + xφ) gives autograd's gradients for h and every parameter,
-    over several leading (position) dims; with real_compile the torch.compile'd kernels are checked too."""
+    over several leading (position) dims, in one block of rows or in blocks of 2 (the last one short); with
+    real_compile the torch.compile'd kernels are checked too."""
+    if rows_per_block:
+        monkeypatch.setattr(causal_importance, "_CPU_BLOCK_ELEMENTS", rows_per_block * 4 * 5)
     torch.manual_seed(0)
     dtype = torch.float32 if real_compile else torch.float64
     plain = PerComponentMLP(6, 4, [5]).to(dtype)
@@ -111,9 +116,12 @@ def test_fused_sigmoid_pair_matches_the_two_sigmoids():
     torch.testing.assert_close(only_lower.grad, grad_of(lower_leaky_hard_sigmoid, z, d_lower))
 
 
-def test_fused_mlp_importances_match_mlp_then_sigmoids():
+@pytest.mark.parametrize("rows_per_block", [None, 2])
+def test_fused_mlp_importances_match_mlp_then_sigmoids(rows_per_block, monkeypatch):
     """The compiled MLP + both sigmoids in one kernel each way: the values and gradients (to h and every parameter)
-    of the plain MLP followed by the two leaky-hard sigmoids."""
+    of the plain MLP followed by the two leaky-hard sigmoids, with the backward in one block of rows or in several."""
+    if rows_per_block:
+        monkeypatch.setattr(causal_importance, "_CPU_BLOCK_ELEMENTS", rows_per_block * 4 * 5)
     torch.manual_seed(0)
     plain, fused = PerComponentMLP(6, 4, [5]), PerComponentMLP(6, 4, [5])
     fused.load_state_dict(plain.state_dict())
