@@ -120,7 +120,7 @@ def _mlp1_grads(kernel: Callable, rows: list[torch.Tensor], h: torch.Tensor, w1:
     n = flat[0].shape[0]
     block = max(_CPU_BLOCK_ELEMENTS // (C * w1.shape[-1]), 1) if h.device.type == "cpu" else n
     dhs, sums = [], []
-    for i in range(0, n, block):
+    for i in range(0, max(n, 1), block):  # one (empty) block for an empty batch
         dz, dh, dpre, dw1, dw2 = kernel(*(f[i:i + block] for f in flat), w1, b1, w2)
         dhs.append(dh)
         sums.append([dw1.sum(0), dpre.sum(0), dw2.sum(0), dz.sum(0)])

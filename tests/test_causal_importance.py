@@ -139,6 +139,16 @@ def test_fused_mlp_importances_match_mlp_then_sigmoids(rows_per_block, monkeypat
     assert PerComponentMLP(6, 4, [5]).leaky_hard_importances(h) is None  # not compiled
 
 
+def test_fused_mlp_backward_of_an_empty_batch_is_zero():
+    fn = PerComponentMLP(6, 4, [5])
+    fn.compile()
+    h = torch.randn(0, 4, requires_grad=True)
+    lower, upper = fn.leaky_hard_importances(h)
+    grads = torch.autograd.grad(lower.sum() + upper.sum(), [h, *fn.parameters()])
+    assert [g.shape for g in grads] == [h.shape, *(p.shape for p in fn.parameters())]
+    assert all(not g.any() for g in grads)
+
+
 def test_deeper_per_component_mlp_compiles_whole():
     fn = PerComponentMLP(6, 3, [4, 4])
     fn.compile()
