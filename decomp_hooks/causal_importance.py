@@ -118,7 +118,7 @@ def _mlp1_grads(kernel: Callable, rows: list[torch.Tensor], h: torch.Tensor, w1:
     C = h.shape[-1]
     flat = [r.contiguous().view(-1, C) for r in (*rows, h)]
     n = flat[0].shape[0]
-    block = max(_CPU_BLOCK_ELEMENTS // (C * w1.shape[-1]), 1) if h.device.type == "cpu" else n
+    block = max(_CPU_BLOCK_ELEMENTS // (C * w1.shape[-1]) if h.device.type == "cpu" else n, 1)
     dhs, sums = [], []
     for i in range(0, max(n, 1), block):  # one (empty) block for an empty batch
         dz, dh, dpre, dw1, dw2 = kernel(*(f[i:i + block] for f in flat), w1, b1, w2)
