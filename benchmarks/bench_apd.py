@@ -62,7 +62,9 @@ def time_attributions(target_dir: str, target: str, device: str, threads: int, b
     torch.set_num_threads(threads)
     import decomp_hooks as dh
     from decomp_hooks.adapters import resolve
-    from decomp_hooks.apd import APD, component_outputs, gradient_attributions
+    from decomp_hooks.methods.apd.attributions import gradient_attributions
+    from decomp_hooks.methods.apd.layout import component_outputs
+    from decomp_hooks.methods.apd.method import APD
     from decomp_hooks.component_model import ComponentModel
     from decomp_hooks.toy import load_toy, toy_sampler
 

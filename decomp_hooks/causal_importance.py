@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from decomp_hooks.sites import SiteKind
+
 
 class _LowerLeakyHard(torch.autograd.Function):
     """Forward clamp(z, 0, 1); backward passes γ on (0, 1], 0 above 1, and 0.01·γ below 0 only when γ < 0."""
@@ -261,8 +263,8 @@ class SharedMLP(nn.Module):
 CI_FUNCTIONS = {"mlp": PerComponentMLP, "vector_mlp": VectorMLP, "shared_mlp": SharedMLP}
 
 
-def make_ci_fn(kind: str, site_kind: str, d_in: int, C: int, hidden: list[int]) -> nn.Module:
+def make_ci_fn(kind: str, site_kind: SiteKind, d_in: int, C: int, hidden: list[int]) -> nn.Module:
     """Build one site's CI function; embeddings allow only `mlp` (their input is a token id, not a vector)."""
-    if site_kind == "embedding" and kind != "mlp":
+    if SiteKind(site_kind).reads_tokens and kind != "mlp":
         raise ValueError(f"ci.type={kind!r} cannot read an embedding site's token ids; use ci.type='mlp' for embeddings.")
     return CI_FUNCTIONS[kind](d_in, C, hidden)

@@ -18,6 +18,8 @@ from decomp_hooks import store
 from decomp_hooks.causal_importance import SIGMOIDS, LeakyHardPair, make_ci_fn
 from decomp_hooks.components import SiteComponents, SiteMask
 from decomp_hooks.config import CIConfig, DecomposeConfig
+from decomp_hooks.methods.registry import get_method
+from decomp_hooks.model_call import call_model, output_tensor
 from decomp_hooks.sites import Site, SiteError
 
 
@@ -35,22 +37,10 @@ def key(name: str) -> str:
     return name.replace(".", "-")
 
 
-def output_tensor(out: Any) -> torch.Tensor:
-    """The tensor a loss compares: the model output itself, its `.logits`, or the first element of a tuple."""
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise TypeError(f"cannot find an output tensor in a {type(out).__name__}; return a tensor or an object with .logits")
-
-
 class ComponentModel(nn.Module):
     """A frozen target model plus components and CI functions for each site.
 
-    `ci=None` (methods without CI functions, e.g. APD): `ci_fns` is empty and every component's importance is 1.
+    `ci=None` (methods without CI functions, e.g. APD): `ci_fns` is empty and `causal_importances` refuses.
     `group_size[site]` > 1: consecutive columns of that site's V (rows of U) form one higher-rank component.
     """
 
@@ -73,14 +63,9 @@ class ComponentModel(nn.Module):
 
     @classmethod
     def from_config(cls, target: nn.Module, sites: list[Site], C: dict[str, int], cfg: DecomposeConfig) -> "ComponentModel":
-        """The component model a config's method trains: SPD's (C per site, CI functions) or APD's (no CI functions,
-        `apd.C` components of rank m per site stored as C·m rank-one columns)."""
-        if cfg.method == "apd":
-            from decomp_hooks.apd import apd_layout
-
-            cols, ranks = apd_layout(sites, C, cfg.apd)
-            return cls(target, sites, cols, None, cfg.tied, cfg.init, group_size=ranks)
-        return cls(target, sites, C, cfg.ci, cfg.tied, cfg.init)
+        """The component model a config's method trains, laid out on the sites as the method says."""
+        layout = get_method(cfg.method).layout(sites, C, cfg)
+        return cls(target, sites, layout.C, layout.ci, cfg.tied, cfg.init, group_size=layout.group_size)
 
     def compile_ci_fns(self) -> None:
         """torch.compile each CI function in place (their elementwise hidden layers dominate a step), and the pair of
@@ -106,6 +91,18 @@ class ComponentModel(nn.Module):
 
     def ci_parameters(self) -> list[nn.Parameter]:
         return list(self.ci_fns.parameters())
+
+    def site_parameters(self, name: str) -> list[nn.Parameter]:
+        """The trainable parameters of one site: its components and its CI function, if any."""
+        ci = list(self.ci_fns[key(name)].parameters()) if key(name) in self.ci_fns else []
+        return [*self.component(name).parameters(), *ci]
+
+    def faithfulness(self, delta_ws: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Σ_l ‖W_l − (V_l U_l)ᵀ‖²_F / Σ_l numel(W_l) over the sites, from their ΔW (computed if not given)."""
+        if delta_ws is None:
+            delta_ws = {n: self.component(n).delta_weight() for n in self.site_names}
+        sq = sum(dw.float().pow(2).sum() for dw in delta_ws.values())
+        return sq / sum(dw.numel() for dw in delta_ws.values())
 
     @contextmanager
     def _hooks(self, masks: dict[str, SiteMask], inputs: dict[str, torch.Tensor] | None,
@@ -155,7 +152,7 @@ class ComponentModel(nn.Module):
         by a masked site on its first call if no masked site ran before it (its input is then the target's)."""
         inputs: dict[str, torch.Tensor] | None = {} if cache or outputs is not None else None
         with self._hooks(masks or {}, inputs, delta_ws, outputs, reuse, calls):
-            out = self.target(**x) if isinstance(x, dict) else self.target(x)
+            out = call_model(self.target, x)
         return output_tensor(out), inputs or {}
 
     def causal_importances(self, inputs: dict[str, torch.Tensor], noise: bool = False,
@@ -163,17 +160,13 @@ class ComponentModel(nn.Module):
         """CI per site from the target's site inputs; `noise` adds the binomial-sampling perturbation of z.
 
         `.inner` holds `x V` where the CI function read it, and for every site with `keep_inner` (for reuse)."""
+        if not self.ci_fns:
+            raise ValueError("this decomposition has no causal-importance functions (its method selects components "
+                             "another way); ask the method: Decomposition.causal_importance(batch).")
         out = {}
-        if not self.ci_fns:  # no CI functions (APD): every component counts as fully important
-            for name, x in inputs.items():
-                comps = self.component(name)
-                lead = x.shape if comps.kind == "embedding" else x.shape[:-1]
-                ones = torch.ones(*lead, comps.C, device=x.device, dtype=comps.V.dtype)
-                out[name] = CausalImportance(ones, ones)
-            return out
         for name, x in inputs.items():
             comps, fn = self.component(name), self.ci_fns[key(name)]
-            x = x if comps.kind == "embedding" else x.to(comps.V.dtype)
+            x = x if comps.kind.reads_tokens else x.to(comps.V.dtype)
             inner = comps.inner_acts(x) if fn.takes_inner_acts or keep_inner else None
             out[name] = CausalImportance(*self._importances(fn, x, inner, noise), inner)
         return out

@@ -1,6 +1,6 @@
 """Rank-one components of one site, the delta component, and the one masked forward every consumer shares.
 
-`out = ((a V) ⊙ m) U + m_δ · a ΔWᵀ + b` with ΔW = W_target − (V U)ᵀ (methods.md §1.1, §1.3); unrouted positions
+`out = ((a V) ⊙ m) U + m_δ · a ΔWᵀ + b` with ΔW = W_target − (V U)ᵀ (docs/concepts.md); unrouted positions
 keep the target output. Training, evaluation, interventions and exports all call `SiteComponents.forward`.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from decomp_hooks.sites import Site
+from decomp_hooks.sites import Site, SiteKind
 
 
 @dataclass
@@ -48,7 +48,7 @@ class SiteComponents(nn.Module):
         super().__init__()
         if C % group_size:
             raise ValueError(f"site {site.name!r}: C={C} is not a multiple of group_size={group_size}.")
-        self.kind, self.C, self.d_in, self.d_out = site.kind, C, site.d_in, site.d_out
+        self.kind, self.C, self.d_in, self.d_out = SiteKind(site.kind), C, site.d_in, site.d_out
         self.group_size = group_size
         weight = site.weight().float()
         self.register_buffer("target_weight", weight.T.contiguous().clone())  # [d_in, d_out], as the forward uses it
@@ -93,10 +93,10 @@ class SiteComponents(nn.Module):
 
     def inner_acts(self, x: torch.Tensor) -> torch.Tensor:
         """Component activations `a V` (`[..., C]`); for embeddings the rows of V at the token ids."""
-        return self.V[x] if self.kind == "embedding" else x @ self.V
+        return self.V[x] if self.kind.reads_tokens else x @ self.V
 
     def _apply_delta(self, x: torch.Tensor, delta_w: torch.Tensor) -> torch.Tensor:
-        return delta_w[x] if self.kind == "embedding" else x @ delta_w
+        return delta_w[x] if self.kind.reads_tokens else x @ delta_w
 
     def _delta_from_target(self, acts: torch.Tensor, mask: SiteMask, target_out: torch.Tensor) -> torch.Tensor:
         """`((x V) ⊙ (m − m_δ)) U + m_δ (target − b) + b` as one matmul and one fused multiply-add: the bias term
@@ -118,7 +118,7 @@ class SiteComponents(nn.Module):
         target output `x Wᵀ + b` at hand, the delta term needs no ΔW: m_δ·x ΔW = m_δ·(target − b − (x V) U) folds into
         the component matmul, `((x V) ⊙ (m − m_δ)) U + m_δ (target − b)`. Without it, ΔW is `delta_w` or computed.
         """
-        if self.kind != "embedding" and x.dtype != self.V.dtype and not torch.is_autocast_enabled(x.device.type):
+        if not self.kind.reads_tokens and x.dtype != self.V.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.V.dtype)
         acts = self.inner_acts(x) if inner is None else inner
         if mask.delta is not None and target_out is not None and (target_out.requires_grad or not x.requires_grad):

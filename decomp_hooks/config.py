@@ -14,6 +14,10 @@ from typing import Any, Union
 
 import yaml
 
+from decomp_hooks.methods.apd.config import APDConfig
+from decomp_hooks.methods.registry import get_method
+from decomp_hooks.methods.spd.config import LossConfig
+
 
 class ConfigError(ValueError):
     """A configuration value or key that cannot be used; the message names it and the fix."""
@@ -36,30 +40,6 @@ class ScheduleConfig:
     fn: str = "constant"
     warmup_pct: float = 0.0
     final_val_frac: float = 1.0
-
-
-@dataclass
-class LossConfig:
-    """One loss term. `type` picks it; the remaining fields apply to the types named in their comments."""
-
-    type: str
-    coeff: float = 1.0
-    # importance_minimality
-    pnorm: float = 2.0
-    p_anneal_start_frac: float = 1.0
-    p_anneal_final_p: float | None = None
-    p_anneal_end_frac: float = 1.0
-    eps: float = 1e-12
-    beta: float = 0.0
-    site_coeffs: dict[str, float] = field(default_factory=dict)  # fnmatch glob -> multiplier on those sites (others 1)
-    # *_subset terms
-    routing: str = "uniform_k_subset"
-    routing_p: float = 0.5
-    # pgd_* terms
-    init: str = "random"
-    step_size: float = 1.0
-    n_steps: int = 1
-    mask_scope: str = "shared_across_batch"
 
 
 @dataclass
@@ -86,29 +66,6 @@ class TrainConfig:
     eval_pgd_steps: int = 20  # the evaluation PGD probe (steps of size 0.1); 0 skips it
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
-
-
-@dataclass
-class APDConfig:
-    """APD (methods.md Part 2): C components spanning every site, each of rank `rank` per site (None = full rank,
-    min(d_in, d_out)), chosen per input by the top-k of their attributions; the loss coefficients of §2.4."""
-
-    C: int | None = None  # None: the (common) C of `targets`
-    rank: int | None = None
-    topk: float = 1.0  # batch top-k: mean active components per position (may be fractional); else k per position
-    batch_topk: bool = True
-    attribution_type: str = "gradient"  # gradient | ablation | activation
-    attribution_model: str = "target"  # gradient attributions at the target's parameters, or at the APD model's
-    attribution_chunk: int | None = None  # output directions per batched VJP (None: all in one call)
-    schatten_p: float = 1.0
-    param_match_coeff: float = 1.0
-    topk_recon_coeff: float = 1.0
-    act_recon_coeff: float = 0.0
-    schatten_coeff: float = 1.0
-    act_recon_sites: list[str] = field(default_factory=lambda: ["*mlp_in"])  # fnmatch globs; outputs ReLU'd
-    unit_norm_matrices: bool = False
-    init_scale: float = 1.0
-    distil_from_target: bool = False  # the last component is always on and outside the top-k
 
 
 @dataclass
@@ -147,7 +104,7 @@ class DecomposeConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _did_you_mean(key: str, options: list[str]) -> str:
+def did_you_mean(key: str, options: list[str]) -> str:
     close = difflib.get_close_matches(key, options, n=1)
     return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(options)}."
 
@@ -195,7 +152,7 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in hints:
-            raise ConfigError(f"{where}: unknown key '{key}'.{_did_you_mean(key, names)}")
+            raise ConfigError(f"{where}: unknown key '{key}'.{did_you_mean(key, names)}")
         kwargs[key] = _convert(hints[key], value, f"{where}.{key}")
     try:
         return cls(**kwargs)
@@ -229,83 +186,33 @@ def read_yaml(path: Path, hint: str = ".") -> Any:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
 
 
-def _check(ok: bool, message: str) -> None:
+def check(ok: bool, message: str) -> None:
+    """Raise ConfigError(message) unless `ok`."""
     if not ok:
         raise ConfigError(message)
 
 
-LOSS_TYPES = (
-    "faithfulness", "importance_minimality", "stochastic_recon", "stochastic_recon_layerwise",
-    "stochastic_recon_subset", "ci_masked_recon", "ci_masked_recon_layerwise", "ci_masked_recon_subset",
-    "unmasked_recon", "pgd_recon", "pgd_recon_layerwise", "pgd_recon_subset", "stochastic_hidden_acts_recon",
-)
-
-
-METHODS = ("spd", "apd")
-
-
-def validate_apd(cfg: DecomposeConfig) -> None:
-    """The `apd:` section, and the parts of the rest of the config APD reads differently."""
-    a = cfg.apd
-    _check(not cfg.losses, "losses: lists SPD loss terms; APD's loss coefficients are in `apd:` "
-           "(param_match_coeff, topk_recon_coeff, act_recon_coeff, schatten_coeff). Remove `losses:` or use method 'spd'.")
-    _check(a.C is None or a.C > 0, f"apd.C={a.C}: must be a positive integer.")
-    _check(a.rank is None or a.rank > 0, f"apd.rank={a.rank}: must be a positive integer, or null for full rank.")
-    _check(a.topk > 0, f"apd.topk={a.topk}: must be > 0.")
-    _check(a.batch_topk or float(a.topk).is_integer(),
-           f"apd.topk={a.topk}: per-sample top-k (batch_topk: false) needs an integer k.")
-    _check(a.attribution_type in ("gradient", "ablation", "activation"),
-           f"apd.attribution_type={a.attribution_type!r}; use 'gradient', 'ablation' or 'activation'.")
-    _check(a.attribution_model in ("target", "apd"), f"apd.attribution_model={a.attribution_model!r}; use 'target' or 'apd'.")
-    _check(a.attribution_chunk is None or a.attribution_chunk > 0, f"apd.attribution_chunk={a.attribution_chunk}: must be > 0.")
-    _check(a.schatten_p > 0, f"apd.schatten_p={a.schatten_p}: must be > 0.")
-    for name in ("param_match_coeff", "topk_recon_coeff", "act_recon_coeff", "schatten_coeff"):
-        _check(getattr(a, name) >= 0, f"apd.{name}={getattr(a, name)}: must be ≥ 0.")
-    _check(a.init_scale > 0, f"apd.init_scale={a.init_scale}: must be > 0.")
-    cs = set({**cfg.targets, **cfg.identity_targets}.values())
-    _check(a.C is not None or len(cs) <= 1,
-           f"APD components span every site, so the targets need one common C (got {sorted(cs)}); or set apd.C.")
-
-
 def validate(cfg: DecomposeConfig) -> None:
-    """Range and choice checks, each naming the bad value and the accepted ones."""
-    _check(cfg.method in METHODS, f"method={cfg.method!r} is not supported; use 'spd' or 'apd'.")
-    if cfg.method == "apd":
-        validate_apd(cfg)
-    _check(cfg.ci.type in ("mlp", "vector_mlp", "shared_mlp"),
-           f"ci.type={cfg.ci.type!r}; use 'mlp', 'vector_mlp' or 'shared_mlp'.")
-    _check(all(h > 0 for h in cfg.ci.hidden), f"ci.hidden={cfg.ci.hidden}: widths must be positive.")
-    _check(cfg.ci.sigmoid in ("leaky_hard", "hard", "normal", "upper_leaky_hard"),
-           f"ci.sigmoid={cfg.ci.sigmoid!r}; use 'leaky_hard', 'hard', 'normal' or 'upper_leaky_hard'.")
-    _check(cfg.ci.sampling in ("continuous", "binomial"),
-           f"ci.sampling={cfg.ci.sampling!r}; use 'continuous' or 'binomial'.")
-    _check(cfg.output_loss in ("mse", "kl"), f"output_loss={cfg.output_loss!r}; use 'mse' or 'kl'.")
-    _check(cfg.init in ("kaiming", "paper"), f"init={cfg.init!r}; use 'kaiming' or 'paper'.")
+    """Range and choice checks, each naming the bad value and the accepted ones; then the method's own checks."""
+    check(cfg.ci.type in ("mlp", "vector_mlp", "shared_mlp"),
+          f"ci.type={cfg.ci.type!r}; use 'mlp', 'vector_mlp' or 'shared_mlp'.")
+    check(all(h > 0 for h in cfg.ci.hidden), f"ci.hidden={cfg.ci.hidden}: widths must be positive.")
+    check(cfg.ci.sigmoid in ("leaky_hard", "hard", "normal", "upper_leaky_hard"),
+          f"ci.sigmoid={cfg.ci.sigmoid!r}; use 'leaky_hard', 'hard', 'normal' or 'upper_leaky_hard'.")
+    check(cfg.ci.sampling in ("continuous", "binomial"),
+          f"ci.sampling={cfg.ci.sampling!r}; use 'continuous' or 'binomial'.")
+    check(cfg.output_loss in ("mse", "kl"), f"output_loss={cfg.output_loss!r}; use 'mse' or 'kl'.")
+    check(cfg.init in ("kaiming", "paper"), f"init={cfg.init!r}; use 'kaiming' or 'paper'.")
     for name, c in {**cfg.targets, **cfg.identity_targets}.items():
-        _check(isinstance(c, int) and c > 0, f"targets[{name!r}]={c!r}: C must be a positive integer.")
+        check(isinstance(c, int) and c > 0, f"targets[{name!r}]={c!r}: C must be a positive integer.")
     t = cfg.train
-    _check(t.steps >= 0, f"train.steps={t.steps}: must be ≥ 0.")
-    _check(t.batch_size > 0, f"train.batch_size={t.batch_size}: must be > 0.")
-    _check(t.lr > 0, f"train.lr={t.lr}: must be > 0.")
-    _check(t.schedule.fn in ("constant", "linear", "cosine"),
-           f"train.schedule.fn={t.schedule.fn!r}; use 'constant', 'linear' or 'cosine'.")
-    _check(0 <= t.schedule.warmup_pct <= 1, f"train.schedule.warmup_pct={t.schedule.warmup_pct}: must be in [0, 1].")
-    _check(t.log_every > 0 and t.eval_every > 0 and t.checkpoint_every > 0,
-           "train.log_every, eval_every and checkpoint_every must be > 0.")
-    _check(t.keep_checkpoints >= 1, f"train.keep_checkpoints={t.keep_checkpoints}: must be ≥ 1.")
-    for i, loss in enumerate(cfg.losses):
-        where = f"losses[{i}]"
-        _check(loss.type in LOSS_TYPES, f"{where}.type={loss.type!r} is unknown.{_did_you_mean(loss.type, list(LOSS_TYPES))}")
-        _check(loss.coeff >= 0, f"{where}.coeff={loss.coeff}: must be ≥ 0.")
-        _check(loss.pnorm > 0, f"{where}.pnorm={loss.pnorm}: must be > 0.")
-        _check(not loss.site_coeffs or loss.type == "importance_minimality",
-               f"{where}.site_coeffs: only the importance_minimality term takes per-site multipliers; remove it from {loss.type!r}.")
-        for pattern, w in loss.site_coeffs.items():
-            _check(w >= 0, f"{where}.site_coeffs[{pattern!r}]={w}: must be ≥ 0.")
-        _check(loss.routing in ("uniform_k_subset", "static_probability"),
-               f"{where}.routing={loss.routing!r}; use 'uniform_k_subset' or 'static_probability'.")
-        _check(loss.init in ("random", "ones", "zeroes"), f"{where}.init={loss.init!r}; use 'random', 'ones' or 'zeroes'.")
-        _check(loss.mask_scope in ("unique_per_datapoint", "shared_across_batch"),
-               f"{where}.mask_scope={loss.mask_scope!r}; use 'unique_per_datapoint' or 'shared_across_batch'.")
-        _check(loss.n_steps >= 1, f"{where}.n_steps={loss.n_steps}: must be ≥ 1.")
-    _check(len({loss.type for loss in cfg.losses}) == len(cfg.losses), "losses: each type may appear once.")
+    check(t.steps >= 0, f"train.steps={t.steps}: must be ≥ 0.")
+    check(t.batch_size > 0, f"train.batch_size={t.batch_size}: must be > 0.")
+    check(t.lr > 0, f"train.lr={t.lr}: must be > 0.")
+    check(t.schedule.fn in ("constant", "linear", "cosine"),
+          f"train.schedule.fn={t.schedule.fn!r}; use 'constant', 'linear' or 'cosine'.")
+    check(0 <= t.schedule.warmup_pct <= 1, f"train.schedule.warmup_pct={t.schedule.warmup_pct}: must be in [0, 1].")
+    check(t.log_every > 0 and t.eval_every > 0 and t.checkpoint_every > 0,
+          "train.log_every, eval_every and checkpoint_every must be > 0.")
+    check(t.keep_checkpoints >= 1, f"train.keep_checkpoints={t.keep_checkpoints}: must be ≥ 1.")
+    get_method(cfg.method).validate(cfg)

@@ -11,7 +11,8 @@ from decomp_hooks import store
 from decomp_hooks.component_model import ComponentModel
 from decomp_hooks.components import SiteComponents, SiteMask, intervention_mask
 from decomp_hooks.config import DecomposeConfig, from_dict
-from decomp_hooks.sites import SiteError
+from decomp_hooks.methods import Method, get_method
+from decomp_hooks.sites import SiteError, SiteKind
 
 FORMAT = "decomp-hooks/decomposition"
 VERSION = 1
@@ -29,12 +30,14 @@ def package_versions() -> dict[str, str | None]:
 
 
 class Decomposition:
-    """Components per site (`components[name].V`, `.U`, `.weight()`), CI functions, config, metrics, provenance."""
+    """Components per site (`components[name].V`, `.U`, `.weight()`), CI functions, config, metrics, provenance,
+    and the method that trained them (`method`), which says how important each component is for an input."""
 
     def __init__(self, cm: ComponentModel, config: DecomposeConfig, metrics: list[dict] | None = None,
-                 provenance: dict | None = None, step: int = 0):
+                 provenance: dict | None = None, step: int = 0, method: Method | None = None):
         self.cm, self.config, self.metrics = cm, config, metrics or []
         self.provenance, self.step = provenance or {}, step
+        self.method = method or get_method(config.method)(config)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -53,11 +56,10 @@ class Decomposition:
         return next(iter(self.cm.components.buffers())).device
 
     @torch.no_grad()
-    def causal_importance(self, batch: Any, upper: bool = False) -> dict[str, torch.Tensor]:
-        """Per site, the causal importance of each component at each position: `{site: [..., C]}`."""
-        _, inputs = self.cm(batch, cache=True)
-        ci = self.cm.causal_importances(inputs)
-        return {n: (c.upper if upper else c.lower) for n, c in ci.items()}
+    def causal_importance(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Per site, how much each component is needed at each position, `{site: [..., C]}`, as the method reports
+        it: causal importance in [0, 1] for SPD; for APD, 1 on the components the input's top-k selection chose."""
+        return self.method.importances(self.cm, batch)
 
     @torch.no_grad()
     def component_acts(self, batch: Any) -> dict[str, torch.Tensor]:
@@ -134,8 +136,8 @@ class Decomposition:
         """Write `decomposition.safetensors` + `decomposition.json` into directory `path`, atomically."""
         path = Path(path)
         tensors = {k: v for k, v in self.cm.named_parameters() if not k.startswith("target.")}
-        sites = [{"name": n, "kind": s.kind, "d_in": s.d_in, "d_out": s.d_out, "C": self.cm.component(n).C}
-                 for n, s in self.cm.sites.items()]
+        sites = [{"name": n, "module": s.module, "kind": SiteKind(s.kind).value, "d_in": s.d_in, "d_out": s.d_out,
+                  "C": self.cm.component(n).C} for n, s in self.cm.sites.items()]
         meta = {"format": FORMAT, "version": VERSION, "step": self.step, "sites": sites,
                 "fingerprints": self.cm.fingerprints(), "config": self.config.to_dict(),
                 "provenance": self.provenance, "final_metrics": self.final_metrics()}
@@ -187,8 +189,10 @@ def load(path: str | Path, model: Any = None, strict: bool = True, device: str |
     config = from_dict(DecomposeConfig, meta["config"])
     if model is None:
         model = _saved_target(path)
-    targets = {s["name"]: s["C"] for s in meta["sites"] if s["kind"] != "identity"}
-    identity = {s["name"].removesuffix(".pre_identity"): s["C"] for s in meta["sites"] if s["kind"] == "identity"}
+    targets, identity = {}, {}
+    for s in meta["sites"]:
+        inserted = SiteKind(s["kind"]).inserted
+        (identity if inserted else targets)[s.get("module") or _module_of(s["name"], inserted)] = s["C"]
     module, sites, cs = resolve(model, targets, identity)
     cm = ComponentModel.from_config(module, sites, cs, config)
     if strict:
@@ -207,6 +211,11 @@ def load(path: str | Path, model: Any = None, strict: bool = True, device: str |
     if device is not None:
         cm.to(device)
     return Decomposition(cm, config, provenance=meta.get("provenance"), step=meta.get("step", 0))
+
+
+def _module_of(name: str, inserted: bool) -> str:
+    """The module of a site saved before sites recorded it (an inserted identity was named `<module>.pre_identity`)."""
+    return name.rsplit(".", 1)[0] if inserted else name
 
 
 def _saved_target(path: Path) -> torch.nn.Module:

@@ -158,3 +158,15 @@ def mse(pred: Tensor, target: Tensor) -> Tensor:
 def ce_loss(logits: Tensor, tokens: Tensor) -> Tensor:
     """Next-token cross-entropy of ``logits`` [..., T, V] against ``tokens`` [..., T] (logits at t predict t + 1)."""
     return F.cross_entropy(logits[..., :-1, :].flatten(0, -2).float(), tokens[..., 1:].flatten())
+
+
+def mechanism_counts(scores: Tensor, rel: float = 0.1) -> dict[str, int]:
+    """From one-hot probe attributions `[n_features, C]`: `split_features`, features with more than one component
+    attributed ≥ `rel` × that feature's largest; `shared_components`, features whose top component is also another
+    feature's (n_features − distinct top components); `dead_features`, features with no attribution at all."""
+    top = scores.max(-1)
+    live = top.values > 0
+    split = ((scores >= rel * top.values[:, None]) & live[:, None]).sum(-1) > 1
+    distinct = len(set(top.indices[live].tolist()))
+    return {"split_features": int(split.sum()), "shared_components": int(live.sum()) - distinct,
+            "dead_features": int((~live).sum())}

@@ -10,16 +10,12 @@ from typing import Any
 import torch
 
 from decomp_hooks import distributed, store
-from decomp_hooks.apd import APD
 from decomp_hooks.component_model import ComponentModel
 from decomp_hooks.config import ConfigError, DecomposeConfig, load_config, validate
 from decomp_hooks.data import make_source
 from decomp_hooks.decomposition import Decomposition, package_versions
-from decomp_hooks.spd import SPD
+from decomp_hooks.methods import get_method
 from decomp_hooks.train import Trainer, set_seed
-
-#: the method objects `Trainer` runs, by `config.method`
-METHODS = {"spd": SPD, "apd": APD}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -46,16 +42,7 @@ def build_config(config: Any, targets: dict[str, int] | None, steps: int | None,
     validate(cfg)
     if not cfg.targets and not cfg.identity_targets:
         raise ConfigError("no targets: pass targets={'<module glob>': C, ...} or set `targets:` in the config.")
-    if cfg.method == "spd" and not cfg.losses:
-        raise ConfigError("no loss terms: set `losses:` in the config (see examples/*.yaml).")
     return cfg
-
-
-def latest_checkpoint(out_dir: Path) -> Path:
-    found = sorted((out_dir / "checkpoints").glob("step-*"))
-    if not found:
-        raise store.StoreError(f"no checkpoint to resume in {str(out_dir)!r} (expected {str(out_dir / 'checkpoints')}/step-*).")
-    return found[-1]
 
 
 def decompose(model: Any, data: Any, targets: dict[str, int] | None = None, method: str | None = None,
@@ -63,8 +50,8 @@ def decompose(model: Any, data: Any, targets: dict[str, int] | None = None, meth
               device: str | torch.device | None = None, seed: int | None = None, out_dir: str | Path | None = None,
               identity_targets: dict[str, int] | None = None, resume: bool = False, progress: bool = True,
               evaluate: Callable[[Decomposition, int], dict] | None = None) -> Decomposition:
-    """Decompose the chosen weight matrices of `model` into rank-one components with causal importances (SPD), or
-    into components of rank `apd.rank` spanning all sites chosen per input by attribution top-k (`method="apd"`).
+    """Decompose the chosen weight matrices of `model` with the config's method (`method` overrides it): SPD's
+    rank-one components with causal importances by default; `decomp_hooks.methods.method_names()` lists the others.
 
     `targets` maps fnmatch globs of the model's module names to C; `data` is a sampler `f(batch_size)`, a tensor or an
     iterable of batches; `config` a DecomposeConfig, dict or YAML path (explicit `targets` replace its targets,
@@ -80,28 +67,28 @@ def decompose(model: Any, data: Any, targets: dict[str, int] | None = None, meth
     if method is not None and method != cfg.method:
         cfg.method = method
         validate(cfg)
+    method_cls = get_method(cfg.method)
+    method_cls.check_trainable(cfg)
     ctx, dev = distributed.setup(resolve_device(device))
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and not resume and (out / "checkpoints").exists():
         raise store.StoreError(f"{str(out)!r} already holds a run; pass resume=True (CLI: --resume RUN_DIR) to continue it, or another out_dir.")
     set_seed(cfg.seed)
     module, sites, cs = resolve(model, cfg.targets, cfg.identity_targets)
-    if cfg.method == "apd":
-        cfg.apd = dataclasses.replace(cfg.apd, C=APD.n_components(cfg.apd, cs))  # saved configs name their C
+    cfg = method_cls.resolve(cfg, cs)
     cm = ComponentModel.from_config(module, sites, cs, cfg).to(dev)
-    method_obj = METHODS[cfg.method](cfg, world_size=ctx.world_size)
-    if hasattr(method_obj, "init_components"):
-        method_obj.init_components(cm)
+    method_obj = method_cls(cfg, world_size=ctx.world_size)
+    method_obj.init_components(cm)
     if cfg.train.compile:
         cm.compile_ci_fns()
     source = distributed.shard_source(make_source(data, cfg.train.batch_size, cfg.seed), ctx)
     if hasattr(source, "check_enough"):
         source.check_enough(cfg.train.steps + cfg.train.steps // cfg.train.eval_every + 1)
-    dec = Decomposition(cm, cfg, provenance=_provenance(cfg, dev, cm, ctx.world_size))
+    dec = Decomposition(cm, cfg, provenance=_provenance(cfg, dev, cm, ctx.world_size), method=method_obj)
     extra = (lambda step: evaluate(dec, step)) if evaluate is not None else None
     trainer = Trainer(cm, method_obj, source, cfg, dev, out, extra, progress, rank=ctx.rank, world_size=ctx.world_size)
     if out is not None and resume:
-        trainer.load_checkpoint(latest_checkpoint(out))
+        trainer.resume()
     start = time.perf_counter()
     dec.metrics = trainer.train()
     dec.step = cfg.train.steps

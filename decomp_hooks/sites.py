@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable
+from enum import Enum
 from typing import Protocol, TypeVar
 
 import torch
@@ -23,11 +24,30 @@ class SiteError(ValueError):
     """A target pattern or module that cannot become a site; the message names it and the candidates."""
 
 
+class SiteKind(str, Enum):
+    """What a site's matrix is. A `str` enum, so saved files keep the plain names ("linear", ...)."""
+
+    LINEAR = "linear"  # a weight matrix whose input is an activation
+    EMBEDDING = "embedding"  # a lookup table whose input is token ids
+    IDENTITY = "identity"  # an identity matrix I_d inserted before a module (the +ID toys), not in the model
+
+    @property
+    def reads_tokens(self) -> bool:
+        """The site's input is token ids (so there are no activations to scale, normalise or export)."""
+        return self is SiteKind.EMBEDDING
+
+    @property
+    def inserted(self) -> bool:
+        """The site is not one of the model's own matrices but an identity inserted before `module`."""
+        return self is SiteKind.IDENTITY
+
+
 class Site(Protocol):
     """What every method needs from a site, whatever toolkit it lives in."""
 
-    name: str
-    kind: str  # "linear" (input is an activation) | "embedding" (input is token ids) | "identity" (inserted I_d)
+    name: str  # unique among the sites; for an inserted identity `<module>.pre_identity`
+    module: str  # the model's module (or TransformerLens parameter path) the site reads and writes
+    kind: SiteKind
     d_in: int
     d_out: int
 

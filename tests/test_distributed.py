@@ -92,14 +92,14 @@ def stochastic_draws(dec, world_size: int, rank: int) -> torch.Tensor:
     each averaged over the ranks (each rank masks its own half)."""
     from decomp_hooks.config import LossConfig
     from decomp_hooks.distributed import slice_batch
-    from decomp_hooks.spd import SPD
+    from decomp_hooks.methods.spd.method import SPD
 
     spd = SPD(dec.config, world_size=world_size)
     batch = slice_batch(data(False)[:32], rank, world_size)
     lc = LossConfig(type="stochastic_recon")
     with torch.no_grad():
-        ctx = spd.prepare(dec.cm, dec.cm, batch)
-        values = torch.stack([spd.term(lc, dec.cm, ctx, 1.0) for _ in range(N_DRAWS)])
+        ctx = spd.prepare(dec.cm, batch)
+        values = torch.stack([spd.term(lc, ctx, 1.0) for _ in range(N_DRAWS)])
     if world_size > 1:
         dist.all_reduce(values)
         values /= world_size
@@ -137,12 +137,12 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     save_file({"draws": stochastic_draws(dec, 2, rank)}, os.path.join(tmp, f"draws-rank{rank}.safetensors"))
     # the two ranks hold the same rows here (identical halves); per-rank seeds still give them different masks
     from decomp_hooks.config import LossConfig
-    from decomp_hooks.spd import SPD
+    from decomp_hooks.methods.spd.method import SPD
 
     spd = SPD(dec.config, world_size=2)
     with torch.no_grad():
-        ctx = spd.prepare(dec.cm, dec.cm, data(True)[0][:16])
-        mine = spd.term(LossConfig(type="stochastic_recon"), dec.cm, ctx, 1.0)
+        ctx = spd.prepare(dec.cm, data(True)[0][:16])
+        mine = spd.term(LossConfig(type="stochastic_recon"), ctx, 1.0)
     both = [torch.zeros(()), torch.zeros(())]
     dist.all_gather(both, mine.reshape(()))
     save_file({"losses": torch.stack(both)}, os.path.join(tmp, f"same-rows-rank{rank}.safetensors"))
@@ -213,7 +213,7 @@ def test_each_rank_gets_its_half_of_the_global_batch(two_ranks):
 def test_log_term_uses_the_world_size(two_ranks, tmp_path):
     """Without the W in log₂(1 + N·W·μ) the 2-rank run (N halved) would leave the 1-rank run; check it would."""
     from decomp_hooks.component_model import CausalImportance
-    from decomp_hooks.spd import importance_minimality
+    from decomp_hooks.methods.spd.terms.importance_minimality import importance_minimality
 
     g = torch.rand(16, 8)
     whole = importance_minimality({"s": CausalImportance(torch.cat([g, g]), torch.cat([g, g]))}, 1.0, 1e-12, 0.5, 1)

@@ -139,14 +139,14 @@ class Twice(nn.Module):
 def test_no_reuse_for_a_site_called_twice():
     """A module run twice per forward sees two inputs; its target-pass x V must not stand in for either."""
     from decomp_hooks.config import load_config
-    from decomp_hooks.spd import SPD
+    from decomp_hooks.methods.spd.method import SPD
 
     torch.manual_seed(0)
     cm = build(Twice(), {"lin": 3})
-    ctx = SPD(load_config({"targets": {"lin": 3}})).prepare(cm, cm, torch.randn(8, 4))
+    ctx = SPD(load_config({"targets": {"lin": 3}})).prepare(cm, torch.randn(8, 4))
     assert ctx.reuse == {}
     once = build(nn.Sequential(nn.Linear(4, 4)), {"0": 3})
-    assert set(SPD(load_config({"targets": {"0": 3}})).prepare(once, once, torch.randn(8, 4)).reuse) == {"0"}
+    assert set(SPD(load_config({"targets": {"0": 3}})).prepare(once, torch.randn(8, 4)).reuse) == {"0"}
 
 
 def test_tied_components_share_storage(tms52):

@@ -12,7 +12,9 @@ from decomp_hooks.adapters import resolve
 from decomp_hooks.component_model import CausalImportance, ComponentModel
 from decomp_hooks.config import LossConfig, load_config
 from decomp_hooks.sites import SiteError
-from decomp_hooks.spd import SPD, annealed_p, importance_minimality
+from decomp_hooks.methods.spd.method import SPD
+from decomp_hooks.methods.spd.terms.pgd import pgd_recon
+from decomp_hooks.methods.spd.terms.importance_minimality import annealed_p, importance_minimality
 from decomp_hooks.toy import toy_sampler
 from decomp_hooks.toy.evaluate import passes, toy_metrics
 
@@ -43,12 +45,12 @@ def test_importance_minimality_site_weights_scale_their_sites(tms52, spd_config)
     torch.testing.assert_close(importance_minimality(ci, 2.0, 1e-12, 0.0, 1, {"a": 0.1}), 0.1 * per_site["a"] + per_site["b"])
 
     cm, spd = spd_setup(tms52, spd_config)
-    ctx = spd.prepare(cm, cm, toy_sampler(tms52)(64))
+    ctx = spd.prepare(cm, toy_sampler(tms52)(64))
     lc = LossConfig(type="importance_minimality", site_coeffs={"linear2": 0.0})
     only_linear1 = importance_minimality({"linear1": ctx.ci["linear1"]}, 2.0, 1e-12, 0.0, 1)
-    torch.testing.assert_close(spd.term(lc, cm, ctx, 0.0), only_linear1)
+    torch.testing.assert_close(spd.term(lc, ctx, 0.0), only_linear1)
     with pytest.raises(SiteError, match=r"pattern 'hidden\*' matches no site. Candidates: linear1, linear2"):
-        spd.term(LossConfig(type="importance_minimality", site_coeffs={"hidden*": 0.1}), cm, ctx, 0.0)
+        spd.term(LossConfig(type="importance_minimality", site_coeffs={"hidden*": 0.1}), ctx, 0.0)
 
 
 def test_keep_freed_memory_applies_on_linux_cpu_only():
@@ -80,16 +82,16 @@ def test_every_loss_term_is_finite_and_has_gradients(tms52, spd_config):
 
     model, _ = make_toy("tms_5-2-id", steps=200, progress=False)
     cm, spd = spd_setup(model, spd_config)
-    total, terms, ctx = spd.loss(cm, cm, toy_sampler(model)(64), 0.5)
-    assert set(terms) == set(ALL_TERMS) and all(torch.isfinite(v) for v in terms.values())
-    total.backward()
+    out = spd.loss(cm, toy_sampler(model)(64), 0.5)
+    assert set(out.terms) == set(ALL_TERMS) and all(torch.isfinite(v) for v in out.terms.values())
+    out.total.backward()
     assert all(p.grad is not None for p in cm.component_parameters() + cm.ci_parameters())
 
 
 def test_unmasked_and_delta_terms_vanish_at_exact_weights(tms52, spd_config):
     cm, spd = spd_setup(tms52, spd_config)
     x = toy_sampler(tms52)(128)
-    ctx = spd.prepare(cm, cm, x)
+    ctx = spd.prepare(cm, x)
     # with the delta component, stochastic masks of all ones are exact whatever U, V are
     ones = {n: None for n in ctx.ci}
     masks = spd.masks(ctx, "unmasked", ones)
@@ -100,7 +102,7 @@ def test_unmasked_and_delta_terms_vanish_at_exact_weights(tms52, spd_config):
 
 def test_layerwise_and_subset_routing(tms52, spd_config):
     cm, spd = spd_setup(tms52, spd_config)
-    ctx = spd.prepare(cm, cm, toy_sampler(tms52)(500))
+    ctx = spd.prepare(cm, toy_sampler(tms52)(500))
     assert spd.site_groups(ctx, "layerwise", None) == [{"linear1": None}, {"linear2": None}]
     (group,) = spd.site_groups(ctx, "subset", LossConfig(type="stochastic_recon_subset"))
     routed = torch.stack([group["linear1"], group["linear2"]], -1)
@@ -110,11 +112,11 @@ def test_layerwise_and_subset_routing(tms52, spd_config):
 
 def test_pgd_finds_worse_masks_than_random(tms52, spd_config):
     cm, spd = spd_setup(tms52, spd_config)
-    ctx = spd.prepare(cm, cm, toy_sampler(tms52)(512))
+    ctx = spd.prepare(cm, toy_sampler(tms52)(512))
     group = {n: None for n in ctx.ci}
     random_loss = spd.recon(ctx, spd.masks(ctx, "stochastic", group)).item()
     lc = LossConfig(type="pgd_recon", n_steps=5, step_size=0.2, mask_scope="unique_per_datapoint")
-    assert spd.pgd_recon(ctx, group, lc).item() > random_loss
+    assert pgd_recon(spd, ctx, group, lc).item() > random_loss
 
 
 def test_nan_input_is_refused(tms52, spd_config):

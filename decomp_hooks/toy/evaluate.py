@@ -1,4 +1,4 @@
-"""Ground-truth metrics and plots for decompositions of the toy targets (methods.md §5, benchmarks.md §1)."""
+"""Ground-truth metrics, success bars and plots for decompositions of the toy targets (docs/results.md#toys)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,39 +20,44 @@ def probe_ci(dec: Decomposition) -> dict[str, torch.Tensor]:
 def dense_k(dec: Decomposition, site: str) -> int | None:
     """How many always-on components a site should have: n_hidden for TMS identity layers, d_mlp for `mlp_out`."""
     model = dec.model
-    if (isinstance(model, TMSModel) and site.startswith("hidden_layers")) or site.endswith(".pre_identity"):
+    if (isinstance(model, TMSModel) and site.startswith("hidden_layers")) or dec.cm.sites[site].kind.inserted:
         return dec.components[site].d_in
     if isinstance(model, ResidMLP) and site.endswith("mlp_out"):
         return model.config.d_mlp
     return None
 
 
-def toy_metrics(dec: Decomposition, step: int | None = None) -> dict[str, float]:
-    """MMCS/ML2R (TMS), identity or dense CI-pattern errors at tol 0.1 and 0.2 (dense: methods.md's error and the
-    stricter always-on count of benchmarks.md's bar), and non-negligible components."""
-    if not isinstance(dec.model, (TMSModel, ResidMLP)):
-        return {}
+def ci_pattern_errors(dec: Decomposition) -> dict[str, float]:
+    """Identity or dense CI-pattern errors per site on the one-hot probes, at tol 0.1 and 0.2 (dense: the error of
+    the CI pattern and the stricter always-on count)."""
     out: dict[str, float] = {}
-    ci = probe_ci(dec)
-    for site, comps in dec.components.items():
-        V, U = comps.V.detach().float().cpu(), comps.U.detach().float().cpu()
-        out[f"non_negligible/{site}"] = metrics.n_non_negligible(V, U, group_size=comps.group_size)
-        if not dec.cm.ci_fns:  # no CI functions (APD): no CI patterns to score
-            continue
+    for site, ci in probe_ci(dec).items():
         k = dense_k(dec, site)
         for tol in (0.1, 0.2):
             suffix = "" if tol == 0.1 else "_0p2"
             if k is None:
-                out[f"identity_ci_error{suffix}/{site}"] = metrics.identity_ci_error(ci[site], tol)
+                out[f"identity_ci_error{suffix}/{site}"] = metrics.identity_ci_error(ci, tol)
             else:
-                out[f"dense_ci_error{suffix}/{site}"] = metrics.dense_ci_error(ci[site], k, tol)
-                out[f"dense_always_on_error{suffix}/{site}"] = metrics.dense_always_on_error(ci[site], k, tol)
-    if dec.config.method == "apd":  # one mechanism per feature: the attributions on the one-hot probes
-        from decomp_hooks.apd import mechanism_counts, probe_attributions
+                out[f"dense_ci_error{suffix}/{site}"] = metrics.dense_ci_error(ci, k, tol)
+                out[f"dense_always_on_error{suffix}/{site}"] = metrics.dense_always_on_error(ci, k, tol)
+    return out
 
-        probes = metrics.one_hot_probes(dec.model.config.n_features, device=dec.device)
-        scores = probe_attributions(dec.cm, probes, dec.config.apd).float().cpu()
-        out.update({f"apd/{k}": v for k, v in mechanism_counts(scores).items()})
+
+#: what a method's importances are scored against on the probes, by its `importance_kind`: CI patterns for graded
+#: causal importances; nothing for top-k selections (their method reports its own `probe_metrics`)
+PATTERN_METRICS = {"ci": ci_pattern_errors, "topk": lambda dec: {}}
+
+
+def toy_metrics(dec: Decomposition, step: int | None = None) -> dict[str, float]:
+    """MMCS/ML2R (TMS), CI-pattern errors, the method's own probe metrics, and non-negligible components."""
+    if not isinstance(dec.model, (TMSModel, ResidMLP)):
+        return {}
+    out: dict[str, float] = {}
+    for site, comps in dec.components.items():
+        V, U = comps.V.detach().float().cpu(), comps.U.detach().float().cpu()
+        out[f"non_negligible/{site}"] = metrics.n_non_negligible(V, U, group_size=comps.group_size)
+    out.update(PATTERN_METRICS[dec.method.importance_kind](dec))
+    out.update(dec.method.probe_metrics(dec, metrics.one_hot_probes(dec.model.config.n_features, device=dec.device)))
     if isinstance(dec.model, TMSModel) and "linear1" in dec.components:
         c = dec.components["linear1"]
         W = dec.model.linear1.weight.detach().float().cpu()
@@ -62,43 +67,56 @@ def toy_metrics(dec: Decomposition, step: int | None = None) -> dict[str, float]
 
 
 def toy_plots(dec: Decomposition, out_dir: str | Path) -> list[Path]:
-    """The permuted one-hot CI matrix and the U/V heatmaps of every site, as PNG files."""
+    """The U/V heatmaps of every site and, for CI methods, the one-hot CI matrix, both permuted to the features'
+    order where there is CI (else components in their own order), as PNG files."""
     out_dir = Path(out_dir)
+    ci = probe_ci(dec) if dec.method.importance_kind == "ci" else {}
     paths = []
-    for site, ci in probe_ci(dec).items():
-        comps = dec.components[site]
-        if not dec.cm.ci_fns:  # APD: no CI to plot; components in their own order
-            paths.append(plots.plot_components(comps.V.detach().float().cpu(), comps.U.detach().float().cpu(),
-                                               out_dir / f"components_{site}.png", f"components: {site}"))
-            continue
-        perm = metrics.permute_to_identity(ci)
-        paths.append(plots.plot_ci_matrix(ci, out_dir / f"ci_{site}.png", f"causal importance on one-hot probes: {site}", perm))
+    for site, comps in dec.components.items():
+        perm = metrics.permute_to_identity(ci[site]) if site in ci else None
+        if site in ci:
+            paths.append(plots.plot_ci_matrix(ci[site], out_dir / f"ci_{site}.png",
+                                              f"causal importance on one-hot probes: {site}", perm))
         paths.append(plots.plot_components(comps.V.detach().float().cpu(), comps.U.detach().float().cpu(),
                                            out_dir / f"components_{site}.png", f"components: {site}", perm))
     return paths
 
 
-def passes(record: dict, dec: Decomposition) -> bool:
-    """The benchmarks.md success bars for the toy this decomposition targets (prefix-free metric names).
+def ci_bars(record: dict, dec: Decomposition) -> bool:
+    """The toys' success bars for causal importances: identity CI-pattern error 0 (at most 2 on ResidMLP's
+    `mlp_in`), dense error 0 on dense sites, the expected number of non-negligible components per TMS site, and MMCS ≥
+    0.999 with ML2R in [0.98, 1.03] (1.04 for TMS 40-10+ID, where the SPD paper itself reports 1.031).
 
-    Dense sites are scored with methods.md's dense error (SPD main's `DenseCIPattern`); `dense_always_on_error` is
-    reported beside it but not required: an identity or `mlp_out` component whose input is zero on a probe is not
-    needed there, and SPD's losses switch it off (`benchmarks/dense_sites.py` measures this by ablation)."""
-    if dec.config.method == "apd":  # benchmarks.md §2: TMS MMCS ≥ 0.99 (ML2R reported); ResidMLP one mechanism per feature
-        if "mmcs" in record:
-            return bool(record["mmcs"] >= 0.99)
-        return record.get("apd/split_features") == 0
+    Dense sites are scored with the dense CI-pattern error; `dense_always_on_error` is reported beside it but not
+    required: an identity or `mlp_out` component whose input is zero on a probe is not needed there, and the
+    losses switch it off (`benchmarks/dense_sites.py` measures this by ablation)."""
     ok = all(v == 0 for k, v in record.items()
              if k.startswith(("identity_ci_error/", "dense_ci_error/")) and not _resid_identity(k))
     ok &= all(v <= 2 for k, v in record.items() if _resid_identity(k))
     if isinstance(dec.model, TMSModel):
         expected = {s: dense_k(dec, s) or dec.model.config.n_features for s in dec.components}
         ok &= all(record.get(f"non_negligible/{s}") == n for s, n in expected.items())
-    if "mmcs" in record:  # benchmarks.md widens ML2R to 1.04 for 40-10+ID only (the paper reports 1.031 there)
+    if "mmcs" in record:
         cfg = dec.model.config
         wide = cfg.n_identity_layers > 0 and cfg.n_features == 40
         ok &= record["mmcs"] >= 0.999 and 0.98 <= record["ml2r"] <= (1.04 if wide else 1.03)
     return bool(ok)
+
+
+def topk_bars(record: dict, dec: Decomposition) -> bool:
+    """The toys' success bars for top-k selections (APD): TMS MMCS ≥ 0.99; ResidMLP one mechanism per feature."""
+    if "mmcs" in record:
+        return bool(record["mmcs"] >= 0.99)
+    return record.get("apd/split_features") == 0
+
+
+#: the success bars by the method's `importance_kind`
+BARS = {"ci": ci_bars, "topk": topk_bars}
+
+
+def passes(record: dict, dec: Decomposition) -> bool:
+    """Whether the final metrics (prefix-free names) meet the success bars for this toy and method."""
+    return BARS[dec.method.importance_kind](record, dec)
 
 
 def _resid_identity(key: str) -> bool:

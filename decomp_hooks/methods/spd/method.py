@@ -1,0 +1,207 @@
+"""SPD as a Method: the configured loss terms, each with its coefficient, on rank-one components with CI functions.
+
+Every reconstruction term draws fresh masks of its kind (stochastic, CI-masked, unmasked, PGD) under its routing
+(all sites, one site at a time, a random subset per position); see docs/methods/spd.md.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from decomp_hooks.component_model import ComponentModel
+from decomp_hooks.components import SiteMask
+from decomp_hooks.config import ConfigError, DecomposeConfig, check, did_you_mean
+from decomp_hooks.methods.base import Method, StepOutput
+from decomp_hooks.methods.spd.config import LossConfig
+from decomp_hooks.methods.spd.context import StepContext
+from decomp_hooks.methods.spd.terms import TERMS
+from decomp_hooks.methods.spd.terms.importance_minimality import annealed_p
+from decomp_hooks.methods.spd.terms.pgd import pgd_probe
+from decomp_hooks.metrics import ce_loss, ci_l0, kl_logits, mse
+from decomp_hooks.sites import match_targets
+
+#: the LM evaluation mask types: component mask as a function of the CI g
+MASK_TYPES = {
+    "ci_masked": lambda g: g,
+    "unmasked": torch.ones_like,
+    "stoch_masked": lambda g: g + (1 - g) * torch.rand_like(g),
+    "random_masked": torch.rand_like,
+    "zero_masked": torch.zeros_like,
+}
+
+ROUTINGS = ("uniform_k_subset", "static_probability")
+MASK_SCOPES = ("unique_per_datapoint", "shared_across_batch")
+
+
+def validate_loss(loss: LossConfig, where: str) -> None:
+    """One `losses:` entry: a known type and values in range, each error naming the key."""
+    check(loss.type in TERMS, f"{where}.type={loss.type!r} is unknown.{did_you_mean(loss.type, list(TERMS))}")
+    check(loss.coeff >= 0, f"{where}.coeff={loss.coeff}: must be ≥ 0.")
+    check(loss.pnorm > 0, f"{where}.pnorm={loss.pnorm}: must be > 0.")
+    check(not loss.site_coeffs or loss.type == "importance_minimality",
+          f"{where}.site_coeffs: only the importance_minimality term takes per-site multipliers; remove it from {loss.type!r}.")
+    for pattern, w in loss.site_coeffs.items():
+        check(w >= 0, f"{where}.site_coeffs[{pattern!r}]={w}: must be ≥ 0.")
+    check(loss.routing in ROUTINGS, f"{where}.routing={loss.routing!r}; use 'uniform_k_subset' or 'static_probability'.")
+    check(loss.init in ("random", "ones", "zeroes"), f"{where}.init={loss.init!r}; use 'random', 'ones' or 'zeroes'.")
+    check(loss.mask_scope in MASK_SCOPES,
+          f"{where}.mask_scope={loss.mask_scope!r}; use 'unique_per_datapoint' or 'shared_across_batch'.")
+    check(loss.n_steps >= 1, f"{where}.n_steps={loss.n_steps}: must be ≥ 1.")
+
+
+class SPD(Method):
+    """Stochastic Parameter Decomposition: `losses:` lists the terms; CI functions per site (`ci:`)."""
+
+    name = "spd"
+
+    def __init__(self, cfg: DecomposeConfig, world_size: int = 1):
+        super().__init__(cfg, world_size)
+        self.divergence = kl_logits if cfg.output_loss == "kl" else mse
+        self.needs_delta = any(TERMS[lc.type].needs_delta for lc in cfg.losses)
+        self._site_weights: dict[tuple, dict[str, float]] = {}  # site_coeffs items -> site -> multiplier, resolved once
+
+    @classmethod
+    def validate(cls, cfg: DecomposeConfig) -> None:
+        for i, loss in enumerate(cfg.losses):
+            validate_loss(loss, f"losses[{i}]")
+        check(len({loss.type for loss in cfg.losses}) == len(cfg.losses), "losses: each type may appear once.")
+
+    @classmethod
+    def check_trainable(cls, cfg: DecomposeConfig) -> None:
+        if not cfg.losses:
+            raise ConfigError("no loss terms: set `losses:` in the config (see examples/*.yaml).")
+
+    # -- one step ------------------------------------------------------------------------------------------------
+
+    def prepare(self, cm: ComponentModel, batch: object, noise: bool = True, delta: bool | None = None) -> StepContext:
+        """Target forward caching site inputs, CI, and ΔW per site (if `delta`, by default if a loss term reads it):
+        the shared start of every step. Sites that ran once keep their `x V` for the masked forwards to reuse."""
+        calls: dict[str, int] = {}
+        with torch.no_grad():
+            target_out, inputs = cm(batch, cache=True, calls=calls)
+        ci = cm.causal_importances(inputs, noise=noise, keep_inner=True)
+        reuse = {n: c.inner for n, c in ci.items() if c.inner is not None and calls.get(n) == 1}
+        delta = self.needs_delta if delta is None else delta
+        delta_ws = {n: cm.component(n).delta_weight() for n in cm.site_names} if delta else {}
+        return StepContext(cm, batch, target_out, inputs, ci, delta_ws, reuse)
+
+    def loss(self, cm: ComponentModel, batch: Any, frac: float) -> StepOutput:
+        ctx = self.prepare(cm, batch)
+        total = torch.zeros((), device=ctx.target_out.device)
+        terms: dict[str, torch.Tensor] = {}
+        for lc in self.cfg.losses:
+            value = self.term(lc, ctx, frac)
+            if not torch.isfinite(value):
+                raise FloatingPointError(f"loss term {lc.type!r} is {value.item()} (not finite){blame(ctx)}")
+            terms[lc.type] = value.detach()
+            total = total + lc.coeff * value
+        p = self.current_p(frac)
+        return StepOutput(total, terms, {n: c.lower.detach() for n, c in ctx.ci.items()},
+                          {} if p is None else {"importance_p": p})
+
+    def term(self, lc: LossConfig, ctx: StepContext, frac: float) -> torch.Tensor:
+        """The raw value of one configured loss term."""
+        return TERMS[lc.type].fn(self, ctx, lc, frac)
+
+    def current_p(self, frac: float) -> float | None:
+        """The importance-minimality exponent at progress `frac`, or None without that term."""
+        return next((annealed_p(lc, frac) for lc in self.cfg.losses if lc.type == "importance_minimality"), None)
+
+    def site_weights(self, ctx: StepContext, lc: LossConfig) -> dict[str, float]:
+        """The importance-minimality multiplier per site from `lc.site_coeffs`, resolved against the sites once."""
+        key = tuple(lc.site_coeffs.items())
+        if key not in self._site_weights:
+            self._site_weights[key] = match_targets(ctx.ci, lc.site_coeffs, what="site")
+        return self._site_weights[key]
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+
+    def evaluate(self, cm: ComponentModel, batch: Any) -> dict[str, float]:
+        """Faithfulness, reconstruction under each mask kind, the PGD probe, and CI-L0 / live components per site."""
+        ctx = self.prepare(cm, batch, noise=False, delta=True)
+        everywhere = {n: None for n in ctx.ci}
+        out = {"faithfulness": cm.faithfulness(ctx.delta_ws).item()}
+        for kind in ("stochastic", "ci", "unmasked"):
+            out[f"{kind}_recon"] = self.recon(ctx, self.masks(ctx, kind, everywhere)).item()
+        if self.cfg.train.eval_pgd_steps > 0:
+            out["pgd_probe"] = pgd_probe(self, ctx, n_steps=self.cfg.train.eval_pgd_steps)
+        tau = self.cfg.ci_alive_threshold
+        labels = token_labels(ctx.batch)
+        if self.cfg.output_loss == "kl" and labels is not None:
+            out.update(self.lm_metrics(ctx, labels))
+        for name, c in ctx.ci.items():
+            g = c.lower.flatten(0, -2).float()
+            out[f"l0/{name}"] = ci_l0(g, tau)
+            out[f"live/{name}"] = int((g.max(0).values > tau).sum())
+        return out
+
+    def lm_metrics(self, ctx: StepContext, labels: torch.Tensor) -> dict[str, float]:
+        """KL to the target and CE against the next tokens under each mask type, plus ce_difference / ce_unrecovered."""
+        mask_fns = {**MASK_TYPES, "rounded_masked": lambda g: (g > self.cfg.ci_alive_threshold).to(g.dtype)}
+        ce_target = ce_loss(ctx.target_out, labels).item()
+        out, ce = {"ce_target": ce_target}, {}
+        for mt, fn in mask_fns.items():
+            logits, _ = ctx.cm(ctx.batch, masks={n: SiteMask(fn(c.lower)) for n, c in ctx.ci.items()})
+            out[f"kl_{mt}"] = kl_logits(logits, ctx.target_out).item()
+            ce[mt] = ce_loss(logits, labels).item()
+        for mt, value in ce.items():
+            out[f"ce_difference_{mt}"] = value - ce_target
+            out[f"ce_unrecovered_{mt}"] = (value - ce_target) / max(ce["zero_masked"] - ce_target, 1e-12)
+        return out
+
+    # -- masks and routing ---------------------------------------------------------------------------------------
+
+    def site_groups(self, ctx: StepContext, routing: str, lc: LossConfig | None) -> list[dict[str, torch.Tensor | None]]:
+        """Which sites are masked in each forward of a term: {site: route or None (all positions)}."""
+        names = list(ctx.ci)
+        if routing == "all":
+            return [{n: None for n in names}]
+        if routing == "layerwise":
+            return [{n: None} for n in names]
+        shape = next(iter(ctx.ci.values())).lower.shape[:-1]
+        device = next(iter(ctx.ci.values())).lower.device
+        if lc.routing == "static_probability":
+            route = torch.rand(*shape, len(names), device=device) < lc.routing_p
+        else:
+            ranks = torch.rand(*shape, len(names), device=device).argsort(-1).argsort(-1)
+            k = torch.randint(1, len(names) + 1, (*shape, 1), device=device)
+            route = ranks < k
+        return [{n: route[..., i] for i, n in enumerate(names)}]
+
+    def masks(self, ctx: StepContext, kind: str, group: dict[str, torch.Tensor | None]) -> dict[str, SiteMask]:
+        """Component (and delta) masks of one mask kind for the sites in `group`."""
+        out = {}
+        for name, route in group.items():
+            g = ctx.ci[name].lower
+            if kind == "stochastic":
+                r = torch.rand_like(g) if self.cfg.ci.sampling == "continuous" else torch.randint_like(g, 2)
+                delta = torch.rand(g.shape[:-1], device=g.device, dtype=g.dtype) if self.cfg.use_delta_component else None
+                out[name] = SiteMask(torch.addcmul(g, 1 - g, r), delta, route)  # g + (1 − g) r
+            elif kind == "ci":
+                out[name] = SiteMask(g, None, route)
+            else:
+                out[name] = SiteMask(torch.ones_like(g), None, route)
+        return out
+
+    def recon(self, ctx: StepContext, masks: dict[str, SiteMask]) -> torch.Tensor:
+        """The divergence of the masked forward's output from the target's."""
+        out, _ = ctx.cm(ctx.batch, masks=masks, delta_ws=ctx.delta_ws, reuse=ctx.reuse)
+        return self.divergence(out, ctx.target_out)
+
+
+def blame(ctx: StepContext) -> str:
+    """Which sites carry non-finite values (inputs, CI, components), to name them in a non-finite-loss error."""
+    bad = []
+    for name in ctx.cm.site_names:
+        comps = ctx.cm.component(name)
+        checks = {"input": ctx.inputs.get(name), "causal importance": ctx.ci[name].lower, "V": comps.V, "U": comps.U}
+        bad += [f"{what} of site {name!r}" for what, t in checks.items()
+                if t is not None and t.is_floating_point() and not torch.isfinite(t).all()]
+    return f"; non-finite values in: {', '.join(bad)}" if bad else "; every site's inputs, CI and components are finite (the model output is not)"
+
+
+def token_labels(batch: object) -> torch.Tensor | None:
+    """The token ids of a language-model batch (a LongTensor or a dict with `input_ids`), else None."""
+    ids = batch.get("input_ids") if isinstance(batch, dict) else batch
+    return ids if isinstance(ids, torch.Tensor) and not ids.is_floating_point() else None

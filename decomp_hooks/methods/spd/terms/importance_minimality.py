@@ -1,0 +1,40 @@
+"""Importance minimality: few components causally important per input, with an annealed p-norm and an optional
+β·log₂ frequency term (docs/methods/spd.md#importance-minimality)."""
+from __future__ import annotations
+
+import torch
+
+from decomp_hooks.component_model import CausalImportance
+from decomp_hooks.methods.spd.config import LossConfig
+from decomp_hooks.methods.spd.terms.base import Term
+
+
+def annealed_p(loss: LossConfig, frac: float) -> float:
+    """p(t) = p₀ + (p_f − p₀)·clip((t/T − f_s)/(f_e − f_s), 0, 1)."""
+    if loss.p_anneal_final_p is None:
+        return loss.pnorm
+    span = max(loss.p_anneal_end_frac - loss.p_anneal_start_frac, 1e-12)
+    t = min(max((frac - loss.p_anneal_start_frac) / span, 0.0), 1.0)
+    return loss.pnorm + (loss.p_anneal_final_p - loss.pnorm) * t
+
+
+def importance_minimality(ci: dict[str, CausalImportance], p: float, eps: float, beta: float, world_size: int,
+                          site_weights: dict[str, float] | None = None) -> torch.Tensor:
+    """Σ_l w_l Σ_c [μ + β μ log₂(1 + N·W·μ)], μ_{l,c} = mean over positions of (g⁺ + ε)^p; w_l from `site_weights`
+    (1 for the sites it does not name), so that one site can be held to a weaker or stronger sparsity than the rest."""
+    weights = site_weights or {}
+    total = 0.0
+    for name, c in ci.items():
+        g = c.upper.flatten(0, -2).float()
+        mu = (g + eps).mean(0) if p == 1 else (g + eps).pow(p).mean(0)
+        term = mu + beta * mu * torch.log2(1 + g.shape[0] * world_size * mu) if beta else mu
+        total = total + weights.get(name, 1.0) * term.sum()
+    return total
+
+
+def _term(spd, ctx, lc: LossConfig, frac: float) -> torch.Tensor:
+    return importance_minimality(ctx.ci, annealed_p(lc, frac), lc.eps, lc.beta, spd.world_size,
+                                 spd.site_weights(ctx, lc))
+
+
+TERMS = {"importance_minimality": Term(_term)}

@@ -1,0 +1,105 @@
+"""Checkpoints of a training run: trainable parameters, optimizer state, every rank's RNG state and the data
+position, written atomically by rank 0 under `<out_dir>/checkpoints/step-NNNNNNNN/`; and reading one back."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from decomp_hooks import distributed, store
+from decomp_hooks.component_model import ComponentModel
+from decomp_hooks.config import DecomposeConfig
+
+
+class Checkpoints:
+    """The checkpoint directory of one run directory, as seen by one rank (rank 0 alone writes)."""
+
+    def __init__(self, out_dir: Path, cfg: DecomposeConfig, rank: int = 0, world_size: int = 1):
+        self.out_dir, self.cfg, self.rank, self.world_size = out_dir, cfg, rank, world_size
+        self.root = out_dir / "checkpoints"
+
+    def ensure_out_dir(self) -> None:
+        """Create the run directory with its config on the first write, so a run refused up front leaves nothing."""
+        if self.rank == 0 and not (self.out_dir / "config.yaml").exists():
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            store.write_text(self.out_dir / "config.yaml", self.cfg.to_yaml())
+
+    def rng_state(self) -> tuple[dict[str, torch.Tensor], Any]:
+        """This process's RNG state, or with several ranks every rank's, under keys `rank<r>.rng.*`."""
+        tensors, meta = store.rng_state()
+        if self.world_size == 1:
+            return tensors, meta
+        states = distributed.gather_objects((tensors, meta))
+        return {f"rank{r}.{k}": v for r, (t, _) in enumerate(states) for k, v in t.items()}, [m for _, m in states]
+
+    def set_rng_state(self, tensors: dict[str, torch.Tensor], meta: Any, world_size: int) -> None:
+        if world_size != self.world_size:
+            raise store.StoreError(f"the checkpoint was written by a {world_size}-process run and this run has "
+                                   f"{self.world_size}; resume with the same number of processes (--nproc {world_size}).")
+        if self.world_size == 1:
+            store.set_rng_state(tensors, meta)
+            return
+        prefix = f"rank{self.rank}."
+        store.set_rng_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta[self.rank])
+
+    def save(self, step: int, cm: ComponentModel, opt: torch.optim.Optimizer, data_state: dict,
+             fingerprints: dict[str, str]) -> Path | None:
+        """Every rank contributes (RNG states, FSDP2 shards); rank 0 alone writes. Keeps the newest
+        `train.keep_checkpoints`."""
+        tensors = {f"model.{k}": distributed.full(v).detach() for k, v in cm.named_parameters() if v.requires_grad}
+        opt_t, opt_meta = store.optimizer_state(opt)
+        opt_t = {k: distributed.full(v) for k, v in opt_t.items()}
+        rng_t, rng_meta = self.rng_state()
+        if self.rank != 0:
+            return None
+        self.ensure_out_dir()
+        path = self.root / f"step-{step:08d}"
+        with store.atomic_dir(path, overwrite=True) as tmp:
+            store.write_tensors(tmp / "state.safetensors", {**tensors, **opt_t, **rng_t})
+            store.write_json(tmp / "state.json", {"step": step, "optimizer": opt_meta, "rng": rng_meta,
+                                                  "world_size": self.world_size, "fingerprints": fingerprints,
+                                                  "data": data_state, "config": self.cfg.to_dict()})
+        for old in sorted(self.root.glob("step-*"))[:-self.cfg.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def latest(self) -> Path:
+        found = sorted(self.root.glob("step-*"))
+        if not found:
+            raise store.StoreError(f"no checkpoint to resume in {str(self.out_dir)!r} (expected {str(self.root)}/step-*).")
+        return found[-1]
+
+    def load(self, path: Path, cm: ComponentModel, fingerprints: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict]:
+        """Check the model, restore RNG state and parameters; returns the tensors and metadata for the rest (the
+        optimizer state, the data position and the step)."""
+        tensors = store.read_tensors(path / "state.safetensors")
+        meta = store.read_json(path / "state.json")
+        if "fingerprints" in meta:  # absent from checkpoints written before they were recorded
+            store.check_fingerprints(fingerprints, meta["fingerprints"],
+                                     f"the run in {str(path.parent.parent)!r} was fitting",
+                                     "resume with the same model and weights (a retrained target must match bit for "
+                                     "bit: same seed, device and thread count), or start a new out_dir.")
+        self.set_rng_state(tensors, meta["rng"], meta.get("world_size", 1))
+        params = dict(cm.named_parameters())
+        with torch.no_grad():
+            for name, value in tensors.items():
+                if name.startswith("model."):
+                    if name[6:] not in params:
+                        raise store.StoreError(f"checkpoint {str(path)!r} holds {name[6:]!r}, which this model lacks.")
+                    params[name[6:]].copy_(value)
+        return tensors, meta
+
+    def truncate_metrics(self, step: int) -> list[dict]:
+        """Drop log lines written after the checkpoint we resume from, so metrics.jsonl has no duplicate steps;
+        returns the records kept."""
+        path = self.out_dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = [r for r in kept if r.get("step", 0) < step]
+        if self.rank == 0:  # rank 0 alone writes (all ranks keep the records)
+            store.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+        return records

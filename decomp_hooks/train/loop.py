@@ -1,0 +1,221 @@
+"""One optimisation loop for every method: schedule, AMP, clipping, logging, evaluation, checkpoints, resume, and
+data parallelism over torchrun ranks (DDP, or FSDP2 with `train.fsdp`).
+
+The method (a `decomp_hooks.methods.Method`) supplies the loss of a step, its evaluation and the hooks around the
+optimizer step; this loop knows nothing else about it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from decomp_hooks import distributed, store
+from decomp_hooks.component_model import ComponentModel
+from decomp_hooks.config import DecomposeConfig
+from decomp_hooks.data import check_finite, to_device
+from decomp_hooks.methods.base import Method, StepOutput
+from decomp_hooks.metrics import ci_l0
+from decomp_hooks.train.checkpoint import Checkpoints
+from decomp_hooks.train.preflight import preflight
+from decomp_hooks.train.runtime import autocast, keep_freed_memory, peak_memory_mb, set_seed, stop_on_signal, tf32
+from decomp_hooks.train.schedule import lr_at
+
+
+class Interrupted(RuntimeError):
+    """The run received SIGTERM/SIGINT and stopped after writing a checkpoint."""
+
+
+class StepLoss(nn.Module):
+    """A method's loss as one module call, so DDP and FSDP2 see every parameter use of a step in a single forward
+    (the losses run several target forwards and read V, U and the CI functions directly)."""
+
+    def __init__(self, cm: ComponentModel, method: Method):
+        super().__init__()
+        self.cm, self.method = cm, method
+
+    def forward(self, batch: Any, frac: float) -> StepOutput:
+        return self.method.loss(self.cm, batch, frac)
+
+
+class Trainer:
+    """Runs a method's loss over batches from `source`, writing metrics and checkpoints under `out_dir`."""
+
+    def __init__(self, cm: ComponentModel, method: Method, source: Any, cfg: DecomposeConfig, device: torch.device,
+                 out_dir: Path | None = None, evaluate: Callable[[int], dict] | None = None, progress: bool = True,
+                 rank: int = 0, world_size: int = 1):
+        self.cm, self.method, self.source, self.cfg, self.device = cm, method, source, cfg, device
+        self.out_dir, self.extra_eval, self.progress = out_dir, evaluate, progress
+        self.rank, self.world_size = rank, world_size
+        self.checkpoints = Checkpoints(out_dir, cfg, rank, world_size) if out_dir is not None else None
+        self.step_loss: nn.Module | None = None
+        self.opt: torch.optim.Optimizer | None = None
+        self.step = 0
+        self.records: list[dict] = []
+        self.preflight_done = False
+        self.fingerprints = cm.fingerprints() if out_dir is not None else {}  # before FSDP2 shards the target
+
+    def ready(self) -> None:
+        """Wrap the step for the ranks (DDP, or FSDP2 with `train.fsdp`) and build the optimizer, once; after the
+        faithfulness warmup, since FSDP2 shards the parameters the warmup fits."""
+        if self.opt is not None:
+            return
+        step = StepLoss(self.cm, self.method)
+        if self.cfg.train.fsdp and self.world_size > 1:
+            step = distributed.fully_shard_step(step, self.cm)
+        elif self.world_size > 1:
+            step = distributed.wrap_ddp(step, self.device)
+        self.step_loss = step
+        self.opt = torch.optim.AdamW([
+            {"params": self.cm.component_parameters(), "name": "components"},
+            {"params": self.cm.ci_parameters(), "name": "ci_fns"},
+        ], lr=self.cfg.train.lr, weight_decay=0.0)
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_root(self) -> Path | None:
+        return self.checkpoints.root if self.checkpoints is not None else None
+
+    def save_checkpoint(self) -> Path | None:
+        if self.checkpoints is None:
+            return None
+        return self.checkpoints.save(self.step, self.cm, self.opt, self.source.state_dict(), self.fingerprints)
+
+    def resume(self) -> None:
+        """Continue from the run directory's latest checkpoint, bit for bit."""
+        tensors, meta = self.checkpoints.load(self.checkpoints.latest(), self.cm, self.fingerprints)
+        self.ready()
+        store.load_optimizer_state(self.opt, tensors, meta["optimizer"])
+        distributed.shard_optimizer_state(self.opt)
+        self.source.load_state_dict(meta["data"])
+        self.step = meta["step"]
+        self.records = self.checkpoints.truncate_metrics(self.step)
+
+    # -- the loop --------------------------------------------------------------------------------------------
+
+    def faithfulness_warmup(self) -> None:
+        """Before training, fit U, V to the target weights alone with a separate AdamW."""
+        t = self.cfg.train
+        if t.faithfulness_warmup_steps <= 0:
+            return
+        opt = torch.optim.AdamW(self.cm.component_parameters(), lr=t.faithfulness_warmup_lr,
+                                weight_decay=t.faithfulness_warmup_weight_decay)
+        for _ in range(t.faithfulness_warmup_steps):
+            loss = self.cm.faithfulness()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        distributed.broadcast_parameters(self.cm.component_parameters())  # no float drift between ranks
+
+    def log(self, record: dict) -> None:
+        record = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
+        self.records.append(record)
+        if self.checkpoints is not None and self.rank == 0:  # records are reduced over ranks before they get here
+            self.checkpoints.ensure_out_dir()
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def grad_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip (if configured) and return the gradient norms of the component and CI parameter groups."""
+        t = self.cfg.train
+        norms = []
+        for params, clip in ((self.cm.component_parameters(), t.grad_clip_components), (self.cm.ci_parameters(), t.grad_clip_ci_fns)):
+            grads = [p for p in params if p.grad is not None]
+            if not grads:
+                norms.append(torch.zeros((), device=self.device))
+            elif clip is not None:
+                norms.append(distributed.full(torch.nn.utils.clip_grad_norm_(grads, clip)))
+            else:
+                norms.append(torch.linalg.vector_norm(torch.stack([distributed.full(n) for n in torch._foreach_norm([p.grad for p in grads])])))
+        return norms[0], norms[1]
+
+    def train(self) -> list[dict]:
+        cfg, t = self.cfg, self.cfg.train
+        keep_freed_memory(self.device, t)
+        if self.step == 0:
+            self.faithfulness_warmup()
+            set_seed(cfg.seed * self.world_size + self.rank)  # masks differ per rank
+        self.ready()
+        bar = tqdm(total=t.steps + 1, initial=self.step, disable=not self.progress or self.rank != 0, desc="decompose")
+        step_times: list[float] = []
+        with stop_on_signal() as flag:
+            while self.step <= t.steps:
+                begin = time.perf_counter()
+                last = self.step == t.steps
+                if not last:
+                    out, log = self.train_step()
+                    step_times.append(time.perf_counter() - begin)
+                    if self.step % t.log_every == 0:
+                        self.log_train(out, log, step_times)
+                if self.step % t.eval_every == 0 or last:
+                    self.log(self.evaluate())
+                self.step += 1
+                bar.update(1)
+                if self.step % t.checkpoint_every == 0 or self.step > t.steps:
+                    self.save_checkpoint()
+                if distributed.any_rank(flag["signal"] is not None):
+                    self.save_checkpoint()
+                    bar.close()
+                    raise Interrupted(f"stopped by signal {flag['signal'] or 'on another rank'} at step {self.step}; "
+                                      f"resume from {self.out_dir}")
+        bar.close()
+        return self.records
+
+    def train_step(self) -> tuple[StepOutput, dict[str, Any]]:
+        """One optimizer step; returns the method's step output and the loop's own figures (lr, gradient norms)."""
+        t = self.cfg.train
+        lr = lr_at(self.step, t.steps, t.lr, t.schedule)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        batch = to_device(self.source.next(), self.device)
+        check_finite(batch, self.step)
+        if not self.preflight_done:
+            preflight(self.cm.target, batch)
+            self.preflight_done = True
+        with tf32(self.device, t):
+            with autocast(self.device, t):
+                try:
+                    out = self.step_loss(batch, self.step / max(t.steps, 1))
+                except FloatingPointError as err:
+                    raise FloatingPointError(f"step {self.step}: {err}; the last good checkpoint is kept in {self.checkpoint_root}") from None
+            self.opt.zero_grad(set_to_none=True)
+            out.total.backward()
+        self.method.after_backward(self.cm)
+        g_comp, g_ci = self.grad_norms()
+        if not (torch.isfinite(g_comp) and torch.isfinite(g_ci)):
+            bad = [n for n in self.cm.site_names if any(p.grad is not None and not torch.isfinite(p.grad).all()
+                                                        for p in self.cm.site_parameters(n))]
+            raise FloatingPointError(f"step {self.step}: non-finite gradient at sites {bad} (components {g_comp.item()}, CI functions "
+                                     f"{g_ci.item()}); the last good checkpoint is kept in {self.checkpoint_root}")
+        self.opt.step()
+        self.method.after_step(self.cm)
+        return out, {"total": out.total.detach(), "lr": lr, "grad_norm/components": g_comp, "grad_norm/ci_fns": g_ci}
+
+    def log_train(self, out: StepOutput, log: dict[str, Any], step_times: list[float]) -> None:
+        tau = self.cfg.ci_alive_threshold
+        l0 = {f"train/l0/{n}": ci_l0(g, tau) for n, g in out.importances.items()}
+        recent = step_times[-self.cfg.train.log_every:]
+        record = {"step": self.step, **{f"train/{k}": v for k, v in {**out.terms, **log}.items()}, **l0,
+                  "train/l0/total": sum(l0.values()),
+                  "time_per_step_s": sum(recent) / len(recent), "steps_per_s": len(recent) / sum(recent),
+                  "peak_memory_mb": peak_memory_mb(self.device),
+                  **{f"train/{k}": v for k, v in out.log.items()}}
+        self.log(distributed.mean_over_ranks(record))
+
+    def evaluate(self) -> dict:
+        """The method's metrics on this rank's share of a batch, averaged over ranks; `extra_eval` on rank 0 only."""
+        batch = to_device(self.source.next(), self.device)
+        with distributed.gathered(self.step_loss):
+            with torch.no_grad(), autocast(self.device, self.cfg.train):
+                metrics = self.method.evaluate(self.cm, batch)
+            record = distributed.mean_over_ranks({"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()}})
+            if self.extra_eval is not None and self.rank == 0:
+                record.update({f"eval/{k}": v for k, v in self.extra_eval(self.step).items()})
+        return record
