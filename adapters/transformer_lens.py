@@ -1,12 +1,14 @@
-"""Sites on TransformerLens 3.9 models: `HookedTransformer` (and `HookedSAETransformer`) and `TransformerBridge`.
+"""TransformerLens 3.9 models: `HookedTransformer` (and `HookedSAETransformer`) and `TransformerBridge`.
 
 Site names are the TL parameter names (`blocks.0.mlp.W_in`, `blocks.0.attn.W_Q`, `embed.W_E`, `unembed.W_U`, …).
 Training hooks the modules with plain torch hooks; `fwd_hooks` gives the same interventions as TL `(hook_name, fn)`
-pairs for `model.run_with_hooks`, and `run_with_cache` adds each site's component activations and CI.
+pairs for `model.run_with_hooks`. The adapter also knows each site's TL hook points, the model's config, its
+`ln_final` and `W_U`.
 """
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -16,9 +18,10 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from decomp_hooks.adapters.base import Adapter, HookNames
 from decomp_hooks.adapters.torch import canonical_weight_fn
 from decomp_hooks.components import SiteMask
-from decomp_hooks.sites import SiteError, SiteHook, match_targets
+from decomp_hooks.sites import Site, SiteError, SiteHook, SiteKind, match_targets
 
 SUPPORTED = ("blocks.L.attn.W_Q/W_K/W_V/W_O, blocks.L.mlp.W_in/W_out (and W_gate in gated MLPs), embed.W_E, "
              "unembed.W_U")
@@ -30,11 +33,6 @@ _BRIDGE_PATHS = {"attn.W_Q": "attn.q", "attn.W_K": "attn.k", "attn.W_V": "attn.v
 def _is_class(model: Any, *names: str) -> bool:
     """Whether one of `model`'s classes is a TransformerLens class with one of these names (TL need not be imported)."""
     return any(c.__name__ in names and c.__module__.startswith("transformer_lens") for c in type(model).__mro__)
-
-
-def is_transformer_lens(model: Any) -> bool:
-    """A HookedTransformer-family model (HookedRootModule) or a TransformerBridge."""
-    return _is_class(model, "HookedRootModule", "TransformerBridge")
 
 
 @dataclass(frozen=True)
@@ -66,11 +64,12 @@ class _Handles:
 
 
 class TLSite:
-    """One TL weight as a site. `route` serves torch hooks; `hook_route` the TL hook points (or why there are none)."""
+    """One TL weight as a site (`module` is its parameter path, the site name). `route` serves torch hooks;
+    `hook_route` the TL hook points (or why there are none)."""
 
-    def __init__(self, model: nn.Module, name: str, kind: str, weight: Callable[[], torch.Tensor],
+    def __init__(self, model: nn.Module, name: str, kind: SiteKind, weight: Callable[[], torch.Tensor],
                  bias: Callable[[], torch.Tensor | None], route: Route, hook_route: Route | str):
-        self.model, self.name, self.kind = model, name, kind
+        self.model, self.name, self.module, self.kind = model, name, name, kind
         self._weight, self._bias = weight, bias
         self.route, self.hook_route = route, hook_route
         self.d_out, self.d_in = self.weight().shape
@@ -84,11 +83,11 @@ class TLSite:
 
     def site_input(self, x: torch.Tensor) -> torch.Tensor:
         """A tapped tensor as the site input `[..., d_in]` (token ids for embeddings; per-head `hook_z` flattened)."""
-        return x if self.kind == "embedding" or x.shape[-1] == self.d_in else x.flatten(-2)
+        return x if self.kind.reads_tokens or x.shape[-1] == self.d_in else x.flatten(-2)
 
     def replace(self, fn: SiteHook, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
         """`fn` on the site input and the output as `[..., d_out]`; its result in the output's own layout."""
-        lead = x.shape if self.kind == "embedding" else x.shape[:-1]
+        lead = x.shape if self.kind.reads_tokens else x.shape[:-1]
         new = fn(x, out.reshape(*lead, self.d_out))
         return None if new is None else new.reshape(out.shape)
 
@@ -146,22 +145,25 @@ Candidates = Iterator[tuple[str, "Builder | str"]]  # (site name, builder, or wh
 SPLIT_INPUTS = "per-head attention inputs (use_split_qkv_input / use_attn_in) are not supported"
 
 
-def _site(model: nn.Module, name: str, kind: str, weight: Callable[[], torch.Tensor],
+def _site(model: nn.Module, name: str, kind: SiteKind, weight: Callable[[], torch.Tensor],
           bias: Callable[[], torch.Tensor | None], route: Route, hook_route: Route | str) -> Builder:
     """A TLSite built only when a target selects it (building one materialises its canonical weight)."""
     return partial(TLSite, model, name, kind, weight, bias, route, hook_route)
 
 
+#: A TL norm's output from its `hook_normalized` activation `a` (TL norms apply `w`, `b` after that hook), by class.
+_NORM_OUTPUTS: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
+    "LayerNorm": lambda ln, a: a.to(ln.cfg.dtype) * ln.w + ln.b,
+    "RMSNorm": lambda ln, a: a.to(ln.cfg.dtype) * ln.w,
+    "LayerNormPre": lambda ln, a: a.to(ln.cfg.dtype),
+    "RMSNormPre": lambda ln, a: a.to(ln.cfg.dtype),
+}
+
+
 def _norm_output(ln: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The norm's output from its `hook_normalized` activation (TL norms apply `w`, `b` after that hook)."""
-    dtype, kind = ln.cfg.dtype, type(ln).__name__
-    if kind == "LayerNorm":
-        return lambda a: a.to(dtype) * ln.w + ln.b
-    if kind == "RMSNorm":
-        return lambda a: a.to(dtype) * ln.w
-    if kind in ("LayerNormPre", "RMSNormPre"):
-        return lambda a: a.to(dtype)
-    return None
+    """The norm's output as a function of its `hook_normalized` activation; None for norms not in `_NORM_OUTPUTS`."""
+    fn = _NORM_OUTPUTS.get(type(ln).__name__)
+    return None if fn is None else partial(fn, ln)
 
 
 def _input_hook(model: nn.Module, layer: int, which: str) -> Tap | str:
@@ -215,11 +217,11 @@ def _ht_attention(model: nn.Module, layer: int) -> Candidates:
         read = _input_hook(model, layer, "attn")
         if cfg.positional_embedding_type == "shortformer" and x != "V":
             read = "shortformer attention adds the positional embedding to its query and key inputs"
-        yield name, _site(model, name, "linear", lambda w=w: _heads_in(getattr(attn, w)),
+        yield name, _site(model, name, SiteKind.LINEAR, lambda w=w: _heads_in(getattr(attn, w)),
                           lambda b=w.replace("W_", "b_"): getattr(attn, b).flatten(),
                           Route(Tap(p, (arg, position)), out), _hook_route(read, out))
     z = Tap(f"{p}.hook_z")
-    yield f"{p}.W_O", _site(model, f"{p}.W_O", "linear", lambda: _heads_out(attn.W_O), lambda: attn.b_O,
+    yield f"{p}.W_O", _site(model, f"{p}.W_O", SiteKind.LINEAR, lambda: _heads_out(attn.W_O), lambda: attn.b_O,
                             Route(z, p), _hook_route(z, _output_hook(model, layer, "attn")))
 
 
@@ -243,10 +245,10 @@ def _ht_mlp(model: nn.Module, layer: int) -> Candidates:
         if kind == "GatedMLP" and w == "W_in" and cfg.is_layer_norm_activation():
             yield name, "a gated MLP with a LayerNorm activation (SoLU) never computes x W_in (hook_pre_linear)"
             continue
-        yield name, _site(model, name, "linear", lambda w=w: getattr(mlp, w).T, bias, Route(read, out),
+        yield name, _site(model, name, SiteKind.LINEAR, lambda w=w: getattr(mlp, w).T, bias, Route(read, out),
                           _hook_route(read_hook, out))
     post = Tap(f"{p}.hook_post")
-    yield f"{p}.W_out", _site(model, f"{p}.W_out", "linear", lambda: mlp.W_out.T, lambda: mlp.b_out,
+    yield f"{p}.W_out", _site(model, f"{p}.W_out", SiteKind.LINEAR, lambda: mlp.W_out.T, lambda: mlp.b_out,
                               Route(post, p), _hook_route(post, _output_hook(model, layer, "mlp")))
 
 
@@ -257,13 +259,13 @@ def _ht_candidates(model: nn.Module) -> Candidates:
     else:
         tokens = Route(Tap("hook_tokens"), "hook_embed") if cfg.use_hook_tokens else \
             "no hook point carries the token ids; build the model with use_hook_tokens=True"
-        yield "embed.W_E", _site(model, "embed.W_E", "embedding", lambda: model.embed.W_E.T, lambda: None,
+        yield "embed.W_E", _site(model, "embed.W_E", SiteKind.EMBEDDING, lambda: model.embed.W_E.T, lambda: None,
                                  Route(Tap("embed", ("tokens", 0)), "embed"), tokens)
     for layer in range(len(model.blocks)):
         yield from _ht_attention(model, layer)
         yield from _ht_mlp(model, layer)
     unembed = Route(Tap("unembed.hook_in"), "unembed.hook_out")
-    yield "unembed.W_U", _site(model, "unembed.W_U", "linear", lambda: model.unembed.W_U.T,
+    yield "unembed.W_U", _site(model, "unembed.W_U", SiteKind.LINEAR, lambda: model.unembed.W_U.T,
                                lambda: model.unembed.b_U, unembed, unembed)
 
 
@@ -278,9 +280,9 @@ def _bridge_site(model: nn.Module, name: str, path: str) -> Builder | str:
     weight_fn = canonical_weight_fn(module)
     if weight_fn is None or (isinstance(module, nn.Embedding) and type(module) is not nn.Embedding):
         return f"{path!r} wraps a {type(module).__name__}; supported: nn.Linear, HF Conv1D, plain nn.Embedding"
-    kind = "embedding" if isinstance(module, nn.Embedding) else "linear"
+    kind = SiteKind.EMBEDDING if isinstance(module, nn.Embedding) else SiteKind.LINEAR
     inner = f"{path}.original_component"
-    return _site(model, name, kind, lambda: weight_fn(module), lambda: module.bias if kind == "linear" else None,
+    return _site(model, name, kind, lambda: weight_fn(module), lambda: None if kind.reads_tokens else module.bias,
                  Route(Tap(inner, ("input", 0)), inner), Route(Tap(f"{path}.hook_in"), f"{path}.hook_out"))
 
 
@@ -302,6 +304,10 @@ def _bridge_candidates(model: nn.Module) -> Candidates:
 
 # -- resolution ------------------------------------------------------------------------------------------------
 
+#: Each TransformerLens model family (a class name in the model's MRO) and where its candidate sites come from.
+_FAMILIES: dict[str, Callable[[nn.Module], Candidates]] = {"HookedTransformer": _ht_candidates,
+                                                           "TransformerBridge": _bridge_candidates}
+
 def _parameter_names(model: nn.Module) -> list[str]:
     if _is_class(model, "TransformerBridge"):
         return [n for n, _ in model.tl_named_parameters()]
@@ -309,24 +315,22 @@ def _parameter_names(model: nn.Module) -> list[str]:
 
 
 def sites(model: nn.Module, targets: dict[str, int], identity_targets: dict[str, int] | None = None
-          ) -> tuple[nn.Module, list[TLSite], dict[str, int]]:
-    """Resolve target globs over the TL weight names into sites; returns the module to run, its sites, C per site."""
+          ) -> tuple[list[TLSite], dict[str, int]]:
+    """Resolve target globs over the TL weight names into sites; returns the sites and C per site."""
     if identity_targets:
         raise SiteError(f"identity_targets={identity_targets!r}: identity insertion is not supported for "
                         "TransformerLens models yet; pass identity_targets=None.")
-    if _is_class(model, "HookedTransformer"):
-        found = dict(_ht_candidates(model))
-    elif _is_class(model, "TransformerBridge"):
-        found = dict(_bridge_candidates(model))
-    else:
+    family = next((f for f in _FAMILIES if _is_class(model, f)), None)
+    if family is None:
         raise TypeError(f"cannot decompose a TransformerLens {type(model).__name__}; supported are HookedTransformer, "
                         "HookedSAETransformer and TransformerBridge.")
+    found = dict(_FAMILIES[family](model))
     builders = {n: b for n, b in found.items() if not isinstance(b, str)}
     for pattern in targets:
         if not fnmatch.filter(builders, pattern):
             _refuse(pattern, {n: r for n, r in found.items() if isinstance(r, str)}, model, list(builders))
     cs = match_targets(builders, targets, what="decomposable TransformerLens weight")
-    return model, [builders[n]() for n in cs], cs
+    return [builders[n]() for n in cs], cs
 
 
 def _refuse(pattern: str, refused: dict[str, str], model: nn.Module, candidates: list[str]) -> None:
@@ -340,6 +344,62 @@ def _refuse(pattern: str, refused: dict[str, str], model: nn.Module, candidates:
     if hits:
         raise SiteError(f"parameter {hits[0]!r} is not a decomposable weight; supported: {SUPPORTED}. "
                         f"Decomposable weights in this model: {shown or '(none)'}.")
+
+
+# -- the adapter -------------------------------------------------------------------------------------------------
+
+_PER_HEAD_INPUT = re.compile(r"blocks\.\d+\.attn\.W_[QKV]")
+_MLP_INPUT = re.compile(r"blocks\.\d+\.mlp\.W_(in|gate)")
+
+
+class TransformerLensAdapter(Adapter):
+    """HookedTransformer-family models (HookedRootModule) and TransformerBridges."""
+
+    final_norms = ("ln_final",)
+    residual_writers = re.compile(r"(?:^|\.)(?:mlp\.W_out|attn\.W_O)$")
+
+    def matches(self, model: Any) -> bool:
+        return _is_class(model, "HookedRootModule", "TransformerBridge")
+
+    def sites(self, model: Any, targets: dict[str, int], identity_targets: dict[str, int] | None = None
+              ) -> tuple[list[Site], dict[str, int]]:
+        return sites(model, targets, identity_targets)
+
+    def hook_names(self, model: Any, site: Site) -> HookNames:
+        """The TL hook pair that carries exactly the site's input and output, or a note why there is none."""
+        if _is_class(model, "HookedTransformer"):
+            if _PER_HEAD_INPUT.fullmatch(site.name):
+                return HookNames(note="per-head attention projections write hook_q/k/v [.., n_heads, d_head] from a "
+                                      "normalised input no hook carries: no single-hook transcoder equivalent")
+            if _MLP_INPUT.fullmatch(site.name):  # HookedSAETransformer's mlp.hook_in is the MLP input
+                return HookNames(f"{site.name.rsplit('.', 1)[0]}.hook_in", site.route.write)
+        route = getattr(site, "hook_route", None)
+        if not isinstance(route, Route) or route.read.fn is not None:
+            return HookNames(note=route if isinstance(route, str) else "no TransformerLens hook pair carries this site")
+        reshape = "hook_z" if route.read.module.endswith("hook_z") else "none"
+        return HookNames(route.read.module, route.write, reshape_activations=reshape)
+
+    def describe(self, module: nn.Module) -> dict:
+        """Name, context length and BOS default from the TL config; `HookedTransformer` for that family."""
+        cfg = getattr(module, "cfg", None)
+        if cfg is None:
+            return {}
+        ctx = {"model_name": getattr(cfg, "model_name", None), "context_size": getattr(cfg, "n_ctx", None),
+               "prepend_bos": getattr(cfg, "default_prepend_bos", None)}
+        if _is_class(module, "HookedTransformer"):
+            ctx["model_class_name"] = "HookedTransformer"
+        return ctx
+
+    def unembedding(self, model: Any) -> torch.Tensor | None:
+        """`W_U [d_model, vocab]`, or None."""
+        try:
+            return model.W_U.detach()
+        except (AttributeError, RuntimeError, TypeError):
+            return None
+
+    def to_hooked_transformer(self, model: Any) -> Any | None:
+        """The model itself when it is a `HookedSAETransformer` (a sae-lens class); None otherwise."""
+        return model if any(c.__name__ == "HookedSAETransformer" for c in type(model).__mro__) else None
 
 
 # -- interventions and caches where the user works -------------------------------------------------------------

@@ -19,14 +19,10 @@ from collections.abc import Callable
 import torch
 
 from decomp_hooks.lib import build
-from decomp_hooks.lib.basis import F64, LayerBasis
+from decomp_hooks.lib.basis import F64, LayerBasis, with_constant
 from decomp_hooks.lib.config import LIBConfig, load_lib_config
 from decomp_hooks.lib.nodes import NodeLayers
 from decomp_hooks.toy.modadd import ModAddConfig, ModAddTransformer, modadd_dataset
-
-
-def _with_const(f: torch.Tensor) -> torch.Tensor:
-    return torch.cat([f, torch.ones_like(f[..., :1])], -1)
 
 
 def naive_jacobian_gram(nodes: NodeLayers, layer: int, data: list, c_next: torch.Tensor, *_) -> torch.Tensor:
@@ -37,7 +33,7 @@ def naive_jacobian_gram(nodes: NodeLayers, layer: int, data: list, c_next: torch
         with torch.no_grad():
             (x,) = nodes.read(batch, [layer])
         x = x.detach().requires_grad_()
-        out = _with_const(nodes.run_from(layer, batch, x)) @ c_next.to(x.dtype)
+        out = with_constant(nodes.run_from(layer, batch, x)) @ c_next.to(x.dtype)
         for t in range(out.shape[1]):
             for i in range(out.shape[2]):
                 (g,) = torch.autograd.grad(out[:, t, i].sum(), x, retain_graph=True)
@@ -55,8 +51,8 @@ def naive_edges(nodes: NodeLayers, layer: int, data: list, lower: LayerBasis, up
         with torch.no_grad():
             (x,) = nodes.read(batch, [layer])
         c_in, cp_in, c_out = (t.to(x.dtype) for t in (lower.C, lower.C_pinv, upper.C))
-        y = (_with_const(x) @ c_in).detach().requires_grad_()
-        out = _with_const(nodes.run_from(layer, batch, (y @ cp_in)[..., :d])) @ c_out
+        y = (with_constant(x) @ c_in).detach().requires_grad_()
+        out = with_constant(nodes.run_from(layer, batch, (y @ cp_in)[..., :d])) @ c_out
         for t in range(out.shape[1]):
             for i in range(out.shape[2]):
                 (g,) = torch.autograd.grad(out[:, t, i].sum(), y, retain_graph=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -22,9 +23,11 @@ import torch
 import decomp_hooks as dh
 from decomp_hooks.assets import smollm2
 from decomp_hooks.dashboard import DashboardConfig, build_dashboards
-from decomp_hooks.dashboard.browser import chromium_path, check_page
 from decomp_hooks.dashboard.compare import CompareConfig, compare_with_sae
 from decomp_hooks.text import TokenBatches, stdlib_docstrings
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the headless-page checker of the tests
+from browser import chromium_path, check_page  # noqa: E402
 
 SITE = "model.layers.20.mlp.down_proj"
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -74,15 +75,17 @@ def compare_command(run_dir: Path, sae_dir: Path, data_path: Path, out: Path, si
                f"-> {out / 'compare.html'}")
 
 
-def pick_site(dec, sae) -> str:
+def pick_site(dec: Any, sae: Any) -> str:
     """The site an SAE belongs to: the only site, or the one whose module or hook names the SAE names."""
+    from decomp_hooks.adapters import adapter_for
+
     if len(dec.site_names) == 1:
         return dec.site_names[0]
     named = {sae.hf_hook_name, sae.hf_hook_name_out, sae.hook_name, sae.hook_name_out} - {None}
-    from decomp_hooks.export.sae_lens import site_hooks
+    adapter = adapter_for(dec.model)
 
     def hooks(n: str) -> set:
-        return {v for v in site_hooks(dec.model, dec.cm.sites[n]).values() if isinstance(v, str)}
+        return set(adapter.hook_names(dec.model, dec.cm.sites[n]).names().values()) - {None}
 
     hits = [n for n in dec.site_names if n in named or hooks(n) & named]
     if len(hits) != 1:

@@ -132,7 +132,8 @@ def sae_dashboard_pages(dec: Any, data: Any, out: Path, sites: list[str] | None,
     from decomp_hooks import store
     from decomp_hooks.dashboard.build import select_components
     from decomp_hooks.dashboard.sae_dashboard import render_with_sae_dashboard
-    from decomp_hooks.export.sae_lens import dir_name, select_sites
+    from decomp_hooks.export.format import dir_name
+    from decomp_hooks.export.write import select_sites
 
     tokens = data if isinstance(data, torch.Tensor) else torch.cat(list(data))
     names = select_sites(dec, sites)

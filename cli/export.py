@@ -55,7 +55,7 @@ def load_model(path: Path):
 @click.option("--format", "fmt", type=click.Choice(FORMAT_CHOICES), default="transcoder", show_default=True,
               help="transcoder: exact ±-split (W_enc=[V,-V], W_dec=[U;-U]) that stock SAE-Lens and sae-dashboard load; "
                    "decomp_signed_transcoder (alias signed): signed component activations; sae-lens loads it after "
-                   "`import decomp_hooks.export`.")
+                   "`decomp_hooks.export.register()` (load_sae(DIR).to_sae() registers it itself).")
 @click.option("--sites", "sites", multiple=True, metavar="PATTERN",
               help="fnmatch pattern over site names, e.g. 'blocks.0.mlp.*' (repeatable; default: every site that "
                    "reads activations).")

@@ -1,6 +1,7 @@
-"""Batches from whatever the user holds: a sampler callable, a tensor, or an iterable/DataLoader.
+"""Batches from whatever the user holds: a sampler callable, a tensor, a dict batch, or an iterable/DataLoader.
 
-Each source records its position (`state_dict`) so a resumed run continues where it stopped.
+Training draws from a source (`make_source`) that records its position (`state_dict`), so a resumed run continues
+where it stopped. Every finite pass over data (exports, dashboards, comparisons, LIB) reads `iter_batches`.
 """
 from __future__ import annotations
 
@@ -24,6 +25,63 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+def batch_rows(batch: Any) -> int:
+    """Rows (dim 0) of a tensor batch, or of a dict batch's first tensor."""
+    first = next(iter(batch.values())) if isinstance(batch, dict) else batch
+    return first.shape[0]
+
+
+def iter_batches(data: Any, batch_size: int, max_batches: int | None = None, device: torch.device | None = None,
+                 *, n_samples: int | None = None) -> Iterator[Any]:
+    """Batches from a tensor (its rows split by `batch_size`), a dict (one batch), an iterable of batches, or a
+    sampler `fn(n) -> batch` (which needs `n_samples`): at most `max_batches` batches and `n_samples` rows (an
+    iterable's last batch is kept whole), moved to `device` when given."""
+    for i, batch in enumerate(_batches(data, batch_size, n_samples)):
+        if max_batches is not None and i >= max_batches:
+            return
+        yield batch if device is None else to_device(batch, device)
+
+
+def _batches(data: Any, batch_size: int, n_samples: int | None) -> Iterator[Any]:
+    """The batches of `data` before the batch limit and device (see `iter_batches`)."""
+    if isinstance(data, torch.Tensor):
+        yield from (data[:n_samples] if n_samples else data).split(batch_size)
+    elif isinstance(data, dict):
+        yield data
+    elif callable(data) and not hasattr(data, "__iter__"):
+        if not n_samples:
+            raise DataError("a sampler callable yields batches without end; draw a finite sample first (e.g. "
+                            "sampler(4096)) or, where the call takes one, pass n_samples (how many rows to draw).")
+        for start in range(0, n_samples, batch_size):
+            yield data(min(batch_size, n_samples - start))
+    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
+        seen = 0
+        for batch in data:
+            yield batch
+            seen += batch_rows(batch) if n_samples else 0
+            if n_samples and seen >= n_samples:
+                return
+    else:
+        raise DataError(f"cannot read batches from a {type(data).__name__}; pass a tensor, a dict batch, an iterable "
+                        "of batches or a sampler callable.")
+
+
+def batch_count(data: Any, batch_size: int, max_batches: int | None = None) -> int | None:
+    """How many batches `iter_batches` yields, where that is known without reading them (for progress bars)."""
+    known = -(-data.shape[0] // batch_size) if isinstance(data, torch.Tensor) else 1 if isinstance(data, dict) else None
+    if known is None or max_batches is None:
+        return max_batches if known is None else known
+    return min(known, max_batches)
+
+
+def reiterable(data: Any) -> Any:
+    """`data` itself when it can be read twice (a tensor, dict, list, TokenBatches) or is no iterable at all, else
+    its batches as a list (a one-shot iterator)."""
+    if not isinstance(data, Iterable) or isinstance(data, (torch.Tensor, dict)) or iter(data) is not data:
+        return data
+    return list(data)
 
 
 def check_finite(batch: Any, step: int) -> None:

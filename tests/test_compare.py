@@ -18,7 +18,7 @@ import decomp_hooks as dh  # noqa: E402
 from decomp_hooks import store  # noqa: E402
 from decomp_hooks.cli import main  # noqa: E402
 from decomp_hooks.dashboard import CompareConfig, DashboardError, compare_with_sae  # noqa: E402
-from decomp_hooks.dashboard.compare import Moments  # noqa: E402
+from decomp_hooks.activations import Moments  # noqa: E402
 from decomp_hooks.export import export_basis  # noqa: E402
 
 CONFIG = {"ci": {"type": "mlp", "hidden": [4]}, "ci_alive_threshold": 0.0,

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 import decomp_hooks as dh  # noqa: E402
 from decomp_hooks.dashboard import build_dashboards  # noqa: E402
-from decomp_hooks.dashboard.browser import check_page, chromium_path  # noqa: E402
+from browser import check_page, chromium_path  # noqa: E402
 
 pytestmark = pytest.mark.skipif(chromium_path() is None, reason="Chromium is not installed (apt-get install chromium)")
 

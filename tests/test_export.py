@@ -1,6 +1,6 @@
 """SAE-Lens export: exact round trips through `SAE.load_from_disk` on TransformerLens and HF (nnsight, Conv1D) sites,
 spliced `HookedSAETransformer` logits, sparsity and Neuronpedia JSON, the generic basis path, loading back, the
-import-time registration, bad input and the `decomp-hooks export` command."""
+explicit registration of the signed architecture, bad input and the `decomp-hooks export` command."""
 from __future__ import annotations
 
 import json
@@ -31,8 +31,11 @@ from decomp_hooks.export import (  # noqa: E402
     export_basis,
     load_export,
     load_sae,
+    register,
 )
-from decomp_hooks.export import sae_lens as sl  # noqa: E402
+from decomp_hooks.export.format import SAEFiles  # noqa: E402
+
+register()  # as a user does before loading signed exports with SAE.load_from_disk
 
 LM_CONFIG = {
     "ci": {"type": "mlp", "hidden": [4]},
@@ -316,12 +319,21 @@ def test_load_sae_is_a_comparison_object(hf, tmp_path):
         load_sae(tmp_path / "out")
 
 
-def test_importing_decomp_hooks_skips_sae_lens_and_registers_when_it_is_imported():
-    code = ("import sys, decomp_hooks, decomp_hooks.export\n"
-            "assert 'sae_lens' not in sys.modules\n"
-            "import sae_lens\n"
-            "from sae_lens.registry import get_sae_class\n"
-            "print(get_sae_class('decomp_signed_transcoder')[0].__name__)\n")
+def test_importing_decomp_hooks_leaves_sae_lens_alone_and_registration_is_explicit(tmp_path):
+    E = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    path = export_basis(tmp_path / "signed", E, E.T, format=SIGNED)
+    code = ("import sys\n"
+            "before = list(sys.meta_path)\n"
+            "import decomp_hooks, decomp_hooks.export\n"
+            "assert sys.meta_path == before, 'importing decomp_hooks changed sys.meta_path'\n"
+            "assert 'sae_lens' not in sys.modules, 'importing decomp_hooks imported sae_lens'\n"
+            "from sae_lens.registry import SAE_CLASS_REGISTRY\n"
+            "assert 'decomp_signed_transcoder' not in SAE_CLASS_REGISTRY, 'registered without register()'\n"
+            "from decomp_hooks.export import load_sae, register\n"
+            f"print(type(load_sae({str(path)!r}).to_sae()).__name__)\n"
+            "assert 'decomp_signed_transcoder' in SAE_CLASS_REGISTRY and register()\n"
+            "from decomp_hooks.export.signed import SignedTranscoder\n"
+            "assert SAE_CLASS_REGISTRY['decomp_signed_transcoder'][0] is SignedTranscoder\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -353,13 +365,13 @@ def test_bad_input_is_refused_and_nothing_is_half_written(hf, tmp_path, monkeypa
             raise OSError("disk full")
         return original(self, directory)
 
-    original = sl.SAEFiles.write
-    monkeypatch.setattr(sl.SAEFiles, "write", failing_write)
+    original = SAEFiles.write
+    monkeypatch.setattr(SAEFiles, "write", failing_write)
     with pytest.raises(OSError, match="disk full"):
         dec.export(out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "transformer.h.0.mlp.c_fc"]  # the old export
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directory left behind
-    monkeypatch.setattr(sl.SAEFiles, "write", original)
+    monkeypatch.setattr(SAEFiles, "write", original)
     dec.export(out, overwrite=True)
     assert len(load_export(out)) == len(dec.site_names)
 

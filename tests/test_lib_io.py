@@ -56,7 +56,7 @@ def test_save_load_roundtrip_and_damage(tiny, tmp_path):
 
 
 def test_sae_lens_export_reconstructs_the_projection(tiny, tmp_path):
-    from decomp_hooks.export.sae_lens import load_sae
+    from decomp_hooks.export import load_sae
 
     _, res = tiny
     layer = "blocks.0.hook_resid_mid"

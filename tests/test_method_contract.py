@@ -38,8 +38,9 @@ class AllOn(Method):
     def evaluate(self, cm, batch):
         return {k: v.item() for k, v in self.terms(cm, batch).items()}
 
-    def importances(self, cm, batch):
-        _, inputs = cm(batch, cache=True)
+    def importances(self, cm, batch, inputs=None):
+        if inputs is None:
+            _, inputs = cm(batch, cache=True)
         return {n: torch.ones(*x.shape[:-1], cm.component(n).C) for n, x in inputs.items()}
 
 

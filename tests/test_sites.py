@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from decomp_hooks.adapters import resolve
+from decomp_hooks.adapters import adapter_for, resolve
 from decomp_hooks.component_model import ComponentModel
 from decomp_hooks.components import SiteMask
 from decomp_hooks.config import CIConfig
-from decomp_hooks.sites import SiteError
+from decomp_hooks.sites import SiteError, SiteKind
 
 
 class Mixed(nn.Module):
@@ -58,11 +58,14 @@ def test_canonical_weights_and_site_shapes():
     model = Mixed()
     _, sites, _ = resolve(model, {"embed": 2, "fc": 2, "proj": 2}, {"proj": 3})
     by_name = {s.name: s for s in sites}
-    assert by_name["fc"].weight().shape == (12, 8) and by_name["fc"].kind == "linear"
+    assert by_name["fc"].weight().shape == (12, 8) and by_name["fc"].kind is SiteKind.LINEAR
     torch.testing.assert_close(by_name["proj"].weight(), model.proj.weight.T)
     assert (by_name["proj"].d_in, by_name["proj"].d_out) == (12, 6)
-    assert by_name["embed"].kind == "embedding" and by_name["embed"].weight().shape == (8, 50)
+    assert by_name["embed"].kind is SiteKind.EMBEDDING and by_name["embed"].weight().shape == (8, 50)
     torch.testing.assert_close(by_name["proj.pre_identity"].weight(), torch.eye(12))
+    identity = by_name["proj.pre_identity"]
+    assert identity.kind is SiteKind.IDENTITY and identity.kind.inserted and identity.module == "proj"
+    assert [by_name[n].module for n in ("embed", "fc", "proj")] == ["embed", "fc", "proj"]
 
 
 def test_masked_forward_matches_formula():
@@ -175,3 +178,18 @@ def test_globs_select_several_sites_with_their_c():
     model = nn.ModuleDict({"a": nn.Linear(3, 3), "b": nn.Linear(3, 3), "c": nn.Linear(3, 2)})
     _, sites, cs = resolve(model, {"[ab]": 4, "c": 7})
     assert cs == {"a": 4, "b": 4, "c": 7}
+
+
+def test_adapter_for_picks_the_toolkit_and_names_unsupported_objects():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    adapter = adapter_for(model)
+    assert type(adapter).__name__ == "TorchAdapter" and adapter.module(model) is model
+    _, sites, _ = resolve(model, {"2": 2}, {"2": 3})
+    by_name = {s.name: s for s in sites}
+    inserted, own = adapter.hook_names(model, by_name["2.pre_identity"]), adapter.hook_names(model, by_name["2"])
+    assert (inserted.hf_hook_name, inserted.hf_hook_io["hf_hook_name_out"]) == ("2", "input")
+    assert (own.hf_hook_name_out, own.hf_hook_io["hf_hook_name_out"], own.hook_name) == ("2", "output", None)
+    assert adapter.unembedding(model) is None and adapter.final_norm(model) == (None, False)
+    assert adapter.model_context(model, "tiny") == {"model_name": "tiny", "model_class_name": "Sequential"}
+    with pytest.raises(TypeError, match="cannot decompose a builtins.object"):
+        adapter_for(object())

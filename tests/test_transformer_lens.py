@@ -14,7 +14,7 @@ from decomp_hooks.component_model import ComponentModel  # noqa: E402
 from decomp_hooks.components import SiteMask  # noqa: E402
 from decomp_hooks.config import CIConfig, DecomposeConfig  # noqa: E402
 from decomp_hooks.decomposition import Decomposition  # noqa: E402
-from decomp_hooks.sites import SiteError  # noqa: E402
+from decomp_hooks.sites import SiteError, SiteKind  # noqa: E402
 
 SIZES = dict(d_model=32, d_head=8, n_heads=4, n_layers=2, n_ctx=16, d_vocab=50, d_mlp=64)
 ALL_SITES = {"blocks.*.mlp.W_in": 5, "blocks.*.mlp.W_out": 6, "blocks.*.attn.W_[QKVO]": 7, "embed.W_E": 4,
@@ -114,7 +114,7 @@ def test_canonical_weights_and_shapes(ht, tokens):
     torch.testing.assert_close(by["blocks.0.mlp.W_in"].weight(), mlp.W_in.T)
     torch.testing.assert_close(by["unembed.W_U"].weight(), ht.unembed.W_U.T)
     e = by["embed.W_E"]
-    assert e.kind == "embedding" and (e.d_in, e.d_out) == (SIZES["d_vocab"], D)
+    assert e.kind is SiteKind.EMBEDDING and (e.d_in, e.d_out) == (SIZES["d_vocab"], D) and e.module == "embed.W_E"
     # with U = 0 the delta component alone is the target map x Wᵀ + b: TL's hook_q for W_Q, the attention out for W_O
     cm = ComponentModel(module, sites, {s.name: 3 for s in sites}, CIConfig(type="mlp", hidden=[4]))
     with torch.no_grad():

@@ -10,8 +10,7 @@ CLI renders components exported as ±-split transcoders with sae-dashboard's `Sa
 """
 from __future__ import annotations
 
-from decomp_hooks.dashboard.activations import DashboardError
-from decomp_hooks.dashboard.build import DashboardConfig, build_dashboards
+from decomp_hooks.dashboard.build import DashboardConfig, DashboardError, build_dashboards
 from decomp_hooks.dashboard.compare import CompareConfig, Comparison, compare_with_sae
 
 __all__ = ["CompareConfig", "Comparison", "DashboardConfig", "DashboardError", "build_dashboards", "compare_with_sae"]

@@ -6,6 +6,7 @@ promotes and suppresses (sites that write to the residual stream), and the compo
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,14 +14,21 @@ from typing import Any
 import torch
 
 from decomp_hooks import store
+from decomp_hooks.activations import Contexts, PassBatch, Reader, site_batches, stream, token_ids, windows
+from decomp_hooks.adapters import adapter_for
 from decomp_hooks.dashboard import render
-from decomp_hooks.dashboard.activations import Contexts, DashboardError, reiterable, site_reader, stream, windows
 from decomp_hooks.dashboard.logits import logit_path, top_tokens
 from decomp_hooks.dashboard.statistics import ComponentStats
+from decomp_hooks.data import batch_count, iter_batches, reiterable
 from decomp_hooks.export import neuronpedia as npd
-from decomp_hooks.export.sae_lens import dir_name, model_context, select_sites
+from decomp_hooks.export.format import dir_name
+from decomp_hooks.export.write import select_sites
 
 INDEX_FORMAT = "decomp-hooks/dashboard"
+
+
+class DashboardError(ValueError):
+    """Dashboard or comparison input that cannot be used: no token ids, unknown sites or components, no batches."""
 
 
 @dataclass
@@ -44,19 +52,50 @@ def select_components(C: int, components: list[int] | None, site: str) -> list[i
     return sorted(set(components))
 
 
+def token_batches(data: Any, batch_size: int, max_batches: int | None = None) -> Iterator[torch.Tensor]:
+    """The batches of `data`, each checked to be token ids `[batch, seq]` of one sequence length (pages show token
+    contexts)."""
+    seq_len = None
+    for batch in iter_batches(data, batch_size, max_batches):
+        ids = token_ids(batch)
+        if ids is None:
+            raise DashboardError("dashboards show token contexts, so the data must be token ids [batch, seq] "
+                                 f"(an integer tensor); got {type(batch).__name__}.")
+        if seq_len not in (None, ids.shape[1]):
+            raise DashboardError(f"batches have sequence lengths {seq_len} and {ids.shape[1]}; use one context length.")
+        seq_len = ids.shape[1]
+        yield ids
+
+
+def token_stream(dec: Any, sites: list[str], data: Any, batch_size: int, max_batches: int | None, desc: str,
+                 progress: bool) -> Iterator[PassBatch]:
+    """The activation pass over token-id data, with a progress bar."""
+    batches = token_batches(data, batch_size, max_batches)
+    yield from stream(dec, sites, batches, total=batch_count(data, batch_size, max_batches), desc=desc,
+                      progress=progress)
+
+
 def collect(dec: Any, sites: list[str], data: Any, cfg: DashboardConfig,
             progress: bool = True) -> tuple[dict[str, ComponentStats], int, int]:
     """One streaming pass: per site, the dashboard statistics of every component; also (sequences, sequence length)."""
     tau = dec.config.ci_alive_threshold
     stats = {n: ComponentStats(dec.cm.component(n).C, tau, cfg.n_examples) for n in sites}
-    offset = n_seqs = seq_len = 0
-    for ids, got in stream(dec, sites, data, cfg.batch_size, cfg.max_batches, "dashboard activations", progress):
+    n_seqs = seq_len = 0
+    for batch in token_stream(dec, sites, data, cfg.batch_size, cfg.max_batches, "dashboard activations", progress):
         for n in sites:
-            stats[n].update(got[n].ci, got[n].acts, offset)
-        offset, n_seqs, seq_len = offset + ids.numel(), n_seqs + ids.shape[0], ids.shape[1]
-    if offset == 0:
+            stats[n].update(batch.sites[n].ci, batch.sites[n].acts, batch.first)
+        n_seqs, seq_len = n_seqs + batch.tokens.shape[0], batch.tokens.shape[1]
+    if n_seqs == 0:
         raise DashboardError("the data yielded no batches; pass token ids [n, seq] with at least one row.")
     return stats, n_seqs, seq_len
+
+
+def component_reader(dec: Any, sites: list[str]) -> Reader:
+    """A reader for `windows`: per site, causal importance and signed activations `[N, C]`."""
+    def read(ids: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        got = site_batches(dec, sites, ids.to(dec.device))
+        return {n: [b.ci.cpu(), b.acts.cpu()] for n, b in got.items()}
+    return read
 
 
 def context_view(contexts: Contexts, pairs: list[tuple[float, int]], i: int, tokenizer: Any) -> list[dict]:
@@ -113,8 +152,9 @@ def build_dashboards(dec: Any, data: Any, out: str | Path, sites: str | list[str
     shown = {n: [c for c in chosen[n] if stats[n].features.fires[c] > 0] for n in names}
     shown = {n: sorted(cs, key=lambda c: -float(stats[n].features.fires[c])) for n, cs in shown.items()}
     wanted = {n: [(c, p) for c in shown[n] for _, p in stats[n].features.examples(c)] for n in names}
-    contexts = windows(site_reader(dec, names), data, wanted, cfg.batch_size, cfg.max_batches, progress)
-    context = model_context(dec.model, model_name)
+    contexts = windows(component_reader(dec, names), token_batches(data, cfg.batch_size, cfg.max_batches), wanted,
+                       progress)
+    context = adapter_for(dec.model).model_context(dec.model, model_name)
     pages, summary = {}, {}
     with store.atomic_dir(out, overwrite=replace) as tmp:
         for n in names:

@@ -25,12 +25,14 @@ from typing import Any
 import torch
 
 from decomp_hooks import store
+from decomp_hooks.activations import Moments, site_batches, windows
+from decomp_hooks.adapters import adapter_for
 from decomp_hooks.dashboard import render
-from decomp_hooks.dashboard.activations import DashboardError, reiterable, site_batches, stream, windows
-from decomp_hooks.dashboard.build import context_view, example_scale
+from decomp_hooks.dashboard.build import DashboardError, context_view, example_scale, token_batches, token_stream
 from decomp_hooks.dashboard.statistics import ComponentStats
+from decomp_hooks.data import reiterable
 from decomp_hooks.export import neuronpedia as npd
-from decomp_hooks.export.sae_lens import LoadedSAE, load_sae, site_hooks
+from decomp_hooks.export.read import LoadedSAE, load_sae
 
 
 @dataclass
@@ -46,45 +48,17 @@ class CompareConfig:
     max_batches: int | None = None
 
 
-class Moments:
-    """Streaming Pearson correlation between two sets of variables `[N, A]` and `[N, B]` (float64 sums)."""
-
-    def __init__(self, A: int, B: int):
-        self.n = 0
-        self.sx, self.sxx = torch.zeros(A, dtype=torch.float64), torch.zeros(A, dtype=torch.float64)
-        self.sy, self.syy = torch.zeros(B, dtype=torch.float64), torch.zeros(B, dtype=torch.float64)
-        self.sxy = torch.zeros(A, B, dtype=torch.float64)
-
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x, y = x.double(), y.double()
-        self.n += x.shape[0]
-        self.sx += x.sum(0)
-        self.sxx += (x * x).sum(0)
-        self.sy += y.sum(0)
-        self.syy += (y * y).sum(0)
-        self.sxy += x.T @ y
-
-    def corr(self) -> torch.Tensor:
-        """Pearson correlation `[A, B]` (0 where either side is constant)."""
-        n = max(self.n, 1)
-        cov = self.sxy / n - torch.outer(self.sx / n, self.sy / n)
-        vx = (self.sxx / n - (self.sx / n) ** 2).clamp_min(0)
-        vy = (self.syy / n - (self.sy / n) ** 2).clamp_min(0)
-        denom = torch.outer(vx, vy).sqrt()
-        return torch.where(denom > 1e-20, cov / denom.clamp_min(1e-30), 0.0).float()
-
-
 def comparison_space(dec: Any, site: str, sae: LoadedSAE) -> tuple[str, str]:
     """(what the SAE's encoder reads, where its decoder writes): each 'input' or 'output' of the site, from the SAE's
     hook names where they name the site's hooks, else from the widths (a square site then counts as its output)."""
     comps = dec.cm.component(site)
-    hooks = site_hooks(dec.model, dec.cm.sites[site])
+    hooks = adapter_for(dec.model).hook_names(dec.model, dec.cm.sites[site])
     width = {"input": comps.d_in, "output": comps.d_out}
 
     def side(hook: str | None, d: int) -> str | None:
-        if hook is not None and hook == hooks["hook_name_out"]:
+        if hook is not None and hook == hooks.hook_name_out:
             return "output"
-        if hook is not None and hook == hooks["hook_name"]:
+        if hook is not None and hook == hooks.hook_name:
             return "input"
         return "output" if d == comps.d_out else "input" if d == comps.d_in else None
 
@@ -92,8 +66,8 @@ def comparison_space(dec: Any, site: str, sae: LoadedSAE) -> tuple[str, str]:
     writes = side(sae.hook_name_out or sae.hook_name, sae.d_out)
     if reads is None or writes is None or sae.d_in != width[reads] or sae.d_out != width[writes]:
         raise DashboardError(f"the SAE at {str(sae.path)!r} reads {sae.hook_name!r} (d_in={sae.d_in}) and writes "
-                             f"d_out={sae.d_out}; site {site!r} reads d_in={comps.d_in} ({hooks['hook_name']}) and "
-                             f"writes d_out={comps.d_out} ({hooks['hook_name_out']}). Compare an SAE trained on the "
+                             f"d_out={sae.d_out}; site {site!r} reads d_in={comps.d_in} ({hooks.hook_name}) and "
+                             f"writes d_out={comps.d_out} ({hooks.hook_name_out}). Compare an SAE trained on the "
                              "site's input or output hook, or a transcoder between them.")
     return reads, writes
 
@@ -279,16 +253,16 @@ def compare_with_sae(dec: Any, site: str, sae: str | Path | LoadedSAE, data: Any
     stats = ComponentStats(C, dec.config.ci_alive_threshold, cfg.n_examples)
     feats = npd.FeatureStats(F, split=False, threshold=0.0, n_examples=cfg.n_examples)
     moments = Moments(2 * C, F)
-    offset = 0
+    seen = 0
     with torch.no_grad():
-        for ids, got in stream(dec, [site], data, cfg.batch_size, cfg.max_batches, "compare activations", progress):
-            b = got[site]
-            y = sae_encode(sae, sae_inputs(dec, site, b.x, reads)).float().cpu()
-            stats.update(b.ci, b.acts, offset)
-            feats.update(y, y, offset)
+        for batch in token_stream(dec, [site], data, cfg.batch_size, cfg.max_batches, "compare activations", progress):
+            b = batch.sites[site]
+            y = sae_encode(sae, sae_inputs(dec, site, b.inputs, reads)).float().cpu()
+            stats.update(b.ci, b.acts, batch.first)
+            feats.update(y, y, batch.first)
             moments.update(split_acts(b.ci.cpu(), b.acts.cpu()), y)
-            offset += ids.numel()
-    if offset == 0:
+            seen += 1
+    if seen == 0:
         raise DashboardError("the data yielded no batches; pass token ids [n, seq] with at least one row.")
     dirs = torch.nn.functional.normalize(sae.W_dec.float(), dim=-1)
     result = Comparison(site, str(sae.path), reads, space, C, component_directions(dec, site, space) @ dirs.T,
@@ -313,10 +287,10 @@ def write_comparison(result: Comparison, dec: Any, sae: LoadedSAE, data: Any, st
 
     def read(ids: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         b = site_batches(dec, [site], ids.to(dec.device))[site]
-        y = sae_encode(sae, sae_inputs(dec, site, b.x, result.reads)).float().cpu()
+        y = sae_encode(sae, sae_inputs(dec, site, b.inputs, result.reads)).float().cpu()
         return {"components": [b.ci.cpu(), b.acts.cpu()], "sae": [y, y]}
 
-    contexts = windows(read, data, wanted, cfg.batch_size, cfg.max_batches, progress)
+    contexts = windows(read, token_batches(data, cfg.batch_size, cfg.max_batches), wanted, progress)
     features = {f: {"index": f, "freq": float(result.feat_freq[f]),
                     "examples": _feature_examples(contexts["sae"], feats.examples(f), f, tokenizer)}
                 for f in feature_ids}

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import re
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from decomp_hooks.dashboard.activations import DashboardError
+from decomp_hooks.adapters import adapter_for
+from decomp_hooks.dashboard.build import DashboardError
+from decomp_hooks.export import export_decomposition, load_sae
 
 
 def available() -> bool:
@@ -36,28 +37,12 @@ def available() -> bool:
 
 
 def hooked_transformer(model: Any) -> Any:
-    """The model as a `HookedSAETransformer`: itself, or an HF GPT-2 converted with its weights unprocessed."""
-    from sae_lens import HookedSAETransformer
-
-    if isinstance(model, HookedSAETransformer):
-        return model
-    if type(model).__name__ != "GPT2LMHeadModel":
+    """The model as a `HookedSAETransformer` (itself, or an HF GPT-2 converted by its adapter)."""
+    tl = adapter_for(model).to_hooked_transformer(model)
+    if tl is None:
         raise DashboardError(f"--engine sae-dashboard needs a TransformerLens HookedSAETransformer or an HF GPT-2 model; "
                              f"got {type(model).__name__}. Use the native engine for other models.")
-    from transformer_lens import HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
-
-    hc = model.config
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cfg = HookedTransformerConfig(d_model=hc.n_embd, d_head=hc.n_embd // hc.n_head, n_heads=hc.n_head,
-                                      d_mlp=hc.n_inner or 4 * hc.n_embd, n_layers=hc.n_layer, n_ctx=hc.n_positions,
-                                      eps=hc.layer_norm_epsilon, d_vocab=hc.vocab_size, act_fn="gelu_new",
-                                      normalization_type="LN", original_architecture="GPT2LMHeadModel", device="cpu")
-        tl = HookedSAETransformer(cfg, tokenizer=getattr(model, "tokenizer", None))
-        tl.load_and_process_state_dict(convert_gpt2_weights(model, cfg), fold_ln=False, center_writing_weights=False,
-                                       center_unembed=False, fold_value_biases=False)
-    return tl.eval()
+    return tl
 
 
 def render_with_sae_dashboard(dec: Any, site: str, tokens: torch.Tensor, out: str | Path, model: Any = None,
@@ -69,9 +54,6 @@ def render_with_sae_dashboard(dec: Any, site: str, tokens: torch.Tensor, out: st
     from sae_dashboard.data_writing_fns import save_feature_centric_vis
     from sae_dashboard.sae_vis_data import SaeVisConfig
     from sae_dashboard.sae_vis_runner import SaeVisRunner
-    from sae_lens import SAE
-
-    from decomp_hooks.export.sae_lens import export_decomposition
 
     tl = hooked_transformer(model if model is not None else dec.model)
     if tl.tokenizer is None:
@@ -79,7 +61,7 @@ def render_with_sae_dashboard(dec: Any, site: str, tokens: torch.Tensor, out: st
                              "HookedSAETransformer with tokenizer=... (e.g. decomp_hooks.assets.gpt2_tokenizer()).")
     with tempfile.TemporaryDirectory() as tmp:
         dirs = export_decomposition(dec, Path(tmp) / "export", format="transcoder", sites=[site])
-        sae = SAE.load_from_disk(str(dirs[site]), device="cpu")
+        sae = load_sae(dirs[site]).to_sae()
     hook = sae.cfg.metadata.hook_name
     if hook is None or not re.match(r"blocks\.\d+\.", hook):
         raise DashboardError(f"site {site!r} has no TransformerLens hook of the form blocks.<layer>.* ({hook!r}); "

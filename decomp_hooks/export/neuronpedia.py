@@ -20,14 +20,13 @@ alignment and correlation tables are empty lists.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 HIST_BINS = 20
 LOG_EPS = 1e-10
-WINDOW_LEFT, WINDOW_RIGHT = 24, 8
 N_LOGITS = 10
 
 
@@ -89,32 +88,6 @@ class FeatureStats:
         """(value or rank, flattened position) of feature f's top firing positions, best first."""
         floor = float("-inf") if self.ranked else self.threshold
         return [(float(v), int(i)) for v, i in zip(self.top_values[f], self.top_index[f]) if v > floor]
-
-
-def batches(data: Any, batch_size: int, max_batches: int | None = None) -> Iterator[Any]:
-    """Batches from a tensor (split along dim 0), a dict of tensors (one batch) or an iterable of either."""
-    if isinstance(data, torch.Tensor):
-        items: Iterable[Any] = data.split(batch_size)
-    elif isinstance(data, dict):
-        items = [data]
-    elif callable(data) and not hasattr(data, "__iter__"):
-        raise TypeError("data for export statistics must be a tensor, a dict batch or an iterable of batches, "
-                        "not a sampler; draw a finite sample first (e.g. sampler(4096)).")
-    elif isinstance(data, Iterable):
-        items = data
-    else:
-        raise TypeError(f"cannot read batches from a {type(data).__name__}; pass a tensor, a dict batch or an iterable.")
-    for i, batch in enumerate(items):
-        if max_batches is not None and i >= max_batches:
-            return
-        yield batch
-
-
-def token_ids(batch: Any) -> torch.Tensor | None:
-    """The batch's token ids `[batch, seq]` when it is an integer tensor, else None (no text examples then)."""
-    if isinstance(batch, torch.Tensor) and not batch.is_floating_point() and batch.dim() == 2:
-        return batch
-    return None
 
 
 def layer_of(name: str | None) -> int:
@@ -190,19 +163,3 @@ def batch_json(stats: FeatureStats, windows: Windows, tokenizer: Any,
                           n_prompts, n_tokens, dataset) for f in chosen]
     return {"model_id": model_id, "layer": layer, "sae_set": sae_set, "sae_id_suffix": sae_id_suffix,
             "features": items}
-
-
-def window(position: int, seq_len: int) -> tuple[int, int, int, int]:
-    """(sequence, start, stop, index of the position inside the window) for a flattened position."""
-    seq, pos = divmod(position, seq_len)
-    start, stop = max(0, pos - WINDOW_LEFT), min(seq_len, pos + WINDOW_RIGHT + 1)
-    return seq, start, stop, pos - start
-
-
-def needed_sequences(all_stats: Iterable[FeatureStats], seq_len: int) -> list[int]:
-    """The sequences that hold any feature's top example."""
-    seqs = set()
-    for stats in all_stats:
-        for f in range(stats.F):
-            seqs.update(p // seq_len for _, p in stats.examples(f))
-    return sorted(seqs)

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from decomp_hooks.data import batch_rows
+from decomp_hooks.lib.basis import with_constant
 from decomp_hooks.lib.build import batches, working_model
 from decomp_hooks.lib.nodes import NodeLayers
 from decomp_hooks.lib.result import LIBResult
@@ -62,7 +64,7 @@ class Ablator:
         total, rows = 0.0, 0
         with torch.no_grad():
             for batch in self.data:
-                n = _rows(batch)
+                n = batch_rows(batch)
                 total += float(self.metric(final(batch), batch)) * n
                 rows += n
         return total / rows
@@ -80,7 +82,7 @@ class Ablator:
 
         def final(batch: Any) -> Tensor:
             (f,) = self.nodes.read(batch, [layer])
-            return self._to_end(layer, batch, (_with_const(f) @ proj)[..., :d])
+            return self._to_end(layer, batch, (with_constant(f) @ proj)[..., :d])
         return self._score(final)
 
     def edge_score(self, layer: int, keep: Tensor) -> float:
@@ -94,11 +96,11 @@ class Ablator:
 
         def final(batch: Any) -> Tensor:
             (f,) = self.nodes.read(batch, [layer])
-            y = _with_const(f) @ c_in
+            y = with_constant(f) @ c_in
             outs = []
             for chunk in rows.to(y.dtype).split(max(1, 2**22 // max(y.numel(), 1))):
                 x = ((chunk[:, None, None, :] * y).flatten(0, 1) @ cp_in)[..., :d_in]
-                nxt = _with_const(self.nodes.run_from(layer, batch, x)) @ c_out
+                nxt = with_constant(self.nodes.run_from(layer, batch, x)) @ c_out
                 outs.append(nxt.view(chunk.shape[0], y.shape[0], *nxt.shape[1:]))
             per_group = torch.cat(outs)  # [groups, B, P', k_out]
             y_next = per_group[group, :, :, torch.arange(len(group), device=group.device)].permute(1, 2, 0)  # node i
@@ -108,14 +110,6 @@ class Ablator:
     def _to_end(self, layer: int, batch: Any, f: Tensor) -> Tensor:
         last = len(self.nodes) - 1
         return f if layer == last else self.nodes.run_from(layer, batch, f, until=last)
-
-
-def _rows(b: Any) -> int:
-    return (next(iter(b.values())) if isinstance(b, dict) else b).shape[0]
-
-
-def _with_const(f: Tensor) -> Tensor:
-    return torch.cat([f, torch.ones_like(f[..., :1])], -1)
 
 
 def top_edges(edges: Tensor, k: int) -> Tensor:

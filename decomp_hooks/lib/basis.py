@@ -10,39 +10,24 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from decomp_hooks.activations import Moments
+
 F64 = torch.float64
 
 
-@dataclass
-class Moments:
-    """Running sums for the centred Gram: Σf, Σfᵀf and the number of rows (samples × positions)."""
+def with_constant(f: Tensor) -> Tensor:
+    """The node activation `[.., d]` with the constant coordinate 1 appended: `[.., d + 1]`."""
+    return torch.cat([f, torch.ones_like(f[..., :1])], -1)
 
-    sum: Tensor
-    outer: Tensor
-    count: float
 
-    @classmethod
-    def zeros(cls, d: int, device: torch.device) -> Moments:
-        return cls(torch.zeros(d, dtype=F64, device=device), torch.zeros(d, d, dtype=F64, device=device), 0.0)
-
-    def add(self, f: Tensor) -> None:
-        rows = f.reshape(-1, f.shape[-1]).to(F64)
-        self.sum += rows.sum(0)
-        self.outer += rows.T @ rows
-        self.count += rows.shape[0]
-
-    def mean(self) -> Tensor:
-        return self.sum / self.count
-
-    def gram(self) -> Tensor:
-        """`G = E[(f − μ̃)ᵀ(f − μ̃)]` with the constant coordinate appended (it stays 1, so `G[d, d] = 1`)."""
-        mu = self.mean()
-        cov = self.outer / self.count - torch.outer(mu, mu)
-        d = mu.shape[0]
-        g = torch.zeros(d + 1, d + 1, dtype=F64, device=mu.device)
-        g[:d, :d] = (cov + cov.T) / 2
-        g[d, d] = 1.0
-        return g
+def centred_gram(moments: Moments) -> Tensor:
+    """`G = E[(f − μ̃)ᵀ(f − μ̃)]` with the constant coordinate appended (it stays 1, so `G[d, d] = 1`)."""
+    cov = moments.covariance()
+    d = cov.shape[0]
+    g = torch.zeros(d + 1, d + 1, dtype=F64, device=cov.device)
+    g[:d, :d] = (cov + cov.T) / 2
+    g[d, d] = 1.0
+    return g
 
 
 @dataclass

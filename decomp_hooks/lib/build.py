@@ -13,8 +13,19 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from decomp_hooks.data import DataError, to_device
-from decomp_hooks.lib.basis import F64, LayerBasis, Moments, identity_basis, lib_basis, pca_basis, whitening
+from decomp_hooks.activations import Moments
+from decomp_hooks.adapters import adapter_for
+from decomp_hooks.data import DataError, iter_batches
+from decomp_hooks.lib.basis import (
+    F64,
+    LayerBasis,
+    centred_gram,
+    identity_basis,
+    lib_basis,
+    pca_basis,
+    whitening,
+    with_constant,
+)
 from decomp_hooks.lib.config import LIBConfig, load_lib_config
 from decomp_hooks.lib.jacobians import Directions, integration_points, vjp_chunks
 from decomp_hooks.lib.nodes import NodeLayers
@@ -22,21 +33,10 @@ from decomp_hooks.lib.reduce import all_reduce_sum, total
 from decomp_hooks.lib.result import LIBResult
 
 
-def torch_module(model: Any) -> nn.Module:
-    """The torch module behind a user's model (nnsight models are unwrapped; TransformerLens models are modules)."""
-    from decomp_hooks.adapters import nnsight as nnsight_adapter
-
-    if nnsight_adapter.is_nnsight(model):
-        return nnsight_adapter.unwrap(model)
-    if isinstance(model, nn.Module):
-        return model
-    raise TypeError(f"cannot build a LIB for a {type(model).__name__}; pass a torch nn.Module, an nnsight model or a "
-                    "TransformerLens model.")
-
-
 def working_model(model: Any, cfg: LIBConfig) -> tuple[nn.Module, torch.device, torch.dtype]:
-    """The module to run (a float64 copy when `dtype: float64` and the model is not), its device and dtype."""
-    module = torch_module(model)
+    """The module to run (its adapter's torch module; a float64 copy when `dtype: float64` and the model is not), its
+    device and dtype."""
+    module = adapter_for(model).module(model)
     param = next(module.parameters(), None)
     device = torch.device(cfg.device) if cfg.device else (param.device if param is not None else torch.device("cpu"))
     dtype = getattr(torch, cfg.dtype)
@@ -46,32 +46,13 @@ def working_model(model: Any, cfg: LIBConfig) -> tuple[nn.Module, torch.device, 
 
 
 def batches(data: Any, batch_size: int, n_samples: int | None, device: torch.device, dtype: torch.dtype) -> list[Any]:
-    """The batches LIB uses: rows of a tensor, or batches of an iterable, up to `n_samples` rows; floats cast."""
-    def prepared(b: Any) -> Any:
-        b = to_device(b, device)
-        return b.to(dtype) if isinstance(b, Tensor) and b.is_floating_point() else b
-
-    if isinstance(data, Tensor):
-        rows = data[:n_samples] if n_samples else data
-        out = [prepared(b) for b in rows.split(batch_size)]
-    elif callable(data) and not hasattr(data, "__iter__"):
-        if n_samples is None:
-            raise DataError("a sampler callable needs n_samples (how many rows LIB draws); pass n_samples=….")
-        out = [prepared(data(min(batch_size, n_samples - i))) for i in range(0, n_samples, batch_size)]
-    else:
-        out, seen = [], 0
-        for b in data:
-            out.append(prepared(b))
-            seen += _rows(b)
-            if n_samples and seen >= n_samples:
-                break
+    """The batches LIB uses: up to `n_samples` rows of a tensor, an iterable of batches or a sampler, on `device`,
+    with floating-point tensor batches cast to `dtype`."""
+    out = [b.to(dtype) if isinstance(b, Tensor) and b.is_floating_point() else b
+           for b in iter_batches(data, batch_size, device=device, n_samples=n_samples)]
     if not out:
         raise DataError("LIB got no data; pass a tensor of inputs, a list/DataLoader of batches or a sampler.")
     return out
-
-
-def _rows(b: Any) -> int:
-    return (next(iter(b.values())) if isinstance(b, dict) else b).shape[0]
 
 
 def budget_bytes(cfg: LIBConfig, device: torch.device) -> int:
@@ -79,10 +60,6 @@ def budget_bytes(cfg: LIBConfig, device: torch.device) -> int:
     (measured in benchmarks/bench_lib.py)."""
     gb = cfg.memory_budget_gb if cfg.memory_budget_gb is not None else (2.0 if device.type == "cuda" else 0.03)
     return int(gb * 2**30)
-
-
-def _with_const(f: Tensor) -> Tensor:
-    return torch.cat([f, torch.ones_like(f[..., :1])], -1)
 
 
 def _isolated(nodes: NodeLayers, layer: int, names: list[str]) -> list[int]:
@@ -127,7 +104,7 @@ def edge_matrix(nodes: NodeLayers, layer: int, data: list[Any], lower: LayerBasi
     for batch in tqdm(data, desc=f"edges {nodes.names[layer]}", disable=not progress, leave=False):
         (x,) = nodes.read(batch, [layer])
         c_in, c_in_pinv, c_out = (t.to(x.dtype) for t in (lower.C, lower.C_pinv, upper.C))
-        y = _with_const(x) @ c_in
+        y = with_constant(x) @ c_in
         fn = lambda z: nodes.run_from(layer, batch, (z @ c_in_pinv)[..., :d])  # noqa: E731
         make = lambda shape: Directions(shape, c_out, n_src, generator)  # noqa: E731
         parts = [(g * y).sum(2).to(F64).pow(2).sum(1) for g in vjp_chunks(fn, y, make, budget, alphas, weights)]
@@ -162,24 +139,25 @@ def build_graph(nodes: NodeLayers, main: list[Any], grams: list[Any], cfg: LIBCo
     with torch.no_grad():
         for batch in tqdm(grams, desc="Grams", disable=not progress, leave=False):
             acts = nodes.read(batch)
-            moments = moments or [Moments.zeros(a.shape[-1], device) for a in acts]
+            moments = moments or [Moments(a.shape[-1], device=device) for a in acts]
             for m, a in zip(moments, acts):
-                m.add(a)
+                m.update(a)
     for m in moments:
-        all_reduce_sum(m.sum), all_reduce_sum(m.outer)
-        m.count = total(m.count, device)
+        for t in m.sums():
+            all_reduce_sum(t)
+        m.n = total(m.n, device)
 
     last = len(nodes) - 1
     bases: list[LayerBasis | None] = [None] * len(nodes)
     final_iso = _isolated(nodes, last, cfg.isolate)
-    bases[last] = (pca_basis(moments[last].gram(), moments[last].mean(), final_iso, cfg.truncation_threshold)
+    bases[last] = (pca_basis(centred_gram(moments[last]), moments[last].mean(), final_iso, cfg.truncation_threshold)
                    if cfg.rotate_final else identity_basis(sum(nodes.widths[last]), device))
     for layer in tqdm(range(last - 1, -1, -1), desc=f"{cfg.basis} bases", disable=not progress):
-        gram, mu, iso = moments[layer].gram(), moments[layer].mean(), _isolated(nodes, layer, cfg.isolate)
+        g, mu, iso = centred_gram(moments[layer]), moments[layer].mean(), _isolated(nodes, layer, cfg.isolate)
         if cfg.basis == "pca":
-            bases[layer] = pca_basis(gram, mu, iso, cfg.truncation_threshold)
+            bases[layer] = pca_basis(g, mu, iso, cfg.truncation_threshold)
             continue
-        r, r_pinv, n_iso = whitening(gram, mu, iso, cfg.truncation_threshold)
+        r, r_pinv, n_iso = whitening(g, mu, iso, cfg.truncation_threshold)
         m_prime = gram_fn(nodes, layer, main, bases[layer + 1].C, cfg, generator, progress)
         bases[layer] = lib_basis(r, r_pinv, n_iso, m_prime, cfg.truncation_threshold)
 

@@ -13,6 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from decomp_hooks.data import batch_rows
+from decomp_hooks.model_call import run_model
+
 OUTPUT = "output"
 
 
@@ -22,22 +25,6 @@ class NodeError(ValueError):
 
 class _Stop(Exception):
     """Raised by a capture hook once the wanted node layer is read, so the rest of the forward is skipped."""
-
-
-def model_output(out: Any) -> Tensor:
-    """The tensor a model returns: itself, `.logits`, or the first element of a tuple."""
-    if isinstance(out, Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    raise NodeError(f"the model returned a {type(out).__name__}; LIB needs a tensor, `.logits` or a tuple of tensors.")
-
-
-def call_model(model: nn.Module, batch: Any) -> Any:
-    """`model(**batch)` for a dict batch, `model(batch)` otherwise."""
-    return model(**batch) if isinstance(batch, dict) else model(batch)
 
 
 def _as_3d(a: Tensor) -> Tensor:
@@ -118,7 +105,7 @@ class NodeLayers:
     def _call(self, batch: Any, handles: list, grabbed: dict[str, Tensor]) -> None:
         """Run the model with `handles` attached (a hook may stop it early with _Stop), then remove them."""
         try:
-            grabbed[OUTPUT] = model_output(call_model(self.model, batch))
+            grabbed[OUTPUT] = run_model(self.model, batch)
         except _Stop:
             pass
         finally:
@@ -130,11 +117,11 @@ class NodeLayers:
         next one). `B'` may be a multiple `r` of the batch size (r variants of the node, repeat-major): the upstream
         part runs once on the batch when the model allows it, else on the batch repeated r times. The map is
         differentiable in `x`."""
-        if x.shape[0] != _batch_size(batch):
+        if x.shape[0] != batch_rows(batch):
             try:
                 return self._run_from(layer, batch, x, until)
             except RuntimeError:  # something computed upstream is used downstream with the batch's own size
-                batch = _repeat(batch, x.shape[0] // _batch_size(batch))
+                batch = _repeat(batch, x.shape[0] // batch_rows(batch))
         return self._run_from(layer, batch, x, until)
 
     def _run_from(self, layer: int, batch: Any, x: Tensor, until: int | None) -> Tensor:
@@ -169,11 +156,6 @@ class NodeLayers:
             rest = out[:, :-1].repeat(piece.shape[0] // out.shape[0], *([1] * (out.dim() - 1)))
             return torch.cat([rest, piece], 1)
         return piece
-
-
-def _batch_size(batch: Any) -> int:
-    first = next(iter(batch.values())) if isinstance(batch, dict) else batch
-    return first.shape[0]
 
 
 def _repeat(batch: Any, times: int) -> Any:

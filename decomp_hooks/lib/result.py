@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from decomp_hooks import store
 from decomp_hooks.config import from_dict
+from decomp_hooks.lib.basis import with_constant
 from decomp_hooks.lib.config import LIBConfig
 
 FORMAT = "decomp-hooks/lib"
@@ -49,7 +49,7 @@ class LIBResult:
     def features(self, layer: str, f: Tensor) -> Tensor:
         """LIB (or PCA) features `[..., k]` of a node activation `f [..., d]`."""
         c = self.C[layer]
-        return torch.cat([f, torch.ones_like(f[..., :1])], -1).to(c) @ c
+        return with_constant(f).to(c) @ c
 
     def projector(self, layer: str, k: int | None = None) -> Tensor:
         """`C_{:,<k} C⁺_{<k,:}` `[d+1, d+1]`: the projection onto the first `k` directions (all if None)."""
@@ -80,7 +80,7 @@ class LIBResult:
         """One SAE-Lens directory for `layer`'s basis (constant direction excluded): encoder `C[:d, 1:]` with
         `b_enc = C[d, 1:]`, decoder `C⁺[1:, :d]` with `b_dec = C⁺[0, :d]`, so decode(encode(x)) is the projection of
         x onto the kept directions. `hooks` (hook_name, model_name, …) go to `export_basis`."""
-        from decomp_hooks.export.sae_lens import export_basis
+        from decomp_hooks.export import export_basis
 
         if layer not in self.C:
             raise KeyError(f"layer {layer!r} is not in this LIB result; layers: {', '.join(self.layers)}.")

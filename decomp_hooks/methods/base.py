@@ -91,9 +91,12 @@ class Method:
 
     # -- reading the result ---------------------------------------------------------------------------------------
 
-    def importances(self, cm: ComponentModel, batch: Any) -> dict[str, torch.Tensor]:
-        """Per site, how much each of its rank-one columns is needed at each position: `{site: [..., C_site]}`."""
-        _, inputs = cm(batch, cache=True)
+    def importances(self, cm: ComponentModel, batch: Any,
+                    inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Per site, how much each of its rank-one columns is needed at each position: `{site: [..., C_site]}`.
+        `inputs`: the sites' inputs on `batch` when the caller already ran the target (saves a forward)."""
+        if inputs is None:
+            _, inputs = cm(batch, cache=True)
         return {n: c.lower for n, c in cm.causal_importances(inputs).items()}
 
     def probe_metrics(self, dec: Decomposition, probes: torch.Tensor) -> dict[str, float]:

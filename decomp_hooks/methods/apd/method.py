@@ -228,11 +228,13 @@ class APD(Method):
 
     # -- reading the result ---------------------------------------------------------------------------------------
 
-    def importances(self, cm: ComponentModel, batch: Any) -> dict[str, torch.Tensor]:
-        """Per site, the columns of the components this batch's top-k selection switched on (1) or off (0)."""
+    def importances(self, cm: ComponentModel, batch: Any,
+                    inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Per site, the columns of the components this batch's top-k selection switched on (1) or off (0); the
+        selection needs its own attribution pass, so `inputs` is not used."""
         with torch.enable_grad():
             mask = self.prepare(cm, batch).mask.float()
-        return {n: self.site_mask(cm, n, mask) for n in cm.site_names}
+        return {n: self.site_mask(cm, n, mask) for n in cm.site_names if inputs is None or n in inputs}
 
     def probe_metrics(self, dec: Any, probes: torch.Tensor) -> dict[str, float]:
         """One mechanism per feature: split, shared and dead features from the attributions on the probes."""
