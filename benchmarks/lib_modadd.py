@@ -1,4 +1,5 @@
-"""LIB vs PCA on the modular-addition transformer, several seeds, through the same code path (benchmarks.md §3).
+"""LIB vs PCA on the modular-addition transformer, several seeds, through the same code path
+(docs/toys.md#lib-vs-pca-on-modular-addition).
 
 Per seed: train (or reload) the target, build LIB and PCA on the training split (Grams, bases and edges), then
 report the edges holding 90 % / 99 % of the edge mass per layer pair, the edges needed to keep test accuracy within

@@ -102,7 +102,7 @@ def decompose_command(config: Path, steps: int | None, device: str | None, seed:
         final = dec.final_metrics()
         click.echo(summary_table(final))
         verdict = passes({k.removeprefix("eval/"): v for k, v in final.items()}, dec)
-        click.echo(f"ground-truth bars (benchmarks.md): {'PASS' if verdict else 'FAIL'}   run directory: {out}")
+        click.echo(f"ground-truth bars (docs/toys.md#success-bars): {'PASS' if verdict else 'FAIL'}   run directory: {out}")
     distributed.shutdown()
 
 

@@ -51,7 +51,7 @@ def token_ids(batch: Any) -> torch.Tensor | None:
 def site_batches(dec: Any, sites: list[str], batch: Any) -> dict[str, SiteBatch]:
     """One forward of the target on `batch` (already on `dec.device`): each site's `SiteBatch`."""
     _, inputs = dec.cm(batch, cache=True)
-    ci = dec.method.importances(dec.cm, batch, {n: inputs[n] for n in sites})
+    ci = dec.method.importances(dec.cm, batch, inputs)  # every site's input: a global CI function reads them all
     out = {}
     for n in sites:
         comps, x = dec.cm.component(n), inputs[n]

@@ -1,6 +1,6 @@
 """Causal-importance functions and the hard sigmoids that turn their raw output into importances in [0, 1].
 
-`g = σ_lower(z)` makes the masks, `g⁺ = σ_upper(z)` enters the importance-minimality loss (methods.md §1.4).
+`g = σ_lower(z)` makes the masks, `g⁺ = σ_upper(z)` enters the importance-minimality loss (docs/concepts.md#hard-sigmoids).
 """
 from __future__ import annotations
 

@@ -18,9 +18,10 @@ from decomp_hooks import store
 from decomp_hooks.causal_importance import SIGMOIDS, LeakyHardPair, make_ci_fn
 from decomp_hooks.components import SiteComponents, SiteMask
 from decomp_hooks.config import CIConfig, DecomposeConfig
+from decomp_hooks.global_ci import GLOBAL_CI_FUNCTIONS
 from decomp_hooks.methods.registry import get_method
 from decomp_hooks.model_call import call_model, output_tensor
-from decomp_hooks.sites import Site, SiteError
+from decomp_hooks.sites import Site, SiteError, SiteKind
 
 
 @dataclass
@@ -56,8 +57,7 @@ class ComponentModel(nn.Module):
             source = self.components[key(tied_of[s.name])] if s.name in tied_of else None
             g = (group_size or {}).get(s.name, 1)
             self.components[key(s.name)] = SiteComponents(s, C[s.name], init, tied_to=source, group_size=g)
-        self.ci_fns = nn.ModuleDict({} if ci is None else
-                                    {key(s.name): make_ci_fn(ci.type, s.kind, s.d_in, C[s.name], ci.hidden) for s in sites})
+        self.ci_fns = nn.ModuleDict(_ci_fns(ci, sites, C))
         self.lower_sigmoid, self.upper_sigmoid = SIGMOIDS[ci.sigmoid] if ci is not None else (None, None)
         self.sigmoid_pair: LeakyHardPair | None = None  # both sigmoids fused, after compile_ci_fns()
 
@@ -163,10 +163,14 @@ class ComponentModel(nn.Module):
         if not self.ci_fns:
             raise ValueError("this decomposition has no causal-importance functions (its method selects components "
                              "another way); ask the method: Decomposition.causal_importance(batch).")
+        xs = {n: x if self.component(n).kind.reads_tokens else x.to(self.component(n).V.dtype) for n, x in inputs.items()}
+        if GLOBAL_CI in self.ci_fns:  # one function for every site at once
+            zs = self.ci_fns[GLOBAL_CI](xs)
+            return {n: CausalImportance(*self._sigmoids(zs[n], noise), self.component(n).inner_acts(x) if keep_inner else None)
+                    for n, x in xs.items()}
         out = {}
-        for name, x in inputs.items():
+        for name, x in xs.items():
             comps, fn = self.component(name), self.ci_fns[key(name)]
-            x = x if comps.kind.reads_tokens else x.to(comps.V.dtype)
             inner = comps.inner_acts(x) if fn.takes_inner_acts or keep_inner else None
             out[name] = CausalImportance(*self._importances(fn, x, inner, noise), inner)
         return out
@@ -175,12 +179,19 @@ class ComponentModel(nn.Module):
                      noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(g, g⁺) of one site: fused kernels where compiled (leaky-hard sigmoids, no binomial noise), else z and then
         the two sigmoids."""
-        binomial = noise and self.ci_config.sampling == "binomial"
-        if self.sigmoid_pair is not None and not binomial:
+        if self.sigmoid_pair is not None and not (noise and self.ci_config.sampling == "binomial"):
             fused = getattr(fn, "leaky_hard_importances", None)
             pair = fused(inner) if fused is not None else None
-            return pair if pair is not None else self.sigmoid_pair(fn(inner) if fn.takes_inner_acts else fn(x))
-        z = fn(inner) if fn.takes_inner_acts else fn(x)
+            if pair is not None:
+                return pair
+        return self._sigmoids(fn(inner) if fn.takes_inner_acts else fn(x), noise)
+
+    def _sigmoids(self, z: torch.Tensor, noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g, g⁺) from raw importances z: the fused pair where compiled, else each sigmoid, the lower one of a
+        binomially perturbed z when sampling is binomial and `noise` is on."""
+        binomial = noise and self.ci_config.sampling == "binomial"
+        if self.sigmoid_pair is not None and not binomial:
+            return self.sigmoid_pair(z)
         lower_z = 1.05 * z - 0.05 * torch.rand_like(z) if binomial else z
         return self.lower_sigmoid(lower_z), self.upper_sigmoid(z)
 
@@ -191,6 +202,23 @@ class _Pass:
 
     calls: dict[str, int]
     masked_ran: bool = False
+
+
+#: the `ci_fns` key of a global CI function (not a site key: those never start with "_")
+GLOBAL_CI = "_global"
+
+
+def _ci_fns(ci: CIConfig | None, sites: list[Site], C: dict[str, int]) -> dict[str, nn.Module]:
+    """The CI functions a config asks for: none, one per site, or one global function over every site."""
+    if ci is None:
+        return {}
+    if ci.type in GLOBAL_CI_FUNCTIONS:
+        tokens = [s.name for s in sites if SiteKind(s.kind).reads_tokens]
+        if tokens:
+            raise SiteError(f"ci.type={ci.type!r} reads every site's input as a vector, but {tokens} read token ids; "
+                            "leave embeddings out of the targets or use a per-site ci.type such as 'mlp'.")
+        return {GLOBAL_CI: GLOBAL_CI_FUNCTIONS[ci.type](ci, {s.name: s.d_in for s in sites}, {s.name: C[s.name] for s in sites})}
+    return {key(s.name): make_ci_fn(ci.type, s.kind, s.d_in, C[s.name], ci.hidden) for s in sites}
 
 
 def _tied_sources(tied: list[list[str]], sites: dict[str, Site], C: dict[str, int]) -> dict[str, str]:

@@ -17,6 +17,7 @@ import yaml
 from decomp_hooks.methods.apd.config import APDConfig
 from decomp_hooks.methods.registry import get_method
 from decomp_hooks.methods.spd.config import LossConfig
+from decomp_hooks.methods.vpd.config import VPDConfig
 
 
 class ConfigError(ValueError):
@@ -25,12 +26,18 @@ class ConfigError(ValueError):
 
 @dataclass
 class CIConfig:
-    """Causal-importance functions: `mlp` (per component, the paper's), `vector_mlp` or `shared_mlp`."""
+    """Causal-importance functions: per site `mlp` (per component, the SPD paper's), `vector_mlp` or `shared_mlp`;
+    or one for all sites at once, `global_shared_mlp` or `global_shared_transformer` (VPD's)."""
 
     type: str = "mlp"
-    hidden: list[int] = field(default_factory=lambda: [16])
-    sigmoid: str = "leaky_hard"
-    sampling: str = "continuous"
+    hidden: list[int] = field(default_factory=lambda: [16])  # hidden widths of the MLP types
+    sigmoid: str = "leaky_hard"  # leaky_hard | hard | normal | upper_leaky_hard
+    sampling: str = "continuous"  # continuous | binomial
+    d_model: int = 128  # global_shared_transformer: width
+    n_blocks: int = 2  # global_shared_transformer: pre-norm attention + feed-forward blocks
+    n_heads: int = 4  # global_shared_transformer: attention heads (d_model / n_heads must be even, for RoPE)
+    d_ffn: int | None = None  # global_shared_transformer: feed-forward width (None: 4 · d_model)
+    rope_base: float = 10_000.0  # global_shared_transformer: RoPE base
 
 
 @dataclass
@@ -96,6 +103,7 @@ class DecomposeConfig:
     seed: int = 0
     target: TargetConfig | None = None
     apd: APDConfig = field(default_factory=APDConfig)
+    vpd: VPDConfig = field(default_factory=VPDConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -192,10 +200,19 @@ def check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+#: the CI function types `ci.type` accepts
+CI_TYPES = ("mlp", "vector_mlp", "shared_mlp", "global_shared_mlp", "global_shared_transformer")
+
+
 def validate(cfg: DecomposeConfig) -> None:
     """Range and choice checks, each naming the bad value and the accepted ones; then the method's own checks."""
-    check(cfg.ci.type in ("mlp", "vector_mlp", "shared_mlp"),
-          f"ci.type={cfg.ci.type!r}; use 'mlp', 'vector_mlp' or 'shared_mlp'.")
+    check(cfg.ci.type in CI_TYPES, f"ci.type={cfg.ci.type!r}; use one of {', '.join(map(repr, CI_TYPES))}.")
+    check(cfg.ci.d_model > 0 and cfg.ci.n_blocks >= 0 and cfg.ci.n_heads > 0 and (cfg.ci.d_ffn or 1) > 0,
+          f"ci: d_model={cfg.ci.d_model}, n_heads={cfg.ci.n_heads}, d_ffn={cfg.ci.d_ffn} must be positive and "
+          f"n_blocks={cfg.ci.n_blocks} ≥ 0.")
+    check(cfg.ci.d_model % (2 * cfg.ci.n_heads) == 0,
+          f"ci.d_model={cfg.ci.d_model} must be a multiple of 2 · ci.n_heads={cfg.ci.n_heads} (an even head width, "
+          "for RoPE).")
     check(all(h > 0 for h in cfg.ci.hidden), f"ci.hidden={cfg.ci.hidden}: widths must be positive.")
     check(cfg.ci.sigmoid in ("leaky_hard", "hard", "normal", "upper_leaky_hard"),
           f"ci.sigmoid={cfg.ci.sigmoid!r}; use 'leaky_hard', 'hard', 'normal' or 'upper_leaky_hard'.")

@@ -1,5 +1,6 @@
 """Data-parallel runs under torchrun: the process group from the environment, per-rank batches, metric reductions,
-rank-0 gating, and the DDP / FSDP2 wrappers of a training step (methods.md §1.7 "Distributed", §7.4).
+rank-0 gating, and the DDP / FSDP2 wrappers of a training step (docs/multi-gpu.md#how-the-work-is-split,
+docs/multi-gpu.md#fsdp2).
 
 Outside torchrun (no WORLD_SIZE > 1 in the environment) everything here is a no-op for one process.
 """

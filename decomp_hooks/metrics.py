@@ -1,4 +1,4 @@
-"""Evaluation metrics (methods.md Part 5): CI-L0, MMCS/ML2R, CI-pattern errors, component norms, KL/CE/MSE.
+"""Evaluation metrics (docs/toys.md#metrics): CI-L0, MMCS/ML2R, CI-pattern errors, component norms, KL/CE/MSE.
 
 Layouts: a site's components are ``V`` [d_in, C] and ``U`` [C, d_out]; the target weight ``W`` is [d_out, d_in];
 causal importances ``ci`` are [..., C]. All functions are pure and never modify their inputs.
@@ -91,7 +91,8 @@ def identity_ci_error(ci: Tensor, tol: float = 0.1) -> int:
 
 
 def dense_ci_error(ci: Tensor, k: int, tol: float = 0.1) -> int:
-    """Entries of ``ci`` [n, C] breaking "k columns on, all others off" as methods.md (and SPD main) define it.
+    """Entries of ``ci`` [n, C] breaking "k columns on, all others off" as docs/toys.md#metrics (and SPD main)
+    define it.
 
     Columns ranked by mass; each of the first k needs at least one probe with CI >= 1 - ``tol`` (one error per column
     without), every other column must stay <= ``tol`` on every probe (one error per entry above). 0 = perfect.
@@ -101,8 +102,9 @@ def dense_ci_error(ci: Tensor, k: int, tol: float = 0.1) -> int:
 
 
 def dense_always_on_error(ci: Tensor, k: int, tol: float = 0.1) -> int:
-    """The stricter reading of the dense pattern (benchmarks.md: "CI >= 0.9 on every probe"): entries of the k
-    heaviest columns below 1 - ``tol``, plus entries of the other columns above ``tol``. 0 = k always-on columns."""
+    """The stricter reading of the dense pattern ("CI >= 0.9 on every probe"; docs/toys.md#metrics,
+    docs/results.md#always-on-or-not): entries of the k heaviest columns below 1 - ``tol``, plus entries of the other
+    columns above ``tol``. 0 = k always-on columns."""
     on, off = _split_by_mass(ci, k)
     return int((on < 1 - tol).sum() + (off > tol).sum())
 

@@ -1,4 +1,4 @@
-"""The hard sigmoids' exact forward/backward (methods.md §1.4) and the three CI function types."""
+"""The hard sigmoids' exact forward/backward (docs/concepts.md#hard-sigmoids) and the three CI function types."""
 from __future__ import annotations
 
 import pytest

@@ -2,8 +2,8 @@
 
 Every rank draws the same global batch and keeps its half, and DDP averages the gradients, so with deterministic loss
 terms (CI-masked reconstructions, faithfulness, importance minimality) the 2-rank run equals the 1-rank run to float
-tolerance, step by step. Stochastic masks come from per-rank seeds `seed·W + rank` (methods.md §1.7), so they differ
-between the ranks and from the 1-rank run: there the reduced loss matches in distribution, not bitwise.
+tolerance, step by step. Stochastic masks come from per-rank seeds `seed·W + rank` (docs/multi-gpu.md#seeds), so they
+differ between the ranks and from the 1-rank run: there the reduced loss matches in distribution, not bitwise.
 """
 from __future__ import annotations
 

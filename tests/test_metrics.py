@@ -114,8 +114,8 @@ def test_dense_errors() -> None:
         assert error(ci, k) == 0
         assert error(ci, k - 1) == n  # one always-on column is now counted as "should be off"
     assert metrics.dense_always_on_error(ci, k + 1) == n  # a dead column is now expected to be on everywhere
-    assert metrics.dense_ci_error(ci, k + 1) == 1  # ... and, as methods.md counts, it misses its one strong probe
-    ci[2, 4] = 0.5  # an on-column off on one probe: the always-on reading counts it, methods.md's does not
+    assert metrics.dense_ci_error(ci, k + 1) == 1  # ... and, as the dense error counts, it misses its one strong probe
+    ci[2, 4] = 0.5  # an on-column off on one probe: the always-on reading counts it, the dense error does not
     assert metrics.dense_always_on_error(ci, k) == 1 and metrics.dense_ci_error(ci, k) == 0
     ci[:, 4] = 0.5  # never strongly on
     assert metrics.dense_ci_error(ci, k) == 1 and metrics.dense_always_on_error(ci, k) == n

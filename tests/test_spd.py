@@ -127,14 +127,16 @@ def test_nan_input_is_refused(tms52, spd_config):
 
 
 def short_toy_run(model, config: str):
-    """A shipped toy config cut to 1500 steps of batch 1024 (lr 3e-3): the fast versions of benchmarks.md's bars."""
+    """A shipped toy config cut to 1500 steps of batch 1024 (lr 3e-3): the fast versions of the success bars
+    (docs/toys.md#fast-versions-in-the-test-suite)."""
     cfg = load_config(config)
     cfg.train.batch_size, cfg.train.lr, cfg.train.eval_every, cfg.train.log_every = 1024, 3e-3, 10_000, 500
     return dh.decompose(model, toy_sampler(model), config=cfg, steps=1500, seed=0, progress=False)
 
 
 def test_short_tms_5_2_recovers_the_features(tms52, spd_config):
-    """The fast bar of benchmarks.md: after a short CPU run, MMCS ≥ 0.99 and identity CI error ≤ 1."""
+    """The fast bar (docs/toys.md#fast-versions-in-the-test-suite): after a short CPU run, MMCS ≥ 0.99 and identity CI
+    error ≤ 1."""
     dec = short_toy_run(tms52, "examples/tms_5-2.yaml")
     m = toy_metrics(dec)
     assert m["mmcs"] >= 0.99 and 0.95 <= m["ml2r"] <= 1.03
@@ -158,7 +160,8 @@ def test_short_tms_5_2_id_finds_two_identity_components():
     m = toy_metrics(dec)
     assert m["non_negligible/hidden_layers.0"] == 2 and m["dense_ci_error/hidden_layers.0"] == 0, m
     assert m["mmcs"] >= 0.99 and m["non_negligible/linear1"] <= 6, m
-    # the verdict scores the dense site with methods.md's error; the always-on count is reported, not required
+    # the verdict scores the dense site with the dense CI-pattern error (docs/toys.md#metrics); the always-on count
+    # is reported, not required
     solved = {**m, "mmcs": 1.0, "ml2r": 1.0, "dense_always_on_error/hidden_layers.0": 2,
               **{f"{k}/{s}": v for s in ("linear1", "linear2") for k, v in (("identity_ci_error", 0), ("non_negligible", 5))}}
     assert passes(solved, dec) and not passes({**solved, "dense_ci_error/hidden_layers.0": 1}, dec)

@@ -19,6 +19,7 @@ import torch
 
 from decomp_hooks import store
 from decomp_hooks.adapters import adapter_for
+from decomp_hooks.component_model import key
 from decomp_hooks.export import neuronpedia as npd
 from decomp_hooks.export.format import (
     GATED_RECONSTRUCTION,
@@ -115,8 +116,6 @@ def delta_rel_norm(comps: Any) -> float | None:
 
 def ci_tensors(dec: Any, name: str) -> dict[str, torch.Tensor]:
     """The site's CI function as `ci_fn.*` weights, for a `ci_gated` signed export."""
-    from decomp_hooks.component_model import key
-
     return {f"ci_fn.{k}": v.detach().float().cpu().contiguous().clone()
             for k, v in dec.cm.ci_fns[key(name)].state_dict().items()}
 
@@ -191,10 +190,10 @@ def export_decomposition(dec: Any, path: str | Path, format: str = TRANSCODER,
                           f"as 'transcoder' or {SIGNED!r}.")
     if ci_gated and fmt != SIGNED:
         raise ExportError(f"ci_gated=True needs format={SIGNED!r}: stock transcoders have no place for a CI function.")
-    if ci_gated and len(dec.cm.ci_fns) == 0:
-        raise ExportError(f"ci_gated=True needs causal-importance functions, and this {dec.config.method} decomposition "
-                          "has none; export it ungated.")
     names = select_sites(dec, sites)
+    if ci_gated and not all(key(n) in dec.cm.ci_fns for n in names):
+        raise ExportError(f"ci_gated=True needs a causal-importance function per site, and this {dec.config.method} "
+                          f"decomposition has {'a global one' if dec.cm.ci_fns else 'none'}; export it ungated.")
     dirs = [dir_name(n) for n in names]
     if len(set(dirs)) != len(dirs):
         raise ExportError(f"site names {names} give clashing directory names {dirs}.")

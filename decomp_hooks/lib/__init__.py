@@ -1,4 +1,5 @@
-"""Local Interaction Basis (Bushnaq et al. 2024) and the interaction graph between adjacent node layers (methods.md Part 3)."""
+"""Local Interaction Basis (Bushnaq et al. 2024) and the interaction graph between adjacent node layers
+(docs/methods/lib.md)."""
 from decomp_hooks.lib.build import local_interaction_basis
 from decomp_hooks.lib.config import LIBConfig, load_lib_config
 from decomp_hooks.lib.result import LIBResult, load_lib

@@ -2,7 +2,8 @@
 
 Node ablation projects a node layer onto its first k directions; edge ablation keeps the top-k edges of a layer
 pair (edges from the constant node are free) and lets each output node see only the inputs of its kept edges
-(methods.md 3.6). Scores are means over the data of `metric(final node activation [B, P, d], batch)`.
+(docs/methods/lib.md#ablations). Scores are means over the data of
+`metric(final node activation [B, P, d], batch)`.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The linear algebra of one node layer's basis (methods.md 3.2 steps 1–6), in float64.
+"""The linear algebra of one node layer's basis (docs/methods/lib.md#the-basis, steps 1–6), in float64.
 
 Coordinates: a node activation `f [.., d]` is extended by a constant 1 as its last coordinate (index d). Isolated
 coordinates (the constant, LayerNorm variances) are kept as their own directions and never rotated.

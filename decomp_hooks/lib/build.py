@@ -1,6 +1,7 @@
 """`local_interaction_basis`: the bases computed backwards from the output, then the interaction edges.
 
-Everything runs on the model's device; the Gram, M′ and all eigendecompositions are float64 (methods.md 3.5).
+Everything runs on the model's device; the Gram, M′ and all eigendecompositions are float64
+(docs/methods/lib.md#numerics-and-cost).
 """
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def jacobian_gram(nodes: NodeLayers, layer: int, data: list[Any], c_next: Tensor
 def edge_matrix(nodes: NodeLayers, layer: int, data: list[Any], lower: LayerBasis, upper: LayerBasis, cfg: LIBConfig,
                 generator: torch.Generator, progress: bool = False) -> Tensor:
     """`E [k_{l+1}, k_l]`: the `squared` edges, (Σ_α w_α Σ_s ∂f̂^{l+1}_{t,i}/∂f̂^l_{s,j} · f̂^l_{s,j})² averaged over
-    samples and input positions and summed over output positions (methods.md 3.3)."""
+    samples and input positions and summed over output positions (docs/methods/lib.md#edges)."""
     alphas, weights = integration_points(cfg.integration, cfg.n_intervals)
     d = sum(nodes.widths[layer])
     k_in, k_out = lower.C.shape[1], upper.C.shape[1]

@@ -1,4 +1,5 @@
-"""LIB settings as a typed dataclass with the paper's defaults (methods.md 3.2–3.7), loadable from YAML."""
+"""LIB settings as a typed dataclass with the paper's defaults, loadable from YAML (docs/methods/lib.md,
+docs/config-reference.md#lib-runs-lib)."""
 from __future__ import annotations
 
 import dataclasses

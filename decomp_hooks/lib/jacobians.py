@@ -1,7 +1,7 @@
 """Batched vector-Jacobian products of a section map: one forward, then `torch.func.vmap` over output directions.
 
 The cotangents `φ` are one-hot over (output position, output dim), or ±1 random mixtures over output positions
-(Hutchinson sources, methods.md 3.2 step 4); they are processed in chunks sized to a memory budget.
+(Hutchinson sources, docs/methods/lib.md#the-basis, step 4); they are processed in chunks sized to a memory budget.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ INTEGRATION_RULES = ("gradient", "trapezoidal", "gauss-legendre")
 
 
 def integration_points(rule: str, n_intervals: int) -> tuple[list[float], list[float]]:
-    """Points α and weights w of an integration rule on [0, 1] (methods.md 3.4)."""
+    """Points α and weights w of an integration rule on [0, 1] (docs/methods/lib.md#integration-rules)."""
     if rule == "gradient":
         if n_intervals != 0:
             raise ValueError(f"integration 'gradient' evaluates at α = 1 only; set n_intervals=0 (got {n_intervals}).")

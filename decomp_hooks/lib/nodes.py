@@ -2,7 +2,8 @@
 
 A node layer is one module output (an HF module path, a TransformerLens hook point) or a tuple of them,
 concatenated along the last dimension; `"output"` is the model's return value. Activations are seen as
-`[batch, positions, width]`; from `last_position_from` on only the last position is kept (methods.md 3.1).
+`[batch, positions, width]`; from `last_position_from` on only the last position is kept
+(docs/methods/lib.md#node-layers).
 """
 from __future__ import annotations
 

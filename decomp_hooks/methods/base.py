@@ -85,6 +85,13 @@ class Method:
     def after_step(self, cm: ComponentModel) -> None:
         """Adjust parameters after the optimizer step."""
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """State the method keeps across steps besides the model and optimizer (checkpointed per rank)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `state_dict` returned, on resume."""
+
     def evaluate(self, cm: ComponentModel, batch: Any) -> dict[str, float]:
         """Evaluation metrics on one batch (logged as `eval/<name>`)."""
         raise NotImplementedError

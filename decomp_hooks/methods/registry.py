@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 BUILTIN = {
     "spd": "decomp_hooks.methods.spd.method:SPD",
     "apd": "decomp_hooks.methods.apd.method:APD",
+    "vpd": "decomp_hooks.methods.vpd.method:VPD",
 }
 
 _registered: dict[str, type[Method]] = {}

@@ -1,4 +1,5 @@
-"""Modular-addition transformer of the LIB paper (methods.md 4.3): 1 layer, no LayerNorm, trained until it generalises.
+"""Modular-addition transformer of the LIB paper (docs/toys.md#modular-addition-transformer): 1 layer, no LayerNorm,
+trained until it generalises.
 
 Plain torch with TransformerLens-style module names (`blocks.0.hook_resid_pre`, `…hook_resid_mid`,
 `…hook_resid_post`, identity modules), so LIB node layers are named as in TransformerLens.

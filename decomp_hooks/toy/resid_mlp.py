@@ -1,4 +1,5 @@
-"""Residual MLP toys (compressed computation, 1/2/3 layers): ground-truth targets of the SPD paper (methods.md 4.2)."""
+"""Residual MLP toys (compressed computation, 1/2/3 layers): ground-truth targets of the SPD paper
+(docs/toys.md#residual-mlp)."""
 from __future__ import annotations
 
 import math

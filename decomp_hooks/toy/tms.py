@@ -1,4 +1,4 @@
-"""Toy model of superposition (TMS): the 5-2 and 40-10 ground-truth targets of the SPD paper (methods.md 4.1)."""
+"""Toy model of superposition (TMS): the 5-2 and 40-10 ground-truth targets of the SPD paper (docs/toys.md#tms)."""
 from __future__ import annotations
 
 import math
@@ -98,7 +98,7 @@ def tms_ground_truth(model: TMSModel) -> Tensor:
 # 1-5 features on 9 of 10 seeds (output unit dead from step 0), so every preset starts the bias at zero instead.
 _RECIPE_5_2 = {"steps": 10_000, "batch_size": 1024}
 _RECIPE_40_10 = {"steps": 10_000, "batch_size": 8192}
-_RECIPE_40_10_APD = {"steps": 2_000, "batch_size": 2048, "lr": 1e-3}  # the APD paper's target (methods.md §4.1)
+_RECIPE_40_10_APD = {"steps": 2_000, "batch_size": 2048, "lr": 1e-3}  # the APD paper's target (docs/toys.md#tms)
 TMS_PRESETS: dict[str, tuple[TMSConfig, dict[str, Any]]] = {
     "tms_5-2": (TMSConfig(5, 2, init_bias_to_zero=True), _RECIPE_5_2),
     "tms_5-2-id": (TMSConfig(5, 2, n_identity_layers=1, init_bias_to_zero=True), _RECIPE_5_2),

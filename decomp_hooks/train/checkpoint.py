@@ -1,5 +1,5 @@
-"""Checkpoints of a training run: trainable parameters, optimizer state, every rank's RNG state and the data
-position, written atomically by rank 0 under `<out_dir>/checkpoints/step-NNNNNNNN/`; and reading one back."""
+"""Checkpoints of a training run: trainable parameters, optimizer state, every rank's RNG state and method state
+(e.g. VPD's persistent adversarial sources), the data position, written atomically by rank 0 under `<out_dir>/checkpoints/step-NNNNNNNN/`; and reading one back."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,7 @@ import torch
 from decomp_hooks import distributed, store
 from decomp_hooks.component_model import ComponentModel
 from decomp_hooks.config import DecomposeConfig
+from decomp_hooks.methods.base import Method
 
 
 class Checkpoints:
@@ -45,20 +46,32 @@ class Checkpoints:
         prefix = f"rank{self.rank}."
         store.set_rng_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta[self.rank])
 
+    def method_state(self, method: Method) -> dict[str, torch.Tensor]:
+        """The method's own state (`method.*`), or with several ranks every rank's, under `rank<r>.method.*`."""
+        mine = {f"method.{k}": v.detach().cpu() for k, v in method.state_dict().items()}
+        if self.world_size == 1:
+            return mine
+        return {f"rank{r}.{k}": v for r, t in enumerate(distributed.gather_objects(mine)) for k, v in t.items()}
+
+    def set_method_state(self, method: Method, tensors: dict[str, torch.Tensor]) -> None:
+        prefix = "method." if self.world_size == 1 else f"rank{self.rank}.method."
+        method.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
     def save(self, step: int, cm: ComponentModel, opt: torch.optim.Optimizer, data_state: dict,
-             fingerprints: dict[str, str]) -> Path | None:
-        """Every rank contributes (RNG states, FSDP2 shards); rank 0 alone writes. Keeps the newest
-        `train.keep_checkpoints`."""
+             fingerprints: dict[str, str], method: Method) -> Path | None:
+        """Every rank contributes (RNG states, the method's state, FSDP2 shards); rank 0 alone writes. Keeps the
+        newest `train.keep_checkpoints`."""
         tensors = {f"model.{k}": distributed.full(v).detach() for k, v in cm.named_parameters() if v.requires_grad}
         opt_t, opt_meta = store.optimizer_state(opt)
         opt_t = {k: distributed.full(v) for k, v in opt_t.items()}
         rng_t, rng_meta = self.rng_state()
+        method_t = self.method_state(method)
         if self.rank != 0:
             return None
         self.ensure_out_dir()
         path = self.root / f"step-{step:08d}"
         with store.atomic_dir(path, overwrite=True) as tmp:
-            store.write_tensors(tmp / "state.safetensors", {**tensors, **opt_t, **rng_t})
+            store.write_tensors(tmp / "state.safetensors", {**tensors, **opt_t, **rng_t, **method_t})
             store.write_json(tmp / "state.json", {"step": step, "optimizer": opt_meta, "rng": rng_meta,
                                                   "world_size": self.world_size, "fingerprints": fingerprints,
                                                   "data": data_state, "config": self.cfg.to_dict()})
@@ -72,9 +85,10 @@ class Checkpoints:
             raise store.StoreError(f"no checkpoint to resume in {str(self.out_dir)!r} (expected {str(self.root)}/step-*).")
         return found[-1]
 
-    def load(self, path: Path, cm: ComponentModel, fingerprints: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict]:
-        """Check the model, restore RNG state and parameters; returns the tensors and metadata for the rest (the
-        optimizer state, the data position and the step)."""
+    def load(self, path: Path, cm: ComponentModel, fingerprints: dict[str, str],
+             method: Method) -> tuple[dict[str, torch.Tensor], dict]:
+        """Check the model, restore RNG state, parameters and the method's state; returns the tensors and metadata
+        for the rest (the optimizer state, the data position and the step)."""
         tensors = store.read_tensors(path / "state.safetensors")
         meta = store.read_json(path / "state.json")
         if "fingerprints" in meta:  # absent from checkpoints written before they were recorded
@@ -83,6 +97,7 @@ class Checkpoints:
                                      "resume with the same model and weights (a retrained target must match bit for "
                                      "bit: same seed, device and thread count), or start a new out_dir.")
         self.set_rng_state(tensors, meta["rng"], meta.get("world_size", 1))
+        self.set_method_state(method, tensors)
         params = dict(cm.named_parameters())
         with torch.no_grad():
             for name, value in tensors.items():

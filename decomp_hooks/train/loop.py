@@ -86,11 +86,12 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         if self.checkpoints is None:
             return None
-        return self.checkpoints.save(self.step, self.cm, self.opt, self.source.state_dict(), self.fingerprints)
+        return self.checkpoints.save(self.step, self.cm, self.opt, self.source.state_dict(), self.fingerprints,
+                                     self.method)
 
     def resume(self) -> None:
         """Continue from the run directory's latest checkpoint, bit for bit."""
-        tensors, meta = self.checkpoints.load(self.checkpoints.latest(), self.cm, self.fingerprints)
+        tensors, meta = self.checkpoints.load(self.checkpoints.latest(), self.cm, self.fingerprints, self.method)
         self.ready()
         store.load_optimizer_state(self.opt, tensors, meta["optimizer"])
         distributed.shard_optimizer_state(self.opt)

@@ -15,7 +15,7 @@ from decomp_hooks.model_call import run_model
 
 def gradient_attributions(cm: ComponentModel, batch: Any, apd_model: bool = False, chunk: int | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """`score_c(x) = Σ_o (Σ_l ⟨∂f_o/∂post_l, pre_l P_{c,l}⟩)²` (methods.md §2.2, the code's form: no sqrt, no 1/d_L).
+    """`score_c(x) = Σ_o (Σ_l ⟨∂f_o/∂post_l, pre_l P_{c,l}⟩)²` (docs/methods/apd.md#attributions; the reference code's form: no sqrt, no 1/d_L).
 
     The gradients of all d_out outputs come from batched vector-Jacobian products: one `autograd.grad` call with
     `is_grads_batched=True` over the output directions (`chunk` of them per call, all by default). They are taken at

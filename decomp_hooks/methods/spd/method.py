@@ -15,7 +15,7 @@ from decomp_hooks.config import ConfigError, DecomposeConfig, check, did_you_mea
 from decomp_hooks.methods.base import Method, StepOutput
 from decomp_hooks.methods.spd.config import LossConfig
 from decomp_hooks.methods.spd.context import StepContext
-from decomp_hooks.methods.spd.terms import TERMS
+from decomp_hooks.methods.spd.terms import TERMS, Term
 from decomp_hooks.methods.spd.terms.importance_minimality import annealed_p
 from decomp_hooks.methods.spd.terms.pgd import pgd_probe
 from decomp_hooks.metrics import ce_loss, ci_l0, kl_logits, mse
@@ -31,16 +31,17 @@ MASK_TYPES = {
 }
 
 ROUTINGS = ("uniform_k_subset", "static_probability")
+MINIMALITY_TERMS = ("importance_minimality", "frequency_minimality")
 MASK_SCOPES = ("unique_per_datapoint", "shared_across_batch")
 
 
-def validate_loss(loss: LossConfig, where: str) -> None:
+def validate_loss(loss: LossConfig, where: str, terms: dict[str, Term]) -> None:
     """One `losses:` entry: a known type and values in range, each error naming the key."""
-    check(loss.type in TERMS, f"{where}.type={loss.type!r} is unknown.{did_you_mean(loss.type, list(TERMS))}")
+    check(loss.type in terms, f"{where}.type={loss.type!r} is unknown.{did_you_mean(loss.type, list(terms))}")
     check(loss.coeff >= 0, f"{where}.coeff={loss.coeff}: must be ≥ 0.")
     check(loss.pnorm > 0, f"{where}.pnorm={loss.pnorm}: must be > 0.")
-    check(not loss.site_coeffs or loss.type == "importance_minimality",
-          f"{where}.site_coeffs: only the importance_minimality term takes per-site multipliers; remove it from {loss.type!r}.")
+    check(not loss.site_coeffs or loss.type in MINIMALITY_TERMS,
+          f"{where}.site_coeffs: only the minimality terms take per-site multipliers; remove it from {loss.type!r}.")
     for pattern, w in loss.site_coeffs.items():
         check(w >= 0, f"{where}.site_coeffs[{pattern!r}]={w}: must be ≥ 0.")
     check(loss.routing in ROUTINGS, f"{where}.routing={loss.routing!r}; use 'uniform_k_subset' or 'static_probability'.")
@@ -51,20 +52,21 @@ def validate_loss(loss: LossConfig, where: str) -> None:
 
 
 class SPD(Method):
-    """Stochastic Parameter Decomposition: `losses:` lists the terms; CI functions per site (`ci:`)."""
+    """Stochastic Parameter Decomposition: `losses:` lists the terms (from `terms`); CI functions (`ci:`)."""
 
     name = "spd"
+    terms: dict[str, Term] = TERMS
 
     def __init__(self, cfg: DecomposeConfig, world_size: int = 1):
         super().__init__(cfg, world_size)
         self.divergence = kl_logits if cfg.output_loss == "kl" else mse
-        self.needs_delta = any(TERMS[lc.type].needs_delta for lc in cfg.losses)
+        self.needs_delta = any(self.terms[lc.type].needs_delta for lc in cfg.losses)
         self._site_weights: dict[tuple, dict[str, float]] = {}  # site_coeffs items -> site -> multiplier, resolved once
 
     @classmethod
     def validate(cls, cfg: DecomposeConfig) -> None:
         for i, loss in enumerate(cfg.losses):
-            validate_loss(loss, f"losses[{i}]")
+            validate_loss(loss, f"losses[{i}]", cls.terms)
         check(len({loss.type for loss in cfg.losses}) == len(cfg.losses), "losses: each type may appear once.")
 
     @classmethod
@@ -96,17 +98,20 @@ class SPD(Method):
                 raise FloatingPointError(f"loss term {lc.type!r} is {value.item()} (not finite){blame(ctx)}")
             terms[lc.type] = value.detach()
             total = total + lc.coeff * value
+        return StepOutput(total, terms, {n: c.lower.detach() for n, c in ctx.ci.items()}, self.step_log(frac))
+
+    def step_log(self, frac: float) -> dict[str, float]:
+        """Schedules worth logging at progress `frac`: the minimality exponent p."""
         p = self.current_p(frac)
-        return StepOutput(total, terms, {n: c.lower.detach() for n, c in ctx.ci.items()},
-                          {} if p is None else {"importance_p": p})
+        return {} if p is None else {"importance_p": p}
 
     def term(self, lc: LossConfig, ctx: StepContext, frac: float) -> torch.Tensor:
         """The raw value of one configured loss term."""
-        return TERMS[lc.type].fn(self, ctx, lc, frac)
+        return self.terms[lc.type].fn(self, ctx, lc, frac)
 
     def current_p(self, frac: float) -> float | None:
         """The importance-minimality exponent at progress `frac`, or None without that term."""
-        return next((annealed_p(lc, frac) for lc in self.cfg.losses if lc.type == "importance_minimality"), None)
+        return next((annealed_p(lc, frac) for lc in self.cfg.losses if lc.type in MINIMALITY_TERMS), None)
 
     def site_weights(self, ctx: StepContext, lc: LossConfig) -> dict[str, float]:
         """The importance-minimality multiplier per site from `lc.site_coeffs`, resolved against the sites once."""

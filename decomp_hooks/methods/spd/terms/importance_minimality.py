@@ -1,5 +1,7 @@
-"""Importance minimality: few components causally important per input, with an annealed p-norm and an optional
-β·log₂ frequency term (docs/methods/spd.md#importance-minimality)."""
+"""Importance minimality, few components causally important per input (with an annealed p-norm), and frequency
+minimality, which penalises components that are important often so that one feature is not split among many
+(docs/methods/spd.md#importance-minimality). The β of importance_minimality folds the frequency term in with
+coefficient β·coeff; `frequency_minimality` is the same term on its own, with its own coefficient."""
 from __future__ import annotations
 
 import torch
@@ -18,23 +20,36 @@ def annealed_p(loss: LossConfig, frac: float) -> float:
     return loss.pnorm + (loss.p_anneal_final_p - loss.pnorm) * t
 
 
-def importance_minimality(ci: dict[str, CausalImportance], p: float, eps: float, beta: float, world_size: int,
-                          site_weights: dict[str, float] | None = None) -> torch.Tensor:
-    """Σ_l w_l Σ_c [μ + β μ log₂(1 + N·W·μ)], μ_{l,c} = mean over positions of (g⁺ + ε)^p; w_l from `site_weights`
+def minimality(ci: dict[str, CausalImportance], p: float, eps: float, importance: float, frequency: float,
+               world_size: int, site_weights: dict[str, float] | None = None) -> torch.Tensor:
+    """Σ_l w_l Σ_c [a·μ + b·μ log₂(1 + N·W·μ)], μ_{l,c} = mean over this rank's N positions of (g⁺ + ε)^p, W the
+    number of ranks (so N·W·μ is the global batch's sum); a = `importance`, b = `frequency`; w_l from `site_weights`
     (1 for the sites it does not name), so that one site can be held to a weaker or stronger sparsity than the rest."""
     weights = site_weights or {}
     total = 0.0
     for name, c in ci.items():
         g = c.upper.flatten(0, -2).float()
         mu = (g + eps).mean(0) if p == 1 else (g + eps).pow(p).mean(0)
-        term = mu + beta * mu * torch.log2(1 + g.shape[0] * world_size * mu) if beta else mu
+        term = importance * mu if importance != 1 else mu
+        if frequency:
+            term = term + frequency * mu * torch.log2(1 + g.shape[0] * world_size * mu)
         total = total + weights.get(name, 1.0) * term.sum()
     return total
 
 
-def _term(spd, ctx, lc: LossConfig, frac: float) -> torch.Tensor:
+def importance_minimality(ci: dict[str, CausalImportance], p: float, eps: float, beta: float, world_size: int,
+                          site_weights: dict[str, float] | None = None) -> torch.Tensor:
+    """Σ_l w_l Σ_c [μ + β μ log₂(1 + N·W·μ)]: importance minimality with the frequency term folded in at β."""
+    return minimality(ci, p, eps, 1.0, beta, world_size, site_weights)
+
+
+def _importance(spd, ctx, lc: LossConfig, frac: float) -> torch.Tensor:
     return importance_minimality(ctx.ci, annealed_p(lc, frac), lc.eps, lc.beta, spd.world_size,
                                  spd.site_weights(ctx, lc))
 
 
-TERMS = {"importance_minimality": Term(_term)}
+def _frequency(spd, ctx, lc: LossConfig, frac: float) -> torch.Tensor:
+    return minimality(ctx.ci, annealed_p(lc, frac), lc.eps, 0.0, 1.0, spd.world_size, spd.site_weights(ctx, lc))
+
+
+TERMS = {"importance_minimality": Term(_importance), "frequency_minimality": Term(_frequency)}

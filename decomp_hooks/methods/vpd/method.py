@@ -1,0 +1,84 @@
+"""VPD as a Method: SPD's engine and loss terms, plus `persistent_pgd_recon`, the reconstruction under adversarial
+masks `g + (1 − g)·r` whose sources r persist across steps (docs/methods/vpd.md).
+
+Each step: `warmup_updates` Adam ascent updates of the sources on the reconstruction loss, then the loss at the
+current sources enters the total (its gradient reaches the components and CI functions through g), its gradient
+with respect to the sources is taken before the main backward and applied after the optimizer step.
+"""
+from __future__ import annotations
+
+import torch
+
+from decomp_hooks.config import DecomposeConfig, check
+from decomp_hooks.methods.spd.context import StepContext
+from decomp_hooks.methods.spd.method import SPD
+from decomp_hooks.methods.spd.terms.base import Term
+from decomp_hooks.methods.spd.terms.pgd import pgd_masks
+from decomp_hooks.methods.vpd.sources import PersistentSources
+
+
+def _persistent_pgd_recon(vpd: "VPD", ctx: StepContext, lc, frac: float) -> torch.Tensor:
+    return vpd.adversarial_recon(ctx, frac)
+
+
+class VPD(SPD):
+    """SPD trained against a persistent adversary (`vpd:`), every site masked by it at once."""
+
+    name = "vpd"
+    section = "vpd"
+    terms = {**SPD.terms, "persistent_pgd_recon": Term(_persistent_pgd_recon)}
+
+    def __init__(self, cfg: DecomposeConfig, world_size: int = 1):
+        super().__init__(cfg, world_size)
+        self.adversary = PersistentSources(cfg.vpd)
+        self.pending: tuple[dict[str, torch.Tensor], float] | None = None
+
+    @classmethod
+    def validate(cls, cfg: DecomposeConfig) -> None:
+        super().validate(cfg)
+        v = cfg.vpd
+        check(v.lr >= 0, f"vpd.lr={v.lr}: must be ≥ 0.")
+        check(0 <= v.lr_warmup_frac <= 1, f"vpd.lr_warmup_frac={v.lr_warmup_frac}: must be in [0, 1].")
+        check(len(v.betas) == 2 and all(0 <= b < 1 for b in v.betas), f"vpd.betas={v.betas}: two values in [0, 1).")
+        check(v.eps > 0, f"vpd.eps={v.eps}: must be > 0.")
+        check(v.warmup_updates >= 0, f"vpd.warmup_updates={v.warmup_updates}: must be ≥ 0.")
+
+    def adversarial_recon(self, ctx: StepContext, frac: float) -> torch.Tensor:
+        """The persistent adversary's reconstruction loss this step (after its warm-up updates)."""
+        group = {n: None for n in ctx.ci}
+        g0 = next(iter(ctx.ci.values())).lower
+        shapes = {n: (*c.lower.shape[:-1], c.lower.shape[-1] + 1) for n, c in ctx.ci.items()}
+        sources = self.adversary.ensure(shapes, g0.device)
+        lr = self.adversary.lr(frac)
+        detached = StepContext(ctx.cm, ctx.batch, ctx.target_out, ctx.inputs, ctx.ci,
+                               {n: dw.detach() for n, dw in ctx.delta_ws.items()},
+                               {n: r.detach() for n, r in ctx.reuse.items()})
+        for _ in range(self.cfg.vpd.warmup_updates):
+            self.adversary.ascend(self._source_grads(detached, sources, group, detach_ci=True), lr)
+        leaves = {n: s.detach().requires_grad_(True) for n, s in sources.items()}
+        loss = self.recon(ctx, pgd_masks(self, ctx, leaves, group, False))
+        grads = torch.autograd.grad(loss, list(leaves.values()), retain_graph=True)
+        self.pending = (dict(zip(leaves, grads)), lr)
+        return loss
+
+    def _source_grads(self, ctx: StepContext, sources: dict[str, torch.Tensor], group: dict,
+                      detach_ci: bool) -> dict[str, torch.Tensor]:
+        """∂(reconstruction loss)/∂r at the current sources."""
+        leaves = {n: s.detach().requires_grad_(True) for n, s in sources.items()}
+        loss = self.recon(ctx, pgd_masks(self, ctx, leaves, group, detach_ci))
+        return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+
+    def after_step(self, cm) -> None:
+        """The adversary's update with the gradient taken before the main backward."""
+        if self.pending is not None:
+            self.adversary.ascend(*self.pending)
+            self.pending = None
+
+    def step_log(self, frac: float) -> dict[str, float]:
+        return {**super().step_log(frac), "adversary_lr": self.adversary.lr(frac)}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.adversary.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.adversary.load_state_dict(state)

@@ -1,0 +1,176 @@
+"""VPD: persistent adversarial sources (ascent raises the loss, they survive checkpoints bit for bit, each rank keeps
+its own), the frequency-minimality term, and the global CI functions (bidirectional over positions, reading every
+site)."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+import decomp_hooks as dh
+from decomp_hooks.config import CIConfig, ConfigError
+from decomp_hooks.global_ci import GLOBAL_CI_FUNCTIONS
+from decomp_hooks.methods.spd.terms.importance_minimality import importance_minimality, minimality
+from decomp_hooks.methods.vpd.config import VPDConfig
+from decomp_hooks.methods.vpd.sources import PersistentSources
+from decomp_hooks.toy import make_toy, toy_sampler
+
+VPD_5_2 = {
+    "method": "vpd",
+    "targets": {"linear1": 6, "linear2": 6},
+    "tied": [["linear1", "linear2"]],
+    "ci": {"type": "mlp", "hidden": [8]},
+    "losses": [{"type": "stochastic_recon_subset", "coeff": 1.0}, {"type": "persistent_pgd_recon", "coeff": 1.0},
+               {"type": "importance_minimality", "coeff": 3e-3, "pnorm": 1.0},
+               {"type": "frequency_minimality", "coeff": 1e-3, "pnorm": 1.0}],
+    "vpd": {"lr": 0.05, "lr_warmup_frac": 0.1},
+    "train": {"steps": 12, "batch_size": 64, "lr": 1e-3, "faithfulness_warmup_steps": 5, "eval_pgd_steps": 2,
+              "log_every": 3, "eval_every": 6, "checkpoint_every": 6},
+}
+
+
+def weights(dec) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in dec.cm.named_parameters() if v.requires_grad}
+
+
+def test_vpd_trains_and_its_sources_move(tms52):
+    dec = dh.decompose(tms52, toy_sampler(tms52), config=VPD_5_2, progress=False)
+    logged = [r for r in dec.metrics if "train/persistent_pgd_recon" in r]
+    assert logged and all(r["train/frequency_minimality"] > 0 for r in logged)
+    assert logged[0]["train/adversary_lr"] == 0.0 and logged[-1]["train/adversary_lr"] == pytest.approx(0.05)
+    r = dec.method.adversary.r["linear1"]
+    assert r.shape == (64, 7) and r.min() >= 0 and r.max() <= 1  # positions × (C + delta)
+    assert dec.method.adversary.t == 12 * 3  # 2 warm-up updates and one after each optimizer step
+
+
+def test_sources_ascend_the_loss():
+    """Adam ascent on a loss that grows with r pushes every source up to the clamp at 1."""
+    sources = PersistentSources(VPDConfig(lr=0.1, warmup_updates=1))
+    r = sources.ensure({"a": (4, 3)}, torch.device("cpu"))["a"]
+    for _ in range(30):
+        sources.ascend({"a": torch.ones_like(r)}, lr=0.1)
+    assert torch.equal(sources.r["a"], torch.ones(4, 3))
+    with pytest.raises(ValueError, match="same shape"):
+        sources.ensure({"a": (5, 3)}, torch.device("cpu"))
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_persistent_sources_survive_checkpoint_and_resume_bit_for_bit(tms52, tmp_path):
+    whole = dh.decompose(tms52, toy_sampler(tms52), config=VPD_5_2, out_dir=tmp_path / "whole", progress=False,
+                         evaluate=lambda dec, step: {})
+
+    def crash_at_6(dec, step):  # after the step-6 checkpoint, before the run ends
+        if step == 6:
+            raise Crash
+        return {}
+
+    with pytest.raises(Crash):
+        dh.decompose(tms52, toy_sampler(tms52), config=VPD_5_2, out_dir=tmp_path / "cut", progress=False,
+                     evaluate=crash_at_6)
+    state = load_file(str(tmp_path / "cut" / "checkpoints" / "step-00000006" / "state.safetensors"))
+    assert {"method.t", "method.r.linear1", "method.m.linear1", "method.v.linear2"} <= set(state)
+    resumed = dh.decompose(tms52, toy_sampler(tms52), config=VPD_5_2, out_dir=tmp_path / "cut", resume=True,
+                           progress=False, evaluate=lambda dec, step: {})
+    for k, v in weights(whole).items():
+        assert torch.equal(weights(resumed)[k], v), k
+    for name in ("linear1", "linear2"):
+        for part in ("r", "m", "v"):
+            assert torch.equal(getattr(resumed.method.adversary, part)[name], getattr(whole.method.adversary, part)[name])
+    assert resumed.method.adversary.t == whole.method.adversary.t
+
+
+def test_frequency_minimality_is_the_beta_part_of_importance_minimality(tms52):
+    from decomp_hooks.component_model import CausalImportance
+
+    g = torch.rand(32, 5)
+    ci = {"a": CausalImportance(g, g), "b": CausalImportance(g.flip(0) ** 2, g.flip(0) ** 2)}
+    both = importance_minimality(ci, 0.7, 1e-12, 0.5, 2)
+    split = minimality(ci, 0.7, 1e-12, 1.0, 0.0, 2) + 0.5 * minimality(ci, 0.7, 1e-12, 0.0, 1.0, 2)
+    torch.testing.assert_close(both, split)
+
+
+def test_bad_vpd_values_name_the_key():
+    with pytest.raises(ConfigError, match=r"vpd.betas=\[0.5, 1.0\]"):
+        dh.load_config({**VPD_5_2, "vpd": {"betas": [0.5, 1.0]}})
+    with pytest.raises(ConfigError, match="persistent_pgd_recon"):  # SPD has no adversary to keep
+        dh.load_config({**VPD_5_2, "method": "spd"})
+
+
+# -- global CI functions -----------------------------------------------------------------------------------------
+
+def global_fn(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    ci = CIConfig(type=kind, hidden=[8], d_model=16, n_blocks=2, n_heads=2)
+    return GLOBAL_CI_FUNCTIONS[kind](ci, {"b": 6, "a": 4}, {"a": 3, "b": 5})
+
+
+def test_global_transformer_is_bidirectional_and_reads_every_site():
+    fn = global_fn("global_shared_transformer")
+    x = {"a": torch.randn(2, 5, 4), "b": torch.randn(2, 5, 6)}
+    z = fn(x)
+    assert z["a"].shape == (2, 5, 3) and z["b"].shape == (2, 5, 5)
+    later = {**x, "a": x["a"].clone()}
+    later["a"][:, 4] += 1.0  # the last position of one site
+    z2 = fn(later)
+    assert not torch.allclose(z2["b"][:, 0], z["b"][:, 0])  # reaches the first position, at the other site
+    other = {**x, "b": x["b"].clone()}
+    other["b"][1] += 1.0  # the second sequence only
+    z3 = fn(other)
+    assert not torch.allclose(z3["a"][1], z["a"][1]) and torch.allclose(z3["a"][0], z["a"][0])  # sequences apart
+
+
+def test_global_mlp_reads_every_site_at_each_position_alone():
+    fn = global_fn("global_shared_mlp")
+    x = {"a": torch.randn(2, 5, 4), "b": torch.randn(2, 5, 6)}
+    z = fn(x)
+    moved = {**x, "b": x["b"].clone()}
+    moved["b"][:, 4] += 1.0
+    z2 = fn(moved)
+    assert not torch.allclose(z2["a"][:, 4], z["a"][:, 4]) and torch.allclose(z2["a"][:, :4], z["a"][:, :4])
+
+
+def test_global_ci_trains_on_a_toy_and_refuses_token_sites(tms52):
+    cfg = {**VPD_5_2, "ci": {"type": "global_shared_transformer", "d_model": 16, "n_blocks": 1, "n_heads": 2}}
+    dec = dh.decompose(tms52, toy_sampler(tms52), config=cfg, steps=4, progress=False)
+    ci = dec.causal_importance(toy_sampler(tms52)(8))
+    assert ci["linear1"].shape == (8, 6) and list(dec.cm.ci_fns) == ["_global"]
+    with pytest.raises(ConfigError, match="multiple of 2"):
+        dh.load_config({**cfg, "ci": {"type": "global_shared_transformer", "d_model": 10, "n_heads": 2}})
+
+
+# -- two ranks ---------------------------------------------------------------------------------------------------
+
+def _rank(rank: int, port: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", HF_HUB_OFFLINE="1")
+    from decomp_hooks.distributed import shutdown
+
+    model, _ = make_toy("tms_5-2", seed=0, steps=300, progress=False)
+    dec = dh.decompose(model, toy_sampler(model), config=VPD_5_2, out_dir=os.path.join(tmp, "run"), progress=False)
+    save_file({**weights(dec), "r": dec.method.adversary.r["linear1"].clone()}, os.path.join(tmp, f"rank{rank}.safetensors"))
+    dist.barrier()
+    shutdown()
+    os._exit(0)
+
+
+def test_two_ranks_keep_their_own_sources_and_checkpoint_both(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    a, b = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    assert a["r"].shape == (32, 7)  # each rank's half of the global batch
+    assert not torch.equal(a["r"], b["r"])  # sources are per rank, not synchronised
+    for k in a:
+        if k != "r":
+            torch.testing.assert_close(a[k], b[k])  # DDP keeps the model in step
+    state = load_file(str(sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1] / "state.safetensors"))
+    assert torch.equal(state["rank0.method.r.linear1"], a["r"]) and torch.equal(state["rank1.method.r.linear1"], b["r"])
