@@ -190,10 +190,13 @@ def export_decomposition(dec: Any, path: str | Path, format: str = TRANSCODER,
                           f"as 'transcoder' or {SIGNED!r}.")
     if ci_gated and fmt != SIGNED:
         raise ExportError(f"ci_gated=True needs format={SIGNED!r}: stock transcoders have no place for a CI function.")
+    if ci_gated and len(dec.cm.ci_fns) == 0:
+        raise ExportError(f"ci_gated=True needs causal-importance functions, and this {dec.config.method} decomposition "
+                          "has none; export it ungated.")
     names = select_sites(dec, sites)
     if ci_gated and not all(key(n) in dec.cm.ci_fns for n in names):
-        raise ExportError(f"ci_gated=True needs a causal-importance function per site, and this {dec.config.method} "
-                          f"decomposition has {'a global one' if dec.cm.ci_fns else 'none'}; export it ungated.")
+        raise ExportError(f"ci_gated=True needs a causal-importance function per site, and this decomposition has one "
+                          f"global function (ci.type={dec.config.ci.type!r}) that reads every site; export it ungated.")
     dirs = [dir_name(n) for n in names]
     if len(set(dirs)) != len(dirs):
         raise ExportError(f"site names {names} give clashing directory names {dirs}.")
