@@ -1,13 +1,15 @@
-"""SPD on the ground-truth toys over several seeds: the success bars (docs/toys.md#success-bars), pass rate and
-time per step.
+"""Decompositions of the ground-truth toys over several seeds: the success bars (docs/toys.md#success-bars), pass
+rate, the adversarial (PGD) reconstruction, CI-L0 and time per step; several configs side by side.
 
     python benchmarks/bench_toys.py examples/tms_5-2.yaml --seeds 10 --workers 2
     python benchmarks/bench_toys.py examples/resid_mlp1.yaml --seeds 1
     python benchmarks/bench_toys.py examples/tms_40-10-id.yaml --device cuda --fp32 --seeds 3 --workers 3
+    python benchmarks/bench_toys.py examples/tms_5-2.yaml examples/vpd_tms_5-2.yaml --seeds 10 --workers 2
 
-Each seed trains its own target (toy seed = seed) and decomposes it with that seed; workers run seeds in parallel,
-one torch thread each. Results go to a JSON-lines file and a table on stdout. SIGTERM or Ctrl-C stops every running
-seed at a checkpoint and starts no further one; the same command with `--resume` continues them.
+Each seed trains its own target (toy seed = seed, so every config of one seed sees the same target) and decomposes
+it with that seed; workers run seeds in parallel, one torch thread each. Results go to one JSON-lines file per config
+and a table on stdout; with several configs, a last table sets them side by side per seed. SIGTERM or Ctrl-C stops
+every running seed at a checkpoint and starts no further one; the same command with `--resume` continues them.
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ def run_seed(config: str, seed: int, steps: int | None, device: str, out_root: s
     final = {k.removeprefix("eval/"): v for k, v in dec.final_metrics().items()}
     return {"config": Path(config).stem, "seed": seed, "pass": passes(record, dec), **record,
             "unmasked_recon": final.get("unmasked_recon"), "stochastic_recon": final.get("stochastic_recon"),
+            "pgd_probe": final.get("pgd_probe"), "ci_l0": sum(v for k, v in final.items() if k.startswith("l0/")),
             **{k: v for k, v in final.items() if k.startswith("l0/")},
             "median_step_ms": 1000 * statistics.median(step_times) if step_times else None,
             "target_train_s": target_s, "decompose_s": dec.provenance["wall_time_s"], "threads": threads, "device": device,
@@ -80,7 +83,7 @@ def stop_on_signal(stop: multiprocessing.synchronize.Event) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
+    parser.add_argument("configs", nargs="+", metavar="CONFIG", help="one or more toy configs, run on the same seeds")
     parser.add_argument("--seeds", type=int, default=10, help="number of seeds, 0..N-1")
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="override train.steps")
@@ -95,30 +98,55 @@ def main() -> None:
     threads = args.threads or max(1, (torch.get_num_threads()) // args.workers)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    results_path = Path(args.out) / f"{Path(args.config).stem}.jsonl"
-    results = []
     stop = multiprocessing.Event()
     stop_on_signal(stop)
-    with ProcessPoolExecutor(args.workers, initializer=init_worker, initargs=(stop,)) as pool, \
-            open(results_path, "a") as f:
-        futures = [pool.submit(run_seed, args.config, s, args.steps, args.device, args.out, threads, args.fp32,
-                               args.resume)
-                   for s in seeds]
+    results: dict[str, list[dict]] = {config: [] for config in args.configs}
+    files = {config: open(Path(args.out) / f"{Path(config).stem}.jsonl", "a") for config in args.configs}
+    with ProcessPoolExecutor(args.workers, initializer=init_worker, initargs=(stop,)) as pool:
+        futures = {pool.submit(run_seed, config, s, args.steps, args.device, args.out, threads, args.fp32,
+                               args.resume): config
+                   for s in seeds for config in args.configs}
         for future in as_completed(futures):  # each seed's line is kept as soon as it finishes
             if (record := future.result()) is None:  # stopped before it began
                 continue
-            results.append(record)
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-    results.sort(key=lambda r: r["seed"])
+            config = futures[future]
+            results[config].append(record)
+            files[config].write(json.dumps(record) + "\n")
+            files[config].flush()
+    for f in files.values():
+        f.close()
+    for config, records in results.items():
+        if records:
+            print_config(config, sorted(records, key=lambda r: r["seed"]), threads, args.device, args.out)
+    if len(args.configs) > 1:
+        print_side_by_side(results)
+
+
+def print_config(config: str, results: list[dict], threads: int, device: str, out: str) -> None:
+    """Every metric of every seed of one config, and its pass count."""
     keys = [k for k in results[0] if k not in ("config", "device", "threads", "target_train_s", "autocast_bf16")]
     print(" | ".join(keys))
     for r in results:
         print(" | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys))
     n_pass = sum(r["pass"] for r in results)
-    print(f"\n{Path(args.config).stem}: {n_pass}/{len(results)} seeds pass the bars (docs/toys.md#success-bars); "
+    print(f"\n{Path(config).stem}: {n_pass}/{len(results)} seeds pass the bars (docs/toys.md#success-bars); "
           f"median step {statistics.median(r['median_step_ms'] for r in results):.1f} ms "
-          f"({threads} thread(s) per worker, device {args.device}); results in {results_path}")
+          f"({threads} thread(s) per worker, device {device}); results in {Path(out) / Path(config).stem}.jsonl\n")
+
+
+def print_side_by_side(results: dict[str, list[dict]]) -> None:
+    """Per seed, each config's verdict, final PGD-probe reconstruction and total CI-L0 (same seed: same target)."""
+    names = [Path(c).stem for c in results]
+    by_seed = {c: {r["seed"]: r for r in rs} for c, rs in results.items()}
+    seeds = sorted(set().union(*(set(v) for v in by_seed.values())))
+    print("seed | " + " | ".join(f"{n} pass, pgd_probe, CI-L0" for n in names))
+    for seed in seeds:
+        cells = []
+        for c in results:
+            r = by_seed[c].get(seed)
+            pgd = "-" if r is None or r["pgd_probe"] is None else f"{r['pgd_probe']:.4g}"
+            cells.append("-" if r is None else f"{r['pass']}, {pgd}, {r['ci_l0']:.3f}")
+        print(f"{seed} | " + " | ".join(cells))
 
 
 if __name__ == "__main__":
