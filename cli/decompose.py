@@ -47,8 +47,50 @@ def run_toy(cfg, out: Path, steps: int | None, device: str | None, seed: int, re
                         resume=resume, progress=progress, evaluate=toy_metrics)
 
 
+def finish_toy(dec, out: Path) -> str:
+    """Plot the toy run into `out`; its final metrics and the ground-truth verdict to print."""
+    from decomp_hooks.toy.evaluate import passes, toy_plots
+
+    toy_plots(dec, out)
+    final = dec.final_metrics()
+    verdict = passes({k.removeprefix("eval/"): v for k, v in final.items()}, dec)
+    return (f"{summary_table(final)}\nground-truth bars (docs/toys.md#success-bars): {'PASS' if verdict else 'FAIL'}"
+            f"   run directory: {out}")
+
+
+def runner(cfg):
+    """(run, finish) for the config: a language model (`model:`) or a toy target (`target:`)."""
+    from decomp_hooks.lm.run import finish_lm, run_lm
+
+    if cfg.model is not None and cfg.model.source is not None:
+        return run_lm, finish_lm
+    if cfg.target is not None and (cfg.target.toy is not None or cfg.target.path is not None):
+        return run_toy, finish_toy
+    raise click.BadParameter("the config names no model: add a `model:` section (or pass --model: a local directory, "
+                             "a hub id, small_lm or smollm2) or a toy `target:` (toy: <name> or path: <saved toy dir>).",
+                             param_hint="CONFIG")
+
+
+def with_sources(cfg, model: str | None, data: str | None):
+    """The config with --model / --data replacing its model and data sources."""
+    import dataclasses
+
+    from decomp_hooks.lm.data import DataConfig
+    from decomp_hooks.lm.model import ModelConfig
+
+    if model is not None:
+        cfg.model = dataclasses.replace(cfg.model or ModelConfig(), source=model)
+    if data is not None:
+        cfg.data = dataclasses.replace(cfg.data or DataConfig(), source=data)
+    return cfg
+
+
 @click.command("decompose")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", "model", default=None,
+              help="Model to decompose (replaces model.source): a local directory, a hub id, small_lm or smollm2.")
+@click.option("--data", "data", default=None,
+              help="Text to decompose it on (replaces data.source): local files/folder, a dataset name, stdlib_docstrings.")
 @click.option("--steps", type=int, default=None, help="Override train.steps.")
 @click.option("--device", default=None, help="Torch device (default: cuda if available, else cpu).")
 @click.option("--seed", type=int, default=None, help="Override the config's seed.")
@@ -60,15 +102,19 @@ def run_toy(cfg, out: Path, steps: int | None, device: str | None, seed: int, re
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Data-parallel processes (one per GPU; gloo on CPU): relaunches this command under "
                    "`python -m torch.distributed.run --standalone --nproc_per_node N`.")
-def decompose_command(config: Path, steps: int | None, device: str | None, seed: int | None, out: Path | None,
+def decompose_command(config: Path, model: str | None, data: str | None, steps: int | None, device: str | None, seed: int | None, out: Path | None,
                       resume_dir: Path | None, no_progress: bool, nproc: int) -> None:
-    """Decompose the target named in CONFIG (a YAML file, see examples/) and write a run directory.
+    """Decompose the model named in CONFIG (a YAML file, see examples/) and write a run directory.
 
-    The run directory holds config.yaml, metrics.jsonl, checkpoints/, decomposition/ (safetensors + JSON), the
-    toy target (target/) and PNG plots; a summary table of the final metrics is printed.
+    CONFIG names a language model (`model:` and `data:` sections, or --model / --data) or a toy target (`target:`).
+    The run directory holds config.yaml, metrics.jsonl, checkpoints/, decomposition/ (safetensors + JSON) and PNG
+    plots; language-model runs add eval.json (held-out KL, CE, L0 and alive components per site), toy runs their
+    target (target/). A table of the final evaluation is printed.
 
     \b
     Examples:
+      decomp-hooks decompose examples/lm/small_spd.yaml --steps 50
+      decomp-hooks decompose examples/lm/small_spd.yaml --model ./my-model --data ./texts/
       decomp-hooks decompose examples/tms_5-2.yaml --steps 2000 --out runs/tms
       decomp-hooks decompose examples/tms_5-2.yaml --resume runs/tms    # after a crash or pre-emption
       decomp-hooks decompose examples/resid_mlp1.yaml --nproc 4        # = torchrun --nproc_per_node 4 -m decomp_hooks.cli decompose ...
@@ -76,42 +122,36 @@ def decompose_command(config: Path, steps: int | None, device: str | None, seed:
     import decomp_hooks as dh
     from decomp_hooks import distributed
     from decomp_hooks.config import ConfigError
-    from decomp_hooks.toy.evaluate import passes, toy_plots
 
     try:
-        cfg = dh.load_config(config)
+        cfg = with_sources(dh.load_config(config), model, data)
     except ConfigError as err:
         raise click.BadParameter(str(err), param_hint="CONFIG") from None
-    if cfg.target is None or (cfg.target.toy is None and cfg.target.path is None):
-        raise click.BadParameter("the config has no `target:` section (toy: <name> or path: <saved toy dir>); "
-                                 "use the Python API to decompose your own model.", param_hint="CONFIG")
+    run, finish = runner(cfg)
     seed = cfg.seed if seed is None else seed
     out = resume_dir or out or Path("runs") / f"{config.stem}-s{seed}"
     if nproc > 1 and not distributed.launched():
-        sys.exit(launch(nproc, config, out, steps, device, seed, resume_dir is not None, no_progress))
+        sys.exit(launch(nproc, config, out, steps, device, seed, resume_dir is not None, no_progress, model, data))
     main_rank = distributed.is_main_process()
     created = not out.exists()
     try:
-        dec = run_toy(cfg, out, steps, device, seed, resume_dir is not None, not no_progress)
+        dec = run(cfg, out, steps, device, seed, resume_dir is not None, not no_progress)
     except (ValueError, FloatingPointError) as err:  # ConfigError, StoreError, SiteError, DataError, unknown toy
         if main_rank and created and not (out / "checkpoints").exists():
             shutil.rmtree(out, ignore_errors=True)  # refused before any checkpoint: leave nothing behind
         raise click.ClickException(str(err)) from None
     if main_rank:
-        toy_plots(dec, out)
-        final = dec.final_metrics()
-        click.echo(summary_table(final))
-        verdict = passes({k.removeprefix("eval/"): v for k, v in final.items()}, dec)
-        click.echo(f"ground-truth bars (docs/toys.md#success-bars): {'PASS' if verdict else 'FAIL'}   run directory: {out}")
+        click.echo(finish(dec, out))
     distributed.shutdown()
 
 
 def launch(nproc: int, config: Path, out: Path, steps: int | None, device: str | None, seed: int, resume: bool,
-           no_progress: bool) -> int:
+           no_progress: bool, model: str | None = None, data: str | None = None) -> int:
     """Run this command again as `nproc` torchrun ranks on this machine; returns torchrun's exit status."""
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "decomp_hooks.cli", "decompose", str(config), "--seed", str(seed)]
     args += ["--resume", str(out)] if resume else ["--out", str(out)]
     args += (["--steps", str(steps)] if steps is not None else []) + (["--device", device] if device else [])
     args += ["--no-progress"] if no_progress else []
+    args += (["--model", model] if model else []) + (["--data", data] if data else [])
     return subprocess.run(args).returncode

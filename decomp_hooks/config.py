@@ -14,6 +14,8 @@ from typing import Any, Union
 
 import yaml
 
+from decomp_hooks.lm.data import DataConfig
+from decomp_hooks.lm.model import ModelConfig
 from decomp_hooks.methods.apd.config import APDConfig
 from decomp_hooks.methods.registry import get_method
 from decomp_hooks.methods.spd.config import LossConfig
@@ -54,7 +56,9 @@ class TrainConfig:
     """The optimisation loop: Adam (weight decay 0), schedule, clipping, AMP, logging and checkpoints."""
 
     steps: int = 10_000
-    batch_size: int = 4096
+    batch_size: int = 4096  # the global batch (rows), split over the processes under torchrun
+    micro_batch_size: int | None = None  # rows per forward+backward; gradients accumulate over a process's share
+    eval_batch_size: int | None = None  # rows per evaluation forward on held-out data (None: a micro-batch's)
     lr: float = 1e-3
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     grad_clip_components: float | None = None
@@ -71,8 +75,21 @@ class TrainConfig:
     log_every: int = 100
     eval_every: int = 1000
     eval_pgd_steps: int = 20  # the evaluation PGD probe (steps of size 0.1); 0 skips it
+    eval_pgd_scope: str = "unique_per_datapoint"  # its sources: per position, or shared_across_batch (VPD's LM eval)
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
+
+
+def micro_batches(train: TrainConfig, world_size: int = 1) -> int:
+    """How many micro-batches each process's share of the global batch is split into (gradient accumulation)."""
+    local = train.batch_size // world_size
+    if train.micro_batch_size is None or train.micro_batch_size >= local:
+        return 1
+    if local % train.micro_batch_size:
+        raise ConfigError(f"train.micro_batch_size={train.micro_batch_size} does not divide the per-process batch "
+                          f"{local} (train.batch_size={train.batch_size} over {world_size} process(es)); use a divisor "
+                          f"of {local}.")
+    return local // train.micro_batch_size
 
 
 @dataclass
@@ -90,7 +107,8 @@ class DecomposeConfig:
     """Everything a decomposition run needs besides the model and data."""
 
     method: str = "spd"
-    targets: dict[str, int] = field(default_factory=dict)
+    targets: dict[str, int | None] = field(default_factory=dict)  # module glob -> C (null: from the C table)
+    c_scale: float = 1.0  # multiplies the C table's defaults (docs/lm.md#components-per-matrix)
     identity_targets: dict[str, int] = field(default_factory=dict)
     tied: list[list[str]] = field(default_factory=list)
     ci: CIConfig = field(default_factory=CIConfig)
@@ -102,6 +120,8 @@ class DecomposeConfig:
     ci_alive_threshold: float = 0.1
     seed: int = 0
     target: TargetConfig | None = None
+    model: ModelConfig | None = None
+    data: DataConfig | None = None
     apd: APDConfig = field(default_factory=APDConfig)
     vpd: VPDConfig = field(default_factory=VPDConfig)
 
@@ -221,15 +241,23 @@ def validate(cfg: DecomposeConfig) -> None:
     check(cfg.output_loss in ("mse", "kl"), f"output_loss={cfg.output_loss!r}; use 'mse' or 'kl'.")
     check(cfg.init in ("kaiming", "paper"), f"init={cfg.init!r}; use 'kaiming' or 'paper'.")
     for name, c in {**cfg.targets, **cfg.identity_targets}.items():
-        check(isinstance(c, int) and c > 0, f"targets[{name!r}]={c!r}: C must be a positive integer.")
+        check(c is None and name in cfg.targets or isinstance(c, int) and not isinstance(c, bool) and c > 0,
+              f"targets[{name!r}]={c!r}: C must be a positive integer (or, for targets, null: C from the table).")
+    check(cfg.c_scale > 0, f"c_scale={cfg.c_scale}: must be > 0.")
     t = cfg.train
     check(t.steps >= 0, f"train.steps={t.steps}: must be ≥ 0.")
     check(t.batch_size > 0, f"train.batch_size={t.batch_size}: must be > 0.")
+    check(t.micro_batch_size is None or t.micro_batch_size > 0,
+          f"train.micro_batch_size={t.micro_batch_size}: must be > 0, or null for no accumulation.")
+    check(t.eval_batch_size is None or t.eval_batch_size > 0, f"train.eval_batch_size={t.eval_batch_size}: must be > 0.")
+    micro_batches(t)
     check(t.lr > 0, f"train.lr={t.lr}: must be > 0.")
     check(t.schedule.fn in ("constant", "linear", "cosine"),
           f"train.schedule.fn={t.schedule.fn!r}; use 'constant', 'linear' or 'cosine'.")
     check(0 <= t.schedule.warmup_pct <= 1, f"train.schedule.warmup_pct={t.schedule.warmup_pct}: must be in [0, 1].")
     check(t.log_every > 0 and t.eval_every > 0 and t.checkpoint_every > 0,
           "train.log_every, eval_every and checkpoint_every must be > 0.")
+    check(t.eval_pgd_scope in ("unique_per_datapoint", "shared_across_batch"),
+          f"train.eval_pgd_scope={t.eval_pgd_scope!r}; use 'unique_per_datapoint' or 'shared_across_batch'.")
     check(t.keep_checkpoints >= 1, f"train.keep_checkpoints={t.keep_checkpoints}: must be ≥ 1.")
     get_method(cfg.method).validate(cfg)

@@ -33,6 +33,28 @@ def batch_rows(batch: Any) -> int:
     return first.shape[0]
 
 
+def row_share(batch: Any, index: int, parts: int, what: str = "parts") -> Any:
+    """The `index`-th of `parts` equal contiguous shares of a batch's rows (tensors and dicts/tuples of tensors,
+    split on dim 0); `what` names the parts in the error when the rows do not divide evenly."""
+    if isinstance(batch, torch.Tensor):
+        n = batch.shape[0]
+        if n % parts:
+            raise DataError(f"a batch of {n} rows cannot be split evenly into {parts} {what}; use a batch size "
+                            f"divisible by {parts}.")
+        share = n // parts
+        return batch[index * share:(index + 1) * share]
+    if isinstance(batch, dict):
+        return {k: row_share(v, index, parts, what) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(row_share(v, index, parts, what) for v in batch)
+    return batch
+
+
+def split_rows(batch: Any, parts: int) -> list[Any]:
+    """A batch as `parts` equal micro-batches of consecutive rows (the batch itself when `parts` is 1)."""
+    return [batch] if parts == 1 else [row_share(batch, i, parts, "micro-batches") for i in range(parts)]
+
+
 def iter_batches(data: Any, batch_size: int, max_batches: int | None = None, device: torch.device | None = None,
                  *, n_samples: int | None = None) -> Iterator[Any]:
     """Batches from a tensor (its rows split by `batch_size`), a dict (one batch), an iterable of batches, or a

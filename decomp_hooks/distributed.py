@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from decomp_hooks.config import ConfigError
-from decomp_hooks.data import CallableSource, DataError
+from decomp_hooks.data import CallableSource, row_share
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,14 @@ def mean_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+@torch.no_grad()
+def max_(t: torch.Tensor) -> torch.Tensor:
+    """`t`'s elementwise maximum over ranks, in place."""
+    if current().enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Every rank's `t` (same shape on all ranks), concatenated on dim 0 in rank order: the global batch's values."""
     if not current().enabled:
@@ -158,18 +166,29 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 
 def slice_batch(batch: Any, rank: int, world_size: int) -> Any:
     """This rank's contiguous share of a global batch (tensors and dicts/tuples of tensors, split on dim 0)."""
-    if isinstance(batch, torch.Tensor):
-        n = batch.shape[0]
-        if n % world_size:
-            raise DataError(f"a batch of {n} rows cannot be split evenly over {world_size} processes; "
-                            f"use a batch size divisible by {world_size}.")
-        share = n // world_size
-        return batch[rank * share:(rank + 1) * share]
-    if isinstance(batch, dict):
-        return {k: slice_batch(v, rank, world_size) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(slice_batch(v, rank, world_size) for v in batch)
-    return batch
+    return row_share(batch, rank, world_size, "processes")
+
+
+@contextmanager
+def gradient_sync(step: nn.Module | None, sync: bool) -> Iterator[None]:
+    """Inside: a backward through a DDP- or FSDP2-wrapped step reduces gradients over the ranks only if `sync`, so
+    micro-batches accumulate locally and the last one reduces the sum once. A no-op for a plain module."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    if sync or step is None:
+        yield
+    elif isinstance(step, DistributedDataParallel):
+        with step.no_sync():
+            yield
+    elif isinstance(step, FSDPModule):
+        step.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            step.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 class RankSource:

@@ -129,3 +129,17 @@ def plot_training_curves(
     if ax.lines:
         ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_site_bars(panels: dict[str, dict[str, float]], path: str | os.PathLike[str], title: str = "per site") -> Path:
+    """One bar chart per panel (e.g. CI-L0, alive components), sites along the x axis in the given order."""
+    fig = Figure(figsize=_figsize(1.0 + 0.35 * max(len(v) for v in panels.values()), 2.6 * len(panels)))
+    for i, (label, values) in enumerate(panels.items()):
+        ax = fig.add_subplot(len(panels), 1, i + 1)
+        ax.bar(range(len(values)), list(values.values()))
+        ax.set_ylabel(label)
+        ax.set_xticks(range(len(values)), list(values), fontsize=7, rotation=90 if i == len(panels) - 1 else 0)
+        if i < len(panels) - 1:
+            ax.set_xticklabels([])
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -14,8 +14,10 @@ from decomp_hooks.component_model import ComponentModel
 from decomp_hooks.config import ConfigError, DecomposeConfig, load_config, validate
 from decomp_hooks.data import make_source
 from decomp_hooks.decomposition import Decomposition, package_versions
+from decomp_hooks.lm.capacity import fill_default_c
 from decomp_hooks.methods import get_method
 from decomp_hooks.train import Trainer, set_seed
+from decomp_hooks.train.held_out import HeldOut
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -27,7 +29,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def build_config(config: Any, targets: dict[str, int] | None, steps: int | None, seed: int | None,
+def build_config(config: Any, targets: dict[str, int | None] | None, steps: int | None, seed: int | None,
                  identity_targets: dict[str, int] | None) -> DecomposeConfig:
     """The config with explicit arguments taking precedence over the file's values."""
     cfg = load_config(config)
@@ -45,18 +47,21 @@ def build_config(config: Any, targets: dict[str, int] | None, steps: int | None,
     return cfg
 
 
-def decompose(model: Any, data: Any, targets: dict[str, int] | None = None, method: str | None = None,
+def decompose(model: Any, data: Any, targets: dict[str, int | None] | None = None, method: str | None = None,
               config: DecomposeConfig | dict | str | Path | None = None, steps: int | None = None,
               device: str | torch.device | None = None, seed: int | None = None, out_dir: str | Path | None = None,
               identity_targets: dict[str, int] | None = None, resume: bool = False, progress: bool = True,
-              evaluate: Callable[[Decomposition, int], dict] | None = None) -> Decomposition:
+              evaluate: Callable[[Decomposition, int], dict] | None = None,
+              eval_data: torch.Tensor | None = None) -> Decomposition:
     """Decompose the chosen weight matrices of `model` with the config's method (`method` overrides it): SPD's
     rank-one components with causal importances by default; `decomp_hooks.methods.method_names()` lists the others.
 
-    `targets` maps fnmatch globs of the model's module names to C; `data` is a sampler `f(batch_size)`, a tensor or an
-    iterable of batches; `config` a DecomposeConfig, dict or YAML path (explicit `targets` replace its targets,
-    identity targets and ties). With `out_dir`, writes config, metrics.jsonl,
-    checkpoints and the final decomposition there; `resume=True` continues from its latest checkpoint.
+    `targets` maps fnmatch globs of the model's module names to C (None: the default of its matrix type, docs/lm.md);
+    `data` is a sampler `f(batch_size)`, a tensor or an
+    iterable of batches; `eval_data` (rows, e.g. held-out token ids) is what evaluation reads instead of a training
+    batch; `config` a DecomposeConfig, dict or YAML path (explicit `targets` replace its targets, identity targets
+    and ties). With `out_dir`, writes config, metrics.jsonl, checkpoints and the final decomposition there;
+    `resume=True` continues from its latest checkpoint.
 
     Under torchrun (`decomp-hooks decompose --nproc N`) every rank calls this: the global batch `train.batch_size`
     is split over the ranks, gradients are averaged (DDP, or FSDP2 with `train.fsdp`), and rank 0 alone writes.
@@ -75,6 +80,7 @@ def decompose(model: Any, data: Any, targets: dict[str, int] | None = None, meth
         raise store.StoreError(f"{str(out)!r} already holds a run; pass resume=True (CLI: --resume RUN_DIR) to continue it, or another out_dir.")
     set_seed(cfg.seed)
     module, sites, cs = resolve(model, cfg.targets, cfg.identity_targets)
+    cs = fill_default_c(sites, cs, cfg.c_scale)
     cfg = method_cls.resolve(cfg, cs)
     cm = ComponentModel.from_config(module, sites, cs, cfg).to(dev)
     method_obj = method_cls(cfg, world_size=ctx.world_size)
@@ -86,7 +92,10 @@ def decompose(model: Any, data: Any, targets: dict[str, int] | None = None, meth
         source.check_enough(cfg.train.steps + cfg.train.steps // cfg.train.eval_every + 1)
     dec = Decomposition(cm, cfg, provenance=_provenance(cfg, dev, cm, ctx.world_size), method=method_obj)
     extra = (lambda step: evaluate(dec, step)) if evaluate is not None else None
-    trainer = Trainer(cm, method_obj, source, cfg, dev, out, extra, progress, rank=ctx.rank, world_size=ctx.world_size)
+    held_out = None if eval_data is None else HeldOut(eval_data, eval_batch_size(cfg, ctx.world_size), ctx.rank,
+                                                      ctx.world_size)
+    trainer = Trainer(cm, method_obj, source, cfg, dev, out, extra, progress, rank=ctx.rank, world_size=ctx.world_size,
+                      held_out=held_out)
     if out is not None and resume:
         trainer.resume()
     start = time.perf_counter()
@@ -97,6 +106,12 @@ def decompose(model: Any, data: Any, targets: dict[str, int] | None = None, meth
         if out is not None and ctx.is_main:
             dec.save(out / "decomposition", overwrite=True)
     return dec
+
+
+def eval_batch_size(cfg: DecomposeConfig, world_size: int) -> int:
+    """Rows per evaluation forward: `train.eval_batch_size`, else a training micro-batch's."""
+    t = cfg.train
+    return t.eval_batch_size or t.micro_batch_size or max(t.batch_size // world_size, 1)
 
 
 def _provenance(cfg: DecomposeConfig, device: torch.device, cm: ComponentModel, world_size: int) -> dict:

@@ -6,18 +6,22 @@ Accepts a `datasets.Dataset` / `IterableDataset`, local text/JSON/parquet files 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from decomp_hooks.data import DataError
+from decomp_hooks.lm import looks_like_path
 
 LOCAL_FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_text_dataset(source: Any, split: str = "train", streaming: bool = False) -> Any:
-    """A `datasets` dataset from a Dataset object, local file(s) or a directory of them, or a hub dataset name."""
+def load_text_dataset(source: Any, split: str = "train", streaming: bool = False, name: str | None = None) -> Any:
+    """A `datasets` dataset from a Dataset object, local file(s) or a directory of them, or a hub dataset name (with
+    its config `name`). A string that looks like a path but does not exist is an error, never a hub lookup."""
     import datasets
 
     if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
@@ -26,14 +30,23 @@ def load_text_dataset(source: Any, split: str = "train", streaming: bool = False
         return datasets.Dataset.from_dict({"text": list(source)})
     paths = [Path(p) for p in (source if isinstance(source, (list, tuple)) else [source])]
     if all(_is_path(p) for p in paths):
-        files = [f for p in paths for f in (sorted(p.iterdir()) if p.is_dir() else [p]) if f.suffix in LOCAL_FORMATS]
+        files = local_files(paths)
         kinds = {LOCAL_FORMATS[f.suffix] for f in files}
         if len(kinds) != 1:
             raise DataError(f"data {source!r}: expected files of one kind among {sorted(LOCAL_FORMATS)}, found {sorted(kinds) or 'none'}.")
         return datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split=split, streaming=streaming)
+    if isinstance(source, str) and looks_like_path(source, tuple(LOCAL_FORMATS)):
+        raise DataError(f"data {source!r}: no such file or directory ({Path(source).expanduser().resolve()}); "
+                        "correct the path.")
     if isinstance(source, str):
-        return datasets.load_dataset(source, split=split, streaming=streaming)
+        return datasets.load_dataset(source, name, split=split, streaming=streaming)
     raise DataError(f"cannot read text from a {type(source).__name__}; pass a datasets.Dataset, file paths or a dataset name.")
+
+
+def local_files(paths: Iterable[str | Path]) -> list[Path]:
+    """The text/JSON/parquet/CSV files among `paths`, a directory standing for the files directly in it (sorted)."""
+    paths = [Path(p).expanduser() for p in paths]
+    return [f for p in paths for f in (sorted(p.iterdir()) if p.is_dir() else [p]) if f.suffix in LOCAL_FORMATS]
 
 
 def _all_paths(items: Iterable[str]) -> bool:
@@ -55,6 +68,36 @@ def token_stream(texts: Iterable[str], tokenizer: Any, eos_id: int | None = None
     for text in texts:
         yield from tokenizer(text, add_special_tokens=False)["input_ids"]
         yield eos
+
+
+def iter_texts(dataset: Any, text_column: str = "text", batch_size: int = 1000) -> Iterator[str]:
+    """The documents of a `datasets` dataset's text column, read `batch_size` rows at a time; a missing column is an
+    error listing the columns."""
+    columns = getattr(dataset, "column_names", None)
+    for batch in dataset.iter(batch_size=batch_size):
+        columns = columns or list(batch)
+        if text_column not in columns:
+            raise DataError(f"the dataset has no column {text_column!r}; its columns are {sorted(columns)}; set "
+                            "text_column (data.text_column in a config) to the one holding the text.")
+        yield from batch[text_column]
+
+
+def token_rows(texts: Iterable[str], tokenizer: Any, context_length: int, eos_id: int | None = None,
+               docs_per_call: int = 256) -> Iterator[torch.Tensor]:
+    """Blocks of rows `[k, context_length]` (int32) of the documents' tokens joined by EOS, tokenising
+    `docs_per_call` documents per tokenizer call (a fast tokenizer batches them); the incomplete tail is dropped."""
+    eos = tokenizer.eos_token_id if eos_id is None else eos_id
+    if eos is None:
+        raise DataError("the tokenizer has no eos_token_id; pass eos_id= to join documents.")
+    texts = iter(texts)
+    carry = np.empty(0, dtype=np.int32)
+    while group := list(islice(texts, docs_per_call)):
+        ids = tokenizer(group, add_special_tokens=False, verbose=False)["input_ids"]
+        flat = np.concatenate([carry, np.fromiter(chain.from_iterable(d + [eos] for d in ids), dtype=np.int32)])
+        n = len(flat) // context_length
+        carry = flat[n * context_length:]
+        if n:
+            yield torch.from_numpy(flat[: n * context_length].reshape(n, context_length))
 
 
 def chunk_tokens(stream: Iterable[int], context_length: int, batch_size: int) -> Iterator[torch.Tensor]:
@@ -103,14 +146,21 @@ class TokenBatches:
                             "pass more text, or a smaller batch_size / context_length.")
 
 
-def stdlib_docstrings(min_chars: int = 200, limit: int | None = None) -> list[str]:
-    """Human-written English every machine has: the Python standard library's longer docstrings (an offline corpus)."""
+STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "dist-packages"})
+
+
+def stdlib_docstrings(min_chars: int = 200, limit: int | None = None, subpackages: bool = False) -> list[str]:
+    """Human-written English every machine has: the Python standard library's longer docstrings (an offline corpus).
+
+    By default only the top-level modules are read; `subpackages=True` also walks the packages (about twice the text),
+    skipping test suites, IDLE and installed third-party packages. Files are read in sorted order, so the list is fixed."""
     import ast
     import sysconfig
 
     root = Path(sysconfig.get_paths()["stdlib"])
+    paths = root.rglob("*.py") if subpackages else root.glob("*.py")
     docs: list[str] = []
-    for path in sorted(root.glob("*.py")):
+    for path in sorted(p for p in paths if not STDLIB_SKIP_DIRS & set(p.relative_to(root).parts[:-1])):
         try:
             tree = ast.parse(path.read_text(encoding="utf-8", errors="ignore"))
         except SyntaxError:

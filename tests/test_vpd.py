@@ -51,8 +51,8 @@ def test_sources_ascend_the_loss():
     """Adam ascent on a loss that grows with r pushes every source up to the clamp at 1."""
     sources = PersistentSources(VPDConfig(lr=0.1, warmup_updates=1))
     r = sources.ensure({"a": (4, 3)}, torch.device("cpu"))["a"]
-    for _ in range(30):
-        sources.ascend({"a": torch.ones_like(r)}, lr=0.1)
+    for t in range(1, 31):
+        sources.ascend({"a": torch.ones_like(r)}, lr=0.1, t=t)
     assert torch.equal(sources.r["a"], torch.ones(4, 3))
     with pytest.raises(ValueError, match="same shape"):
         sources.ensure({"a": (5, 3)}, torch.device("cpu"))

@@ -48,7 +48,11 @@ class Method:
     importance_kind: ClassVar[str] = "ci"
 
     def __init__(self, cfg: DecomposeConfig, world_size: int = 1):
+        from decomp_hooks.config import micro_batches
+
         self.cfg, self.world_size = cfg, world_size
+        #: the pieces one global batch is computed in (ranks × micro-batches), for batch-sum terms
+        self.batch_shards = world_size * micro_batches(cfg.train, world_size)
 
     # -- configuration and layout ---------------------------------------------------------------------------------
 

@@ -18,11 +18,12 @@ from tqdm.auto import tqdm
 
 from decomp_hooks import distributed, store
 from decomp_hooks.component_model import ComponentModel
-from decomp_hooks.config import DecomposeConfig
-from decomp_hooks.data import check_finite, to_device
+from decomp_hooks.config import DecomposeConfig, micro_batches
+from decomp_hooks.data import check_finite, split_rows, to_device
 from decomp_hooks.methods.base import Method, StepOutput
 from decomp_hooks.metrics import ci_l0
 from decomp_hooks.train.checkpoint import Checkpoints
+from decomp_hooks.train.held_out import HeldOut
 from decomp_hooks.train.preflight import preflight
 from decomp_hooks.train.runtime import autocast, keep_freed_memory, peak_memory_mb, set_seed, stop_on_signal, tf32
 from decomp_hooks.train.schedule import lr_at
@@ -49,8 +50,9 @@ class Trainer:
 
     def __init__(self, cm: ComponentModel, method: Method, source: Any, cfg: DecomposeConfig, device: torch.device,
                  out_dir: Path | None = None, evaluate: Callable[[int], dict] | None = None, progress: bool = True,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, held_out: HeldOut | None = None):
         self.cm, self.method, self.source, self.cfg, self.device = cm, method, source, cfg, device
+        self.held_out = held_out
         self.out_dir, self.extra_eval, self.progress = out_dir, evaluate, progress
         self.rank, self.world_size = rank, world_size
         self.checkpoints = Checkpoints(out_dir, cfg, rank, world_size) if out_dir is not None else None
@@ -60,6 +62,7 @@ class Trainer:
         self.records: list[dict] = []
         self.preflight_done = False
         self.fingerprints = cm.fingerprints() if out_dir is not None else {}  # before FSDP2 shards the target
+        self.micro_batches = micro_batches(cfg.train, world_size)
 
     def ready(self) -> None:
         """Wrap the step for the ranks (DDP, or FSDP2 with `train.fsdp`) and build the optimizer, once; after the
@@ -151,10 +154,10 @@ class Trainer:
                 begin = time.perf_counter()
                 last = self.step == t.steps
                 if not last:
-                    out, log = self.train_step()
+                    terms, log = self.train_step()
                     step_times.append(time.perf_counter() - begin)
                     if self.step % t.log_every == 0:
-                        self.log_train(out, log, step_times)
+                        self.log_train(terms, log, step_times)
                 if self.step % t.eval_every == 0 or last:
                     self.log(self.evaluate())
                 self.step += 1
@@ -169,8 +172,10 @@ class Trainer:
         bar.close()
         return self.records
 
-    def train_step(self) -> tuple[StepOutput, dict[str, Any]]:
-        """One optimizer step; returns the method's step output and the loop's own figures (lr, gradient norms)."""
+    def train_step(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """One optimizer step over the global batch, computed in micro-batches whose gradients accumulate; returns
+        the mean of each loss term, and the loop's own figures (lr, gradient norms, the method's log, CI-L0 per
+        site on logging steps)."""
         t = self.cfg.train
         lr = lr_at(self.step, t.steps, t.lr, t.schedule)
         for group in self.opt.param_groups:
@@ -180,14 +185,18 @@ class Trainer:
         if not self.preflight_done:
             preflight(self.cm.target, batch)
             self.preflight_done = True
-        with tf32(self.device, t):
-            with autocast(self.device, t):
-                try:
-                    out = self.step_loss(batch, self.step / max(t.steps, 1))
-                except FloatingPointError as err:
-                    raise FloatingPointError(f"step {self.step}: {err}; the last good checkpoint is kept in {self.checkpoint_root}") from None
-            self.opt.zero_grad(set_to_none=True)
-            out.total.backward()
+        chunks = split_rows(batch, self.micro_batches)
+        self.opt.zero_grad(set_to_none=True)
+        terms: dict[str, torch.Tensor] = {}
+        l0: dict[str, float] = {}
+        logging = self.step % t.log_every == 0
+        for i, chunk in enumerate(chunks):
+            out = self.micro_step(chunk, sync=i == len(chunks) - 1, scale=1 / len(chunks))
+            for k, v in {"total": out.total.detach(), **out.terms}.items():
+                terms[k] = terms.get(k, 0) + v / len(chunks)
+            if logging:
+                for n, g in out.importances.items():
+                    l0[n] = l0.get(n, 0.0) + ci_l0(g, self.cfg.ci_alive_threshold) / len(chunks)
         self.method.after_backward(self.cm)
         g_comp, g_ci = self.grad_norms()
         if not (torch.isfinite(g_comp) and torch.isfinite(g_ci)):
@@ -197,25 +206,39 @@ class Trainer:
                                      f"{g_ci.item()}); the last good checkpoint is kept in {self.checkpoint_root}")
         self.opt.step()
         self.method.after_step(self.cm)
-        return out, {"total": out.total.detach(), "lr": lr, "grad_norm/components": g_comp, "grad_norm/ci_fns": g_ci}
+        return terms, {"lr": lr, "grad_norm/components": g_comp, "grad_norm/ci_fns": g_ci, "l0": l0, **out.log}
 
-    def log_train(self, out: StepOutput, log: dict[str, Any], step_times: list[float]) -> None:
-        tau = self.cfg.ci_alive_threshold
-        l0 = {f"train/l0/{n}": ci_l0(g, tau) for n, g in out.importances.items()}
+    def micro_step(self, batch: Any, sync: bool, scale: float) -> StepOutput:
+        """Forward and backward of one micro-batch, its loss scaled by `scale`; gradients are reduced over the ranks
+        only when `sync` (the last micro-batch of a step)."""
+        t = self.cfg.train
+        with distributed.gradient_sync(self.step_loss, sync), tf32(self.device, t):
+            with autocast(self.device, t):
+                try:
+                    out = self.step_loss(batch, self.step / max(t.steps, 1))
+                except FloatingPointError as err:
+                    raise FloatingPointError(f"step {self.step}: {err}; the last good checkpoint is kept in {self.checkpoint_root}") from None
+            (out.total * scale if scale != 1 else out.total).backward()
+        return out
+
+    def log_train(self, terms: dict[str, torch.Tensor], log: dict[str, Any], step_times: list[float]) -> None:
+        l0 = {f"train/l0/{n}": v for n, v in log.pop("l0").items()}
         recent = step_times[-self.cfg.train.log_every:]
-        record = {"step": self.step, **{f"train/{k}": v for k, v in {**out.terms, **log}.items()}, **l0,
+        record = {"step": self.step, **{f"train/{k}": v for k, v in {**terms, **log}.items()}, **l0,
                   "train/l0/total": sum(l0.values()),
                   "time_per_step_s": sum(recent) / len(recent), "steps_per_s": len(recent) / sum(recent),
-                  "peak_memory_mb": peak_memory_mb(self.device),
-                  **{f"train/{k}": v for k, v in out.log.items()}}
+                  "peak_memory_mb": peak_memory_mb(self.device)}
         self.log(distributed.mean_over_ranks(record))
 
     def evaluate(self) -> dict:
-        """The method's metrics on this rank's share of a batch, averaged over ranks; `extra_eval` on rank 0 only."""
-        batch = to_device(self.source.next(), self.device)
+        """The method's metrics on the held-out data if there is any, else on this rank's share of the next training
+        batch; averaged over ranks; `extra_eval` on rank 0 only."""
         with distributed.gathered(self.step_loss):
             with torch.no_grad(), autocast(self.device, self.cfg.train):
-                metrics = self.method.evaluate(self.cm, batch)
+                if self.held_out is not None:
+                    metrics = self.held_out(self.cm, self.method, self.device)
+                else:
+                    metrics = self.method.evaluate(self.cm, to_device(self.source.next(), self.device))
             record = distributed.mean_over_ranks({"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()}})
             if self.extra_eval is not None and self.rank == 0:
                 record.update({f"eval/{k}": v for k, v in self.extra_eval(self.step).items()})

@@ -18,17 +18,9 @@ from decomp_hooks.methods.spd.context import StepContext
 from decomp_hooks.methods.spd.terms import TERMS, Term
 from decomp_hooks.methods.spd.terms.importance_minimality import annealed_p
 from decomp_hooks.methods.spd.terms.pgd import pgd_probe
-from decomp_hooks.metrics import ce_loss, ci_l0, kl_logits, mse
+from decomp_hooks.lm.metrics import ce_summary, lm_metrics
+from decomp_hooks.metrics import ci_l0, kl_logits, mse
 from decomp_hooks.sites import match_targets
-
-#: the LM evaluation mask types: component mask as a function of the CI g
-MASK_TYPES = {
-    "ci_masked": lambda g: g,
-    "unmasked": torch.ones_like,
-    "stoch_masked": lambda g: g + (1 - g) * torch.rand_like(g),
-    "random_masked": torch.rand_like,
-    "zero_masked": torch.zeros_like,
-}
 
 ROUTINGS = ("uniform_k_subset", "static_probability")
 MINIMALITY_TERMS = ("importance_minimality", "frequency_minimality")
@@ -123,36 +115,26 @@ class SPD(Method):
     # -- evaluation ----------------------------------------------------------------------------------------------
 
     def evaluate(self, cm: ComponentModel, batch: Any) -> dict[str, float]:
-        """Faithfulness, reconstruction under each mask kind, the PGD probe, and CI-L0 / live components per site."""
+        """Faithfulness, reconstruction under each mask kind, the PGD probe, CI-L0 / live components per site, and
+        for language models (KL output loss, token-id batches) KL and CE under every mask type."""
         ctx = self.prepare(cm, batch, noise=False, delta=True)
         everywhere = {n: None for n in ctx.ci}
         out = {"faithfulness": cm.faithfulness(ctx.delta_ws).item()}
         for kind in ("stochastic", "ci", "unmasked"):
             out[f"{kind}_recon"] = self.recon(ctx, self.masks(ctx, kind, everywhere)).item()
-        if self.cfg.train.eval_pgd_steps > 0:
-            out["pgd_probe"] = pgd_probe(self, ctx, n_steps=self.cfg.train.eval_pgd_steps)
+        t = self.cfg.train
+        adversarial = pgd_probe(self, ctx, t.eval_pgd_steps, scope=t.eval_pgd_scope) if t.eval_pgd_steps > 0 else None
+        if adversarial is not None:
+            out["pgd_probe"] = self.divergence(adversarial, ctx.target_out).item()
         tau = self.cfg.ci_alive_threshold
         labels = token_labels(ctx.batch)
         if self.cfg.output_loss == "kl" and labels is not None:
-            out.update(self.lm_metrics(ctx, labels))
+            out.update(lm_metrics(ctx, labels, tau, adversarial))
+            out.update(ce_summary(out))
         for name, c in ctx.ci.items():
             g = c.lower.flatten(0, -2).float()
             out[f"l0/{name}"] = ci_l0(g, tau)
             out[f"live/{name}"] = int((g.max(0).values > tau).sum())
-        return out
-
-    def lm_metrics(self, ctx: StepContext, labels: torch.Tensor) -> dict[str, float]:
-        """KL to the target and CE against the next tokens under each mask type, plus ce_difference / ce_unrecovered."""
-        mask_fns = {**MASK_TYPES, "rounded_masked": lambda g: (g > self.cfg.ci_alive_threshold).to(g.dtype)}
-        ce_target = ce_loss(ctx.target_out, labels).item()
-        out, ce = {"ce_target": ce_target}, {}
-        for mt, fn in mask_fns.items():
-            logits, _ = ctx.cm(ctx.batch, masks={n: SiteMask(fn(c.lower)) for n, c in ctx.ci.items()})
-            out[f"kl_{mt}"] = kl_logits(logits, ctx.target_out).item()
-            ce[mt] = ce_loss(logits, labels).item()
-        for mt, value in ce.items():
-            out[f"ce_difference_{mt}"] = value - ce_target
-            out[f"ce_unrecovered_{mt}"] = (value - ce_target) / max(ce["zero_masked"] - ce_target, 1e-12)
         return out
 
     # -- masks and routing ---------------------------------------------------------------------------------------

@@ -31,7 +31,9 @@ class VPD(SPD):
     def __init__(self, cfg: DecomposeConfig, world_size: int = 1):
         super().__init__(cfg, world_size)
         self.adversary = PersistentSources(cfg.vpd)
-        self.pending: tuple[dict[str, torch.Tensor], float] | None = None
+        self.micro_batches = self.batch_shards // world_size
+        self.micro = 0  # which micro-batch of this step comes next
+        self.pending: list[tuple[dict[str, torch.Tensor], float, slice]] = []
 
     @classmethod
     def validate(cls, cfg: DecomposeConfig) -> None:
@@ -44,21 +46,26 @@ class VPD(SPD):
         check(v.warmup_updates >= 0, f"vpd.warmup_updates={v.warmup_updates}: must be ≥ 0.")
 
     def adversarial_recon(self, ctx: StepContext, frac: float) -> torch.Tensor:
-        """The persistent adversary's reconstruction loss this step (after its warm-up updates)."""
+        """The persistent adversary's reconstruction loss on this micro-batch (after its warm-up updates). The
+        sources cover the process's whole batch; each micro-batch reads and updates its own rows of them."""
         group = {n: None for n in ctx.ci}
-        g0 = next(iter(ctx.ci.values())).lower
-        shapes = {n: (*c.lower.shape[:-1], c.lower.shape[-1] + 1) for n, c in ctx.ci.items()}
-        sources = self.adversary.ensure(shapes, g0.device)
-        lr = self.adversary.lr(frac)
+        rows_per = next(iter(ctx.ci.values())).lower.shape[0]
+        shapes = {n: (rows_per * self.micro_batches, *c.lower.shape[1:-1], c.lower.shape[-1] + 1)
+                  for n, c in ctx.ci.items()}
+        rows = slice(self.micro * rows_per, (self.micro + 1) * rows_per)
+        self.micro += 1
+        sources = self.adversary.ensure(shapes, next(iter(ctx.ci.values())).lower.device)
+        lr, t0 = self.adversary.lr(frac), self.adversary.t
         detached = StepContext(ctx.cm, ctx.batch, ctx.target_out, ctx.inputs, ctx.ci,
                                {n: dw.detach() for n, dw in ctx.delta_ws.items()},
                                {n: r.detach() for n, r in ctx.reuse.items()})
-        for _ in range(self.cfg.vpd.warmup_updates):
-            self.adversary.ascend(self._source_grads(detached, sources, group, detach_ci=True), lr)
-        leaves = {n: s.detach().requires_grad_(True) for n, s in sources.items()}
+        for k in range(self.cfg.vpd.warmup_updates):
+            mine = {n: s[rows] for n, s in sources.items()}
+            self.adversary.ascend(self._source_grads(detached, mine, group, detach_ci=True), lr, t0 + k + 1, rows)
+        leaves = {n: s[rows].detach().requires_grad_(True) for n, s in sources.items()}
         loss = self.recon(ctx, pgd_masks(self, ctx, leaves, group, False))
         grads = torch.autograd.grad(loss, list(leaves.values()), retain_graph=True)
-        self.pending = (dict(zip(leaves, grads)), lr)
+        self.pending.append((dict(zip(leaves, grads)), lr, rows))
         return loss
 
     def _source_grads(self, ctx: StepContext, sources: dict[str, torch.Tensor], group: dict,
@@ -69,10 +76,14 @@ class VPD(SPD):
         return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
 
     def after_step(self, cm) -> None:
-        """The adversary's update with the gradient taken before the main backward."""
-        if self.pending is not None:
-            self.adversary.ascend(*self.pending)
-            self.pending = None
+        """The adversary's last update of the step, on every micro-batch's rows, with the gradients taken before
+        the main backward."""
+        if self.pending:
+            t = self.adversary.t + self.cfg.vpd.warmup_updates + 1
+            for grads, lr, rows in self.pending:
+                self.adversary.ascend(grads, lr, t, rows)
+            self.adversary.t = t
+        self.pending, self.micro = [], 0
 
     def step_log(self, frac: float) -> dict[str, float]:
         return {**super().step_log(frac), "adversary_lr": self.adversary.lr(frac)}

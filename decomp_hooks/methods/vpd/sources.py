@@ -8,7 +8,8 @@ from decomp_hooks.methods.vpd.config import VPDConfig
 
 
 class PersistentSources:
-    """The adversary's sources and Adam moments per site, created at the first batch's shape; one shared step count."""
+    """The adversary's sources and Adam moments per site, created at the first batch's shape; `t` counts the
+    completed update rounds (shared by all sites and slots)."""
 
     def __init__(self, cfg: VPDConfig):
         self.cfg = cfg
@@ -34,16 +35,16 @@ class PersistentSources:
         return self.r
 
     @torch.no_grad()
-    def ascend(self, grads: dict[str, torch.Tensor], lr: float) -> None:
-        """One bias-corrected Adam step up the loss gradient, then clamp the sources to [0, 1]."""
+    def ascend(self, grads: dict[str, torch.Tensor], lr: float, t: int, rows: slice = slice(None)) -> None:
+        """The `t`-th bias-corrected Adam step up the loss gradient on the batch slots `rows` (one micro-batch's, or
+        all), then clamp the sources to [0, 1]. Adam works elementwise, so updating the slots of each micro-batch
+        with the same `t` is the update of the whole batch."""
         b1, b2 = self.cfg.betas
-        self.t += 1
         for name, g in grads.items():
-            self.m[name].mul_(b1).add_(g, alpha=1 - b1)
-            self.v[name].mul_(b2).addcmul_(g, g, value=1 - b2)
-            m_hat = self.m[name] / (1 - b1 ** self.t)
-            v_hat = self.v[name] / (1 - b2 ** self.t)
-            self.r[name].add_(lr * m_hat / (v_hat.sqrt() + self.cfg.eps)).clamp_(0, 1)
+            m, v, r = self.m[name][rows], self.v[name][rows], self.r[name][rows]
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            r.add_(lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + self.cfg.eps)).clamp_(0, 1)
 
     def lr(self, frac: float) -> float:
         """The source learning rate at training progress `frac`: linear warm-up from 0, then constant."""

@@ -21,10 +21,11 @@ def annealed_p(loss: LossConfig, frac: float) -> float:
 
 
 def minimality(ci: dict[str, CausalImportance], p: float, eps: float, importance: float, frequency: float,
-               world_size: int, site_weights: dict[str, float] | None = None) -> torch.Tensor:
-    """Σ_l w_l Σ_c [a·μ + b·μ log₂(1 + N·W·μ)], μ_{l,c} = mean over this rank's N positions of (g⁺ + ε)^p, W the
-    number of ranks (so N·W·μ is the global batch's sum); a = `importance`, b = `frequency`; w_l from `site_weights`
-    (1 for the sites it does not name), so that one site can be held to a weaker or stronger sparsity than the rest."""
+               shards: int, site_weights: dict[str, float] | None = None) -> torch.Tensor:
+    """Σ_l w_l Σ_c [a·μ + b·μ log₂(1 + N·W·μ)], μ_{l,c} = mean over these N positions of (g⁺ + ε)^p, W = `shards`
+    the pieces the global batch is computed in (ranks × micro-batches, so N·W·μ is the global batch's sum);
+    a = `importance`, b = `frequency`; w_l from `site_weights` (1 for the sites it does not name), so that one site can
+    be held to a weaker or stronger sparsity than the rest."""
     weights = site_weights or {}
     total = 0.0
     for name, c in ci.items():
@@ -32,24 +33,24 @@ def minimality(ci: dict[str, CausalImportance], p: float, eps: float, importance
         mu = (g + eps).mean(0) if p == 1 else (g + eps).pow(p).mean(0)
         term = importance * mu if importance != 1 else mu
         if frequency:
-            term = term + frequency * mu * torch.log2(1 + g.shape[0] * world_size * mu)
+            term = term + frequency * mu * torch.log2(1 + g.shape[0] * shards * mu)
         total = total + weights.get(name, 1.0) * term.sum()
     return total
 
 
-def importance_minimality(ci: dict[str, CausalImportance], p: float, eps: float, beta: float, world_size: int,
+def importance_minimality(ci: dict[str, CausalImportance], p: float, eps: float, beta: float, shards: int,
                           site_weights: dict[str, float] | None = None) -> torch.Tensor:
     """Σ_l w_l Σ_c [μ + β μ log₂(1 + N·W·μ)]: importance minimality with the frequency term folded in at β."""
-    return minimality(ci, p, eps, 1.0, beta, world_size, site_weights)
+    return minimality(ci, p, eps, 1.0, beta, shards, site_weights)
 
 
 def _importance(spd, ctx, lc: LossConfig, frac: float) -> torch.Tensor:
-    return importance_minimality(ctx.ci, annealed_p(lc, frac), lc.eps, lc.beta, spd.world_size,
+    return importance_minimality(ctx.ci, annealed_p(lc, frac), lc.eps, lc.beta, spd.batch_shards,
                                  spd.site_weights(ctx, lc))
 
 
 def _frequency(spd, ctx, lc: LossConfig, frac: float) -> torch.Tensor:
-    return minimality(ctx.ci, annealed_p(lc, frac), lc.eps, 0.0, 1.0, spd.world_size, spd.site_weights(ctx, lc))
+    return minimality(ctx.ci, annealed_p(lc, frac), lc.eps, 0.0, 1.0, spd.batch_shards, spd.site_weights(ctx, lc))
 
 
 TERMS = {"importance_minimality": Term(_importance), "frequency_minimality": Term(_frequency)}

@@ -35,8 +35,9 @@ def pgd_masks(spd, ctx: StepContext, sources: dict[str, torch.Tensor], group: di
     return out
 
 
-def pgd_recon(spd, ctx: StepContext, group: dict, lc: LossConfig) -> torch.Tensor:
-    """n_steps of sign ascent on the sources, then the reconstruction loss at the final sources."""
+def pgd_attack(spd, ctx: StepContext, group: dict, lc: LossConfig) -> dict[str, torch.Tensor]:
+    """`lc.n_steps` steps of sign ascent from fresh sources on the reconstruction loss (CI held fixed): the sources
+    of the worst masks found."""
     sources = pgd_sources(ctx, list(group), lc)
     delta_ws = {n: dw.detach() for n, dw in ctx.delta_ws.items()}
     reuse = {n: r.detach() for n, r in ctx.reuse.items()}
@@ -48,14 +49,24 @@ def pgd_recon(spd, ctx: StepContext, group: dict, lc: LossConfig) -> torch.Tenso
         if lc.mask_scope == "shared_across_batch":
             grads = [distributed.mean_(gr) for gr in grads]  # the ascent direction of the global-batch loss
         sources = {n: (s.detach() + lc.step_size * gr.sign()).clamp(0, 1) for (n, s), gr in zip(sources.items(), grads)}
-    return spd.recon(ctx, pgd_masks(spd, ctx, sources, group, False))
+    return sources
 
 
-def pgd_probe(spd, ctx: StepContext, n_steps: int = 20, step_size: float = 0.1) -> float:
-    """The evaluation PGD probe: fresh sign-PGD over all sites, per position."""
-    lc = LossConfig(type="pgd_recon", n_steps=n_steps, step_size=step_size, mask_scope="unique_per_datapoint")
+def pgd_recon(spd, ctx: StepContext, group: dict, lc: LossConfig) -> torch.Tensor:
+    """The reconstruction loss at the sources `pgd_attack` found (its gradient reaches the CI through g)."""
+    return spd.recon(ctx, pgd_masks(spd, ctx, pgd_attack(spd, ctx, group, lc), group, False))
+
+
+def pgd_probe(spd, ctx: StepContext, n_steps: int = 20, step_size: float = 0.1,
+              scope: str = "unique_per_datapoint") -> torch.Tensor:
+    """The evaluation PGD probe: a fresh sign-PGD attack on all sites, its sources per position or one shared by
+    the whole batch (`scope`); returns the model output under the adversarial masks it found."""
+    lc = LossConfig(type="pgd_recon", n_steps=n_steps, step_size=step_size, mask_scope=scope)
+    group = {n: None for n in ctx.ci}
     with torch.enable_grad():
-        return pgd_recon(spd, ctx, {n: None for n in ctx.ci}, lc).item()
+        sources = pgd_attack(spd, ctx, group, lc)
+    out, _ = ctx.cm(ctx.batch, masks=pgd_masks(spd, ctx, sources, group, True), delta_ws=ctx.delta_ws, reuse=ctx.reuse)
+    return out
 
 
 def pgd_term(routing: str) -> Term:

@@ -1,0 +1,48 @@
+"""A language-model run from a config's `model:` and `data:` sections: load the model in its toolkit, tokenise the
+text (held-out rows for evaluation), decompose, and write the evaluation report (docs/lm.md)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from decomp_hooks import distributed
+from decomp_hooks.config import ConfigError, DecomposeConfig
+from decomp_hooks.decomposition import Decomposition
+
+
+def main_first(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args)` on rank 0 first, then on the other ranks: whatever it trains or caches on first use (the small
+    LM, the token cache) is written once and read by the rest."""
+    result = fn(*args, **kwargs) if distributed.is_main_process() else None
+    distributed.barrier()
+    return result if distributed.is_main_process() else fn(*args, **kwargs)
+
+
+def run_lm(cfg: DecomposeConfig, out: Path, steps: int | None, device: Any, seed: int, resume: bool,
+           progress: bool) -> Decomposition:
+    """Decompose the config's language model on its text (evaluated on held-out rows) into run directory `out`."""
+    import decomp_hooks as dh
+    from decomp_hooks.lm.data import token_data
+    from decomp_hooks.lm.model import load_model
+    from decomp_hooks.run import resolve_device
+
+    if cfg.data is None or (cfg.data.source is None and not cfg.data.files):
+        raise ConfigError("the config has a `model:` section but no text: set `data: {source: ...}` (a dataset name, "
+                          "local files, or stdlib_docstrings) or pass --data.")
+    _, dev = distributed.setup(resolve_device(device or cfg.model.device))
+    loaded = main_first(load_model, cfg.model, dev)
+    if loaded.context_length is not None and cfg.data.context_length > loaded.context_length:
+        raise ConfigError(f"data.context_length={cfg.data.context_length} exceeds the model's context "
+                          f"{loaded.context_length}; use data.context_length ≤ {loaded.context_length}.")
+    tokens = main_first(token_data, cfg.data, loaded.tokenizer, cfg.train.batch_size, progress)
+    dec = dh.decompose(loaded.model, tokens.train, config=cfg, steps=steps, device=dev, seed=seed, out_dir=out,
+                       resume=resume, progress=progress, eval_data=tokens.eval)
+    dec.provenance.update({"model": loaded.name, "data": tokens.info})
+    return dec
+
+
+def finish_lm(dec: Decomposition, out: Path) -> str:
+    """Write `eval.json` and the PNG plots into `out`; the evaluation table to print."""
+    from decomp_hooks.lm.report import report_table, write_report
+
+    return f"{report_table(write_report(dec, out))}\nrun directory: {out}"
