@@ -1,4 +1,4 @@
-"""`decomp-hooks toy`: train and list the ground-truth toy targets."""
+"""`decomp-hooks toy`: train and list the ground-truth toy targets and the small language model."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,7 @@ import click
 
 @click.group("toy")
 def toy_group() -> None:
-    """Ground-truth toy targets of the SPD paper (TMS, residual MLP)."""
+    """Ground-truth toy targets of the SPD paper (TMS, residual MLP) and a small Llama-style LM."""
 
 
 @toy_group.command("list")
@@ -39,3 +39,28 @@ def train_command(name: str, out: Path, steps: int | None, seed: int, device: st
         raise click.BadParameter(str(err), param_hint="NAME") from None
     save_toy(model, out, preset=name, seed=seed)
     click.echo(f"saved {name} (seed {seed}) to {out}")
+
+
+@toy_group.command("lm")
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True,
+              help="Directory to write the model, tokenizer and training.json to (written atomically).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Training seed.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Override the recipe's step count.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+def lm_command(out: Path, seed: int, steps: int | None, force: bool) -> None:
+    """Train the small Llama-style LM on the standard library's docstrings and save it as a Hugging Face model.
+
+    The directory loads with AutoModelForCausalLM / AutoTokenizer.from_pretrained once decomp_hooks.toy.lm is
+    imported.
+
+    Example: decomp-hooks toy lm --out runs/small-lm --seed 0
+    """
+    from decomp_hooks import store
+    from decomp_hooks.toy.lm import SmallLMConfig, SmallLMTraining, save_small_lm, train_small_lm
+
+    overwrite = store.replaceable_dir(out, force, click.ClickException)
+    training = SmallLMTraining(seed=seed) if steps is None else SmallLMTraining(seed=seed, steps=steps)
+    model, tokenizer, report = train_small_lm(SmallLMConfig(), training)
+    save_small_lm(model, tokenizer, out, report, overwrite=overwrite)
+    click.echo(f"saved the small LM (seed {seed}) to {out}: held-out CE {report['heldout_ce']:.3f} nats/token, "
+               f"unigram entropy {report['unigram_entropy']:.3f}")
