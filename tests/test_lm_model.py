@@ -139,14 +139,20 @@ def test_config_errors(tmp_path):
         load_model(ModelConfig())
 
 
-@pytest.mark.slow  # the first use trains the small LM (minutes); later uses read it from the cache
-def test_small_lm_asset_in_transformers_and_transformer_lens():
-    toy_lm = pytest.importorskip("decomp_hooks.toy.lm", reason="the small LM asset (decomp_hooks.toy.lm) is missing")
-    if not all(hasattr(toy_lm, f) for f in ("small_lm_dir", "to_hooked_transformer")):
-        pytest.skip("decomp_hooks.toy.lm has no small_lm_dir / to_hooked_transformer yet")
+def test_small_lm_asset_trains_on_first_use_and_loads_in_transformers_and_transformer_lens(tmp_path, monkeypatch):
+    """The asset path end to end, with the recipe shrunk so that training on first use takes seconds."""
+    from functools import partial
+
+    from decomp_hooks.toy import lm as toy_lm
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(toy_lm, "SmallLMConfig", partial(toy_lm.SmallLMConfig, vocab_size=300, d_model=32, d_mlp=64,
+                                                         n_ctx=32))
+    monkeypatch.setattr(toy_lm, "SmallLMTraining", partial(toy_lm.SmallLMTraining, steps=3, batch_size=4))
     hf = load_model(ModelConfig(source="small_lm"), "cpu")
+    assert len(list((tmp_path / "decomp-hooks" / "small-lm").iterdir())) == 1
     tl = load_model(ModelConfig(source="small_lm", toolkit="transformer_lens"), "cpu")
-    assert hf.name == "small_lm-s0" and hf.context_length == tl.context_length
+    assert hf.name == "small_lm-s0" and hf.context_length == tl.context_length == 32
     ids = torch.tensor([hf.tokenizer("the cat sat on the mat")["input_ids"]])
     with torch.no_grad():
         assert (tl.model(ids) - hf.model(ids).logits).abs().max() < 1e-3
