@@ -2,7 +2,7 @@
 the same batch, with tokens per second and peak memory (docs/lm.md#memory-and-speed).
 
     python benchmarks/lm_step_cost.py examples/lm/small_spd.yaml examples/lm/small_vpd.yaml
-    python benchmarks/lm_step_cost.py examples/lm/smollm2_all.yaml --layers 0 1 --c-scale 0.25 --batch-size 8
+    python benchmarks/lm_step_cost.py examples/lm/smollm2_all.yaml --layers 0 1 --c-scale 0.25 --batch-size 4 --context 64
     python benchmarks/lm_step_cost.py examples/lm/smollm2_all.yaml --device cuda --steps 50
 
 The target's forward + backward is timed with its weights trainable (next-token CE, the gradient of every weight),
@@ -58,11 +58,13 @@ def measure(path: str, args: argparse.Namespace) -> dict:
         cfg.targets = {k.replace("layers.*.", f"layers.{keep}."): v for k, v in cfg.targets.items()}
     if args.c_scale is not None:
         cfg.c_scale = args.c_scale
+    if args.context is not None:
+        cfg.data.context_length = args.context
     if args.batch_size is not None:
         cfg.train.batch_size, cfg.train.micro_batch_size = args.batch_size, None
     cfg.train.steps, cfg.train.log_every = args.steps + 2, args.steps + 2
     cfg.train.eval_every = cfg.train.checkpoint_every = 10**9
-    cfg.train.faithfulness_warmup_steps = 2
+    cfg.train.faithfulness_warmup_steps, cfg.train.eval_pgd_steps, cfg.data.eval_rows = 2, 0, 2  # the final evaluation is not timed
     device = resolve_device(args.device)
     loaded = load_model(cfg.model, device)
     tokens = token_data(cfg.data, loaded.tokenizer, cfg.train.batch_size, progress=False)
@@ -89,6 +91,7 @@ def main() -> None:
     parser.add_argument("--layers", nargs="*", type=int, default=None)
     parser.add_argument("--c-scale", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--context", type=int, default=None, help="override data.context_length")
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
