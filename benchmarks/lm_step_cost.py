@@ -6,8 +6,8 @@ the same batch, with tokens per second and peak memory (docs/lm.md#memory-and-sp
     python benchmarks/lm_step_cost.py examples/lm/smollm2_all.yaml --device cuda --steps 50
 
 The target's forward + backward is timed with its weights trainable (next-token CE, the gradient of every weight),
-alternating with nothing else; the decomposition step is the trainer's own `time_per_step_s` over `--steps` steps
-after two warm-up steps. `--layers` keeps only targets in those layers. One run at a time; set --threads on a CPU.
+alternating with nothing else; the decomposition step is the trainer's own `time_per_step_s`, the mean of `--steps` steps
+after the first. `--layers` keeps only targets in those layers. One run at a time; set --threads on a CPU.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def measure(path: str, args: argparse.Namespace) -> dict:
         cfg.data.context_length = args.context
     if args.batch_size is not None:
         cfg.train.batch_size, cfg.train.micro_batch_size = args.batch_size, None
-    cfg.train.steps, cfg.train.log_every = args.steps + 2, args.steps + 2
+    cfg.train.steps, cfg.train.log_every = args.steps + 1, args.steps  # logged at step N: the mean of steps 1..N
     cfg.train.eval_every = cfg.train.checkpoint_every = 10**9
     cfg.train.faithfulness_warmup_steps, cfg.train.eval_pgd_steps, cfg.data.eval_rows = 2, 0, 2  # the final evaluation is not timed
     device = resolve_device(args.device)
