@@ -153,7 +153,7 @@ def test_load_and_masks_refuse(tmp_path):
 
 
 CLI_CASES = [
-    ("no target section", "targets: {linear1: 4}\nlosses: [{type: stochastic_recon}]\n", 2, "no `target:` section"),
+    ("no target section", "targets: {linear1: 4}\nlosses: [{type: stochastic_recon}]\n", 2, "names no model.*toy `target:`"),
     ("typo in a key", "target: {toy: tms_5-2}\ntrain: {stpes: 3}\n", 2, "Did you mean 'steps'"),
     ("unknown toy", "target: {toy: tms_9-9}\ntargets: {linear1: 4}\nlosses: [{type: stochastic_recon}]\n", 1, "unknown toy 'tms_9-9'"),
     ("pattern matches nothing", "target: {toy: tms_5-2, steps: 10}\ntargets: {lin*3: 4}\nlosses: [{type: stochastic_recon}]\n", 1,

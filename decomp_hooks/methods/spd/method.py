@@ -23,6 +23,8 @@ from decomp_hooks.metrics import ci_l0, kl_logits, mse
 from decomp_hooks.sites import match_targets
 
 ROUTINGS = ("uniform_k_subset", "static_probability")
+#: mask kind -> the language-model mask type that is the same mask (its KL is that kind's reconstruction loss)
+LM_RECON = {"stochastic": "stoch_masked", "ci": "ci_masked", "unmasked": "unmasked"}
 MINIMALITY_TERMS = ("importance_minimality", "frequency_minimality")
 MASK_SCOPES = ("unique_per_datapoint", "shared_across_batch")
 
@@ -118,19 +120,21 @@ class SPD(Method):
         """Faithfulness, reconstruction under each mask kind, the PGD probe, CI-L0 / live components per site, and
         for language models (KL output loss, token-id batches) KL and CE under every mask type."""
         ctx = self.prepare(cm, batch, noise=False, delta=True)
-        everywhere = {n: None for n in ctx.ci}
         out = {"faithfulness": cm.faithfulness(ctx.delta_ws).item()}
-        for kind in ("stochastic", "ci", "unmasked"):
-            out[f"{kind}_recon"] = self.recon(ctx, self.masks(ctx, kind, everywhere)).item()
-        t = self.cfg.train
+        t, tau = self.cfg.train, self.cfg.ci_alive_threshold
+        labels = token_labels(ctx.batch)
+        lm = self.cfg.output_loss == "kl" and labels is not None
+        if not lm:  # for language models the KLs of the same masks below are these reconstructions
+            everywhere = {n: None for n in ctx.ci}
+            for kind in LM_RECON:
+                out[f"{kind}_recon"] = self.recon(ctx, self.masks(ctx, kind, everywhere)).item()
         adversarial = pgd_probe(self, ctx, t.eval_pgd_steps, scope=t.eval_pgd_scope) if t.eval_pgd_steps > 0 else None
         if adversarial is not None:
             out["pgd_probe"] = self.divergence(adversarial, ctx.target_out).item()
-        tau = self.cfg.ci_alive_threshold
-        labels = token_labels(ctx.batch)
-        if self.cfg.output_loss == "kl" and labels is not None:
+        if lm:
             out.update(lm_metrics(ctx, labels, tau, adversarial))
             out.update(ce_summary(out))
+            out.update({f"{kind}_recon": out[f"kl_{mask}"] for kind, mask in LM_RECON.items()})
         for name, c in ctx.ci.items():
             g = c.lower.flatten(0, -2).float()
             out[f"l0/{name}"] = ci_l0(g, tau)
