@@ -172,5 +172,8 @@ def test_two_ranks_keep_their_own_sources_and_checkpoint_both(tmp_path):
     for k in a:
         if k != "r":
             torch.testing.assert_close(a[k], b[k])  # DDP keeps the model in step
-    state = load_file(str(sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1] / "state.safetensors"))
-    assert torch.equal(state["rank0.method.r.linear1"], a["r"]) and torch.equal(state["rank1.method.r.linear1"], b["r"])
+    last = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1]
+    for rank, r in ((0, a["r"]), (1, b["r"])):  # each rank wrote its own file; no tensor of it passed through rank 0
+        assert torch.equal(load_file(str(last / f"rank{rank}.method.safetensors"))["r.linear1"], r)
+    assert not any(k.startswith(("method.", "rank")) for k in load_file(str(last / "state.safetensors")) if "rng" not in k)
+    assert not list((tmp_path / "run" / "checkpoints").glob(".method-step-*"))  # staging folders are moved in

@@ -41,13 +41,14 @@ class LoadedModel:
     context_length: int | None
 
 
-def load_model(cfg: ModelConfig, device: torch.device | str | None = None) -> LoadedModel:
-    """The configured model in eval mode on `device` (default: `cfg.device`, else cuda if available, else cpu)."""
+def load_model(cfg: ModelConfig, device: torch.device | str | None = None, progress: bool = True) -> LoadedModel:
+    """The configured model in eval mode on `device` (default: `cfg.device`, else cuda if available, else cpu);
+    `progress` shows the bar of an asset trained on first use."""
     from decomp_hooks.run import resolve_device  # on use: the run module imports the config, which imports this one
 
     dtype = torch_dtype(cfg.dtype)
     wrap = toolkit_loader(cfg.toolkit)
-    hf, tokenizer, name = load_hf(cfg.source, dtype, cfg.seed)
+    hf, tokenizer, name = load_hf(cfg.source, dtype, cfg.seed, progress)
     context = context_length(hf.config)
     model = wrap(hf, tokenizer, name, resolve_device(device or cfg.device))
     return LoadedModel(model, tokenizer, name, context or context_length(getattr(model, "cfg", None)))
@@ -71,13 +72,13 @@ def context_length(config: Any) -> int | None:
 # -- the HF module and tokenizer -----------------------------------------------------------------------------------
 
 
-def load_hf(source: str | None, dtype: torch.dtype, seed: int = 0) -> tuple[Any, Any, str]:
+def load_hf(source: str | None, dtype: torch.dtype, seed: int = 0, progress: bool = True) -> tuple[Any, Any, str]:
     """An HF causal LM (eval mode, on cpu), its tokenizer and its name, from a named asset, a local path or a hub id."""
     if source is None:
         raise config_error(f"model.source is not set; name a local model directory, a hub id or one of the offline "
                            f"assets {sorted(ASSETS)}.")
     if source in ASSETS:
-        return ASSETS[source](dtype, seed)
+        return ASSETS[source](dtype, seed, progress)
     if looks_like_path(source, (".gguf",)):
         return from_local(source, dtype)
     return from_hub(source, dtype)
@@ -154,22 +155,22 @@ def _register_toy_models() -> None:
         import decomp_hooks.toy.lm  # noqa: F401
 
 
-def _smollm2(dtype: torch.dtype, seed: int) -> tuple[Any, Any, str]:
+def _smollm2(dtype: torch.dtype, seed: int, progress: bool) -> tuple[Any, Any, str]:
     from decomp_hooks.assets import smollm2
 
     model, tokenizer = smollm2(dtype)
     return model, tokenizer, SMOLLM2_NAME
 
 
-def _small_lm(dtype: torch.dtype, seed: int) -> tuple[Any, Any, str]:
+def _small_lm(dtype: torch.dtype, seed: int, progress: bool) -> tuple[Any, Any, str]:
     from decomp_hooks.toy.lm import small_lm_dir
 
-    model, tokenizer, _ = from_local(str(small_lm_dir(seed=seed)), dtype)
+    model, tokenizer, _ = from_local(str(small_lm_dir(seed=seed, progress=progress)), dtype)
     return model, tokenizer, f"small_lm-s{seed}"
 
 
-#: offline assets by name: (dtype, seed) -> (HF module, tokenizer, name)
-ASSETS: dict[str, Callable[[torch.dtype, int], tuple[Any, Any, str]]] = {"smollm2": _smollm2, "small_lm": _small_lm}
+#: offline assets by name: (dtype, seed, progress) -> (HF module, tokenizer, name)
+ASSETS: dict[str, Callable[[torch.dtype, int, bool], tuple[Any, Any, str]]] = {"smollm2": _smollm2, "small_lm": _small_lm}
 
 
 # -- toolkits ------------------------------------------------------------------------------------------------------

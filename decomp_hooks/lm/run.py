@@ -30,7 +30,7 @@ def run_lm(cfg: DecomposeConfig, out: Path, steps: int | None, device: Any, seed
         raise ConfigError("the config has a `model:` section but no text: set `data: {source: ...}` (a dataset name, "
                           "local files, or stdlib_docstrings) or pass --data.")
     _, dev = distributed.setup(resolve_device(device or cfg.model.device))
-    loaded = main_first(load_model, cfg.model, dev)
+    loaded = main_first(load_model, cfg.model, dev, progress)
     if loaded.context_length is not None and cfg.data.context_length > loaded.context_length:
         raise ConfigError(f"data.context_length={cfg.data.context_length} exceeds the model's context "
                           f"{loaded.context_length}; use data.context_length ≤ {loaded.context_length}.")

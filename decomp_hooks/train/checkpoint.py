@@ -1,5 +1,6 @@
 """Checkpoints of a training run: trainable parameters, optimizer state, every rank's RNG state and method state
-(e.g. VPD's persistent adversarial sources), the data position, written atomically by rank 0 under `<out_dir>/checkpoints/step-NNNNNNNN/`; and reading one back."""
+(e.g. VPD's persistent adversarial sources, one file per rank), the data position, written atomically by rank 0
+under `<out_dir>/checkpoints/step-NNNNNNNN/`; and reading one back."""
 from __future__ import annotations
 
 import json
@@ -46,16 +47,26 @@ class Checkpoints:
         prefix = f"rank{self.rank}."
         store.set_rng_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta[self.rank])
 
-    def method_state(self, method: Method) -> dict[str, torch.Tensor]:
-        """The method's own state (`method.*`), or with several ranks every rank's, under `rank<r>.method.*`."""
-        mine = {f"method.{k}": v.detach().cpu() for k, v in method.state_dict().items()}
-        if self.world_size == 1:
-            return mine
-        return {f"rank{r}.{k}": v for r, t in enumerate(distributed.gather_objects(mine)) for k, v in t.items()}
+    def stage_method_state(self, step: int, state: dict[str, torch.Tensor]) -> Path | None:
+        """With several ranks, every rank writes its own method state (e.g. VPD's sources, which grow with the
+        batch) to `rank<r>.method.safetensors` in a staging folder that rank 0 moves into the checkpoint: nothing of
+        it travels between processes. None with one process (the state goes into `state.safetensors`) or no state."""
+        if self.world_size == 1 or not state:
+            return None
+        staging = self.root / f".method-step-{step:08d}"
+        staging.mkdir(parents=True, exist_ok=True)
+        store.write_tensors(staging / f"rank{self.rank}.method.safetensors", state)
+        distributed.barrier()
+        return staging
 
-    def set_method_state(self, method: Method, tensors: dict[str, torch.Tensor]) -> None:
-        prefix = "method." if self.world_size == 1 else f"rank{self.rank}.method."
-        method.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    def set_method_state(self, method: Method, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        """Restore this rank's method state: `method.*` in the state file, or this rank's own file."""
+        if self.world_size == 1:
+            method.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("method.")})
+            return
+        own, prefix = path / f"rank{self.rank}.method.safetensors", f"rank{self.rank}.method."
+        legacy = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # written before files
+        method.load_state_dict(store.read_tensors(own) if own.is_file() else legacy)
 
     def save(self, step: int, cm: ComponentModel, opt: torch.optim.Optimizer, data_state: dict,
              fingerprints: dict[str, str], method: Method) -> Path | None:
@@ -65,16 +76,22 @@ class Checkpoints:
         opt_t, opt_meta = store.optimizer_state(opt)
         opt_t = {k: distributed.full(v) for k, v in opt_t.items()}
         rng_t, rng_meta = self.rng_state()
-        method_t = self.method_state(method)
+        state = {k: v.detach().cpu() for k, v in method.state_dict().items()}
+        staging = self.stage_method_state(step, state)
         if self.rank != 0:
             return None
         self.ensure_out_dir()
         path = self.root / f"step-{step:08d}"
+        method_t = {f"method.{k}": v for k, v in state.items()} if self.world_size == 1 else {}
         with store.atomic_dir(path, overwrite=True) as tmp:
             store.write_tensors(tmp / "state.safetensors", {**tensors, **opt_t, **rng_t, **method_t})
+            for f in sorted(staging.iterdir()) if staging is not None else []:
+                shutil.move(f, tmp / f.name)
             store.write_json(tmp / "state.json", {"step": step, "optimizer": opt_meta, "rng": rng_meta,
                                                   "world_size": self.world_size, "fingerprints": fingerprints,
                                                   "data": data_state, "config": self.cfg.to_dict()})
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         for old in sorted(self.root.glob("step-*"))[:-self.cfg.train.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return path
@@ -97,7 +114,7 @@ class Checkpoints:
                                      "resume with the same model and weights (a retrained target must match bit for "
                                      "bit: same seed, device and thread count), or start a new out_dir.")
         self.set_rng_state(tensors, meta["rng"], meta.get("world_size", 1))
-        self.set_method_state(method, tensors)
+        self.set_method_state(method, tensors, path)
         params = dict(cm.named_parameters())
         with torch.no_grad():
             for name, value in tensors.items():
