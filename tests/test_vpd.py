@@ -4,6 +4,7 @@ site)."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 
 import pytest
@@ -154,8 +155,18 @@ def _rank(rank: int, port: int, tmp: str) -> None:
     from decomp_hooks.distributed import shutdown
 
     model, _ = make_toy("tms_5-2", seed=0, steps=300, progress=False)
-    dec = dh.decompose(model, toy_sampler(model), config=VPD_5_2, out_dir=os.path.join(tmp, "run"), progress=False)
+    cfg = {**VPD_5_2, "train": {**VPD_5_2["train"], "keep_checkpoints": 3}}
+    run = os.path.join(tmp, "run")
+    dec = dh.decompose(model, toy_sampler(model), config=cfg, out_dir=run, progress=False)
     save_file({**weights(dec), "r": dec.method.adversary.r["linear1"].clone()}, os.path.join(tmp, f"rank{rank}.safetensors"))
+    dist.barrier()
+    if rank == 0:  # back to the step-6 checkpoint, as after a crash
+        for later in sorted(os.listdir(os.path.join(run, "checkpoints")))[1:]:
+            shutil.rmtree(os.path.join(run, "checkpoints", later))
+    dist.barrier()
+    resumed = dh.decompose(model, toy_sampler(model), config=cfg, out_dir=run, resume=True, progress=False)
+    save_file({**weights(resumed), "r": resumed.method.adversary.r["linear1"].clone()},
+              os.path.join(tmp, f"resumed{rank}.safetensors"))
     dist.barrier()
     shutdown()
     os._exit(0)
@@ -177,3 +188,6 @@ def test_two_ranks_keep_their_own_sources_and_checkpoint_both(tmp_path):
         assert torch.equal(load_file(str(last / f"rank{rank}.method.safetensors"))["r.linear1"], r)
     assert not any(k.startswith(("method.", "rank")) for k in load_file(str(last / "state.safetensors")) if "rng" not in k)
     assert not list((tmp_path / "run" / "checkpoints").glob(".method-step-*"))  # staging folders are moved in
+    for rank, whole in ((0, a), (1, b)):  # each rank resumed its own sources from its file: bit for bit
+        resumed = load_file(str(tmp_path / f"resumed{rank}.safetensors"))
+        assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
