@@ -1,4 +1,5 @@
-"""Shared fixtures: offline hub, one torch thread for tiny models, a quickly trained TMS 5-2 target."""
+"""Shared fixtures: offline hub, one torch thread for tiny models, a quickly trained TMS 5-2 target, the GPT-2
+tokenizer."""
 from __future__ import annotations
 
 import os
@@ -43,3 +44,14 @@ def spd_config():
     import copy
 
     return copy.deepcopy(SPD_5_2)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The GPT-2 BPE tokenizer from an installed package (offline); tests skip where the package is missing."""
+    from decomp_hooks.assets import gpt2_tokenizer
+
+    try:
+        return gpt2_tokenizer()
+    except ModuleNotFoundError as err:
+        pytest.skip(str(err))

@@ -31,16 +31,6 @@ class Counting:
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from decomp_hooks.assets import gpt2_tokenizer
-
-    try:
-        return gpt2_tokenizer()
-    except ModuleNotFoundError as err:
-        pytest.skip(str(err))
-
-
-@pytest.fixture(scope="module")
 def docs():
     return stdlib_docstrings(limit=40)
 

@@ -14,16 +14,6 @@ pytest.importorskip("transformer_lens")
 IDS = torch.tensor([[464, 3290, 318, 257, 1332, 286, 262, 7071]])
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from decomp_hooks.assets import gpt2_tokenizer
-
-    try:
-        return gpt2_tokenizer()
-    except ModuleNotFoundError as err:
-        pytest.skip(str(err))
-
-
 def _save(model, tokenizer, folder):
     model.eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
