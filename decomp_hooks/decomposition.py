@@ -165,10 +165,38 @@ class Decomposition:
 
         return export_decomposition(self, path, format=format, sites=sites, data=data, overwrite=overwrite, **options)
 
+    def __repr__(self) -> str:
+        C = sum(self.cm.component(n).C for n in self.site_names)
+        return f"Decomposition(method={self.config.method!r}, sites={len(self.site_names)}, C={C}, step={self.step})"
+
+    def summary(self) -> str:
+        """What was found, from the last evaluation: the headline reconstruction figures, then C, live components
+        and CI-L0 per site."""
+        final = {k.removeprefix("eval/"): v for k, v in self.final_metrics().items()}
+        head = [f"{self!r}"]
+        shown = [k for k in SUMMARY_KEYS if isinstance(final.get(k), (int, float))]
+        if shown:
+            head.append("  " + "   ".join(f"{k} {_fmt(final[k])}" for k in shown))
+        width = max(len(n) for n in [*self.site_names, "site"])
+        rows = [f"  {'site':<{width}}  {'C':>6} {'live':>6} {'CI-L0':>8}"]
+        for n in self.site_names:
+            rows.append(f"  {n:<{width}}  {self.cm.component(n).C:>6} {_fmt(final.get(f'live/{n}')):>6} "
+                        f"{_fmt(final.get(f'l0/{n}')):>8}")
+        return "\n".join(head + rows)
+
     def final_metrics(self) -> dict:
         """The last evaluation record (metrics logged with an `eval/` prefix)."""
         evals = [r for r in self.metrics if any(k.startswith("eval/") for k in r)]
         return evals[-1] if evals else {}
+
+
+#: the figures `Decomposition.summary` leads with, where the last evaluation has them
+SUMMARY_KEYS = ("faithfulness", "stochastic_recon", "ci_recon", "pgd_probe", "ce_unrecovered_ci_masked",
+                "ce_unrecovered_stoch_masked", "l0/total", "live/total")
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def read_meta(path: str | Path) -> dict:

@@ -180,3 +180,17 @@ def test_own_model_with_shipped_config():
     assert dec.components["0"].weight().shape == model[0].weight.shape
     ci = dec.causal_importance(sample(10))
     assert ci["2"].shape == (10, 8) and ((ci["2"] >= 0) & (ci["2"] <= 1)).all()
+
+
+def test_repr_and_summary_say_what_was_found(tms52):
+    from conftest import SPD_5_2
+
+    from decomp_hooks.toy import toy_sampler
+
+    dec = dh.decompose(tms52, toy_sampler(tms52), config=SPD_5_2, progress=False)
+    assert repr(dec) == "Decomposition(method='spd', sites=2, C=40, step=20)"
+    lines = dec.summary().splitlines()
+    final = dec.final_metrics()
+    assert lines[0] == repr(dec) and f"faithfulness {final['eval/faithfulness']:.4g}" in lines[1]
+    row = next(line.split() for line in lines if line.strip().startswith("linear1"))
+    assert row[1:3] == ["20", str(final["eval/live/linear1"])]
