@@ -29,12 +29,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def build_config(config: Any, targets: dict[str, int | None] | None, steps: int | None, seed: int | None,
+Targets = dict[str, int | None] | list[str]
+
+
+def build_config(config: Any, targets: Targets | None, steps: int | None, seed: int | None,
                  identity_targets: dict[str, int] | None) -> DecomposeConfig:
-    """The config with explicit arguments taking precedence over the file's values."""
+    """The config with explicit arguments taking precedence over the file's values (a list of target globs takes
+    C from the table)."""
     cfg = load_config(config)
     if targets is not None:  # the config's site choices belong to its own target model
-        cfg.targets, cfg.identity_targets, cfg.tied = dict(targets), {}, []
+        cfg.targets = dict.fromkeys(targets) if isinstance(targets, (list, tuple)) else dict(targets)
+        cfg.identity_targets, cfg.tied = {}, []
     if identity_targets is not None:
         cfg.identity_targets = dict(identity_targets)
     if steps is not None:
@@ -47,7 +52,7 @@ def build_config(config: Any, targets: dict[str, int | None] | None, steps: int 
     return cfg
 
 
-def decompose(model: Any, data: Any, targets: dict[str, int | None] | None = None, method: str | None = None,
+def decompose(model: Any, data: Any, targets: Targets | None = None, method: str | None = None,
               config: DecomposeConfig | dict | str | Path | None = None, steps: int | None = None,
               device: str | torch.device | None = None, seed: int | None = None, out_dir: str | Path | None = None,
               identity_targets: dict[str, int] | None = None, resume: bool = False, progress: bool = True,
@@ -56,7 +61,8 @@ def decompose(model: Any, data: Any, targets: dict[str, int | None] | None = Non
     """Decompose the chosen weight matrices of `model` with the config's method (`method` overrides it): SPD's
     rank-one components with causal importances by default; `decomp_hooks.methods.method_names()` lists the others.
 
-    `targets` maps fnmatch globs of the model's module names to C (None: the default of its matrix type, docs/lm.md);
+    `targets` maps fnmatch globs of the model's module names to C (None: the default of its matrix type, docs/lm.md),
+    or lists globs (all defaults);
     `data` is a sampler `f(batch_size)`, a tensor or an
     iterable of batches; `eval_data` (rows, e.g. held-out token ids) is what evaluation reads instead of a training
     batch; `config` a DecomposeConfig, dict or YAML path (explicit `targets` replace its targets, identity targets

@@ -128,3 +128,13 @@ def test_smollm2_configs_run_two_steps_on_a_few_layers(name, tmp_path):
     assert len(dec.site_names) == n_sites and "zero_masked" in table
     summary = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert summary["step"] == 2 and torch.isfinite(torch.tensor(summary["masks"]["ci_masked"]["kl"]))
+
+
+def test_targets_as_a_list_of_globs_take_c_from_the_table(gpt2_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    tokens = torch.randint(0, 50257, (4, 8), generator=torch.Generator().manual_seed(0))
+    cfg = {k: v for k, v in TINY.items() if k not in ("targets", "data", "c_scale")}
+    dec = dh.decompose(model, tokens, targets=["transformer.h.*.mlp.c_fc", "transformer.h.0.attn.c_attn"],
+                       config={**cfg, "train": {**cfg["train"], "steps": 1}}, progress=False)
+    assert {n: dec.cm.component(n).C for n in dec.site_names} == {
+        "transformer.h.0.mlp.c_fc": 128, "transformer.h.1.mlp.c_fc": 128, "transformer.h.0.attn.c_attn": 85}
