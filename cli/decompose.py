@@ -4,9 +4,15 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from decomp_hooks.config import DecomposeConfig
+    from decomp_hooks.decomposition import Decomposition
 
 
 def summary_table(record: dict) -> str:
@@ -16,7 +22,8 @@ def summary_table(record: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v:.6g}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def run_toy(cfg, out: Path, steps: int | None, device: str | None, seed: int, resume: bool, progress: bool):
+def run_toy(cfg: DecomposeConfig, out: Path, steps: int | None, device: str | None, seed: int, resume: bool,
+            progress: bool) -> Decomposition:
     """Train (or reload from `out/target`) the config's toy target, save it beside the run, and decompose it.
 
     Under torchrun rank 0 trains and saves the target while the other ranks wait, then load it."""
@@ -47,7 +54,7 @@ def run_toy(cfg, out: Path, steps: int | None, device: str | None, seed: int, re
                         resume=resume, progress=progress, evaluate=toy_metrics)
 
 
-def finish_toy(dec, out: Path) -> str:
+def finish_toy(dec: Decomposition, out: Path) -> str:
     """Plot the toy run into `out`; its final metrics and the ground-truth verdict to print."""
     from decomp_hooks.toy.evaluate import passes, toy_plots
 
@@ -58,7 +65,7 @@ def finish_toy(dec, out: Path) -> str:
             f"   run directory: {out}")
 
 
-def runner(cfg):
+def runner(cfg: DecomposeConfig) -> tuple[Callable[..., Decomposition], Callable[[Decomposition, Path], str]]:
     """(run, finish) for the config: a language model (`model:`) or a toy target (`target:`)."""
     from decomp_hooks.lm.run import finish_lm, run_lm
 
@@ -71,7 +78,7 @@ def runner(cfg):
                              param_hint="CONFIG")
 
 
-def with_sources(cfg, model: str | None, data: str | None):
+def with_sources(cfg: DecomposeConfig, model: str | None, data: str | None) -> DecomposeConfig:
     """The config with --model / --data replacing its model and data sources."""
     import dataclasses
 
@@ -102,8 +109,9 @@ def with_sources(cfg, model: str | None, data: str | None):
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Data-parallel processes (one per GPU; gloo on CPU): relaunches this command under "
                    "`python -m torch.distributed.run --standalone --nproc_per_node N`.")
-def decompose_command(config: Path, model: str | None, data: str | None, steps: int | None, device: str | None, seed: int | None, out: Path | None,
-                      resume_dir: Path | None, no_progress: bool, nproc: int) -> None:
+def decompose_command(config: Path, model: str | None, data: str | None, steps: int | None, device: str | None,
+                      seed: int | None, out: Path | None, resume_dir: Path | None, no_progress: bool,
+                      nproc: int) -> None:
     """Decompose the model named in CONFIG (a YAML file, see examples/) and write a run directory.
 
     CONFIG names a language model (`model:` and `data:` sections, or --model / --data) or a toy target (`target:`).
