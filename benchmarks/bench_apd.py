@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 CONFIGS = {
-    "tms_5-2": {"spd": "examples/tms_5-2.yaml", "apd": "examples/apd_tms_5-2.yaml"},
-    "tms_40-10": {"spd": "examples/tms_40-10.yaml", "apd": "examples/apd_tms_40-10.yaml"},
+    "tms_5-2": {"spd": "tms_5-2", "apd": "apd_tms_5-2"},
+    "tms_40-10": {"spd": "tms_40-10", "apd": "apd_tms_40-10"},
 }
 CASES = {"spd": ("spd", None), "apd": ("apd", "gradient"), "apd-ablation": ("apd", "ablation"),
          "apd-activation": ("apd", "activation")}

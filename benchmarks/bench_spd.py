@@ -31,9 +31,9 @@ import sys
 
 import torch
 
-CASES = {"tms_5-2": "examples/tms_5-2.yaml", "tms_40-10": "examples/tms_40-10.yaml", "resid_mlp1": "examples/resid_mlp1.yaml",
-         "vpd_tms_5-2": "examples/vpd_tms_5-2.yaml", "vpd_tms_40-10": "examples/vpd_tms_40-10.yaml",
-         "vpd_resid_mlp1": "examples/vpd_resid_mlp1.yaml"}
+CASES = {"tms_5-2": "tms_5-2", "tms_40-10": "tms_40-10", "resid_mlp1": "resid_mlp1",
+         "vpd_tms_5-2": "vpd_tms_5-2", "vpd_tms_40-10": "vpd_tms_40-10",
+         "vpd_resid_mlp1": "vpd_resid_mlp1"}
 #: the cases timed by default (the VPD ones on request: `--cases vpd_tms_5-2 tms_5-2 ...`)
 DEFAULT_CASES = ["tms_5-2", "tms_40-10", "resid_mlp1"]
 REFERENCE_MS = {"tms_5-2": 22.3, "resid_mlp1": 96.8, "tms_40-10": 472.8}

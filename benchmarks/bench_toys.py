@@ -1,10 +1,10 @@
 """Decompositions of the ground-truth toys over several seeds: the success bars (docs/toys.md#success-bars), pass
 rate, the adversarial (PGD) reconstruction, CI-L0 and time per step; several configs side by side.
 
-    python benchmarks/bench_toys.py examples/tms_5-2.yaml --seeds 10 --workers 2
-    python benchmarks/bench_toys.py examples/resid_mlp1.yaml --seeds 1
-    python benchmarks/bench_toys.py examples/tms_40-10-id.yaml --device cuda --fp32 --seeds 3 --workers 3
-    python benchmarks/bench_toys.py examples/tms_5-2.yaml examples/vpd_tms_5-2.yaml --seeds 10 --workers 2
+    python benchmarks/bench_toys.py tms_5-2 --seeds 10 --workers 2
+    python benchmarks/bench_toys.py resid_mlp1 --seeds 1
+    python benchmarks/bench_toys.py tms_40-10-id --device cuda --fp32 --seeds 3 --workers 3
+    python benchmarks/bench_toys.py tms_5-2 vpd_tms_5-2 --seeds 10 --workers 2
 
 Each seed trains its own target (toy seed = seed, so every config of one seed sees the same target) and decomposes
 it with that seed; workers run seeds in parallel, one torch thread each. Results go to one JSON-lines file per config

@@ -22,7 +22,7 @@ BARS = {"ci_unrecovered": 0.10, "unmasked_unrecovered": 0.01, "l0_fraction": 0.0
 
 
 def run(method: str, seed: int, steps: int | None, out: Path) -> dict:
-    """Decompose the small LM with examples/lm/small_<method>.yaml (or read a finished run); its summary row."""
+    """Decompose the small LM with the shipped config lm/small_<method> (or read a finished run); its summary row."""
     import decomp_hooks as dh
     from decomp_hooks.lm.report import eval_summary, write_report
     from decomp_hooks.lm.run import run_lm
@@ -30,7 +30,7 @@ def run(method: str, seed: int, steps: int | None, out: Path) -> dict:
     done = out / "bench.json"
     if done.is_file():
         return json.loads(done.read_text())
-    cfg = dh.load_config(Path(__file__).resolve().parents[1] / "examples" / "lm" / f"small_{method}.yaml")
+    cfg = dh.load_config(f"lm/small_{method}")
     start = time.perf_counter()
     dec = run_lm(cfg, out, steps, "cpu", seed, False, True)
     wall = time.perf_counter() - start

@@ -1,9 +1,9 @@
 """The cost of one decomposition step on a language model, as a multiple of one forward + backward of the target on
 the same batch, with tokens per second and peak memory (docs/lm.md#memory-and-speed).
 
-    python benchmarks/lm_step_cost.py examples/lm/small_spd.yaml examples/lm/small_vpd.yaml
-    python benchmarks/lm_step_cost.py examples/lm/smollm2_all.yaml --layers 0 1 --c-scale 0.25 --batch-size 4 --context 64
-    python benchmarks/lm_step_cost.py examples/lm/smollm2_all.yaml --device cuda --steps 50
+    python benchmarks/lm_step_cost.py lm/small_spd lm/small_vpd
+    python benchmarks/lm_step_cost.py lm/smollm2_all --layers 0 1 --c-scale 0.25 --batch-size 4 --context 64
+    python benchmarks/lm_step_cost.py lm/smollm2_all --device cuda --steps 50
 
 The target's forward + backward is timed with its weights trainable (next-token CE, the gradient of every weight),
 alternating with nothing else; the decomposition step is the trainer's own `time_per_step_s`, the mean of `--steps` steps

@@ -93,7 +93,7 @@ def with_sources(cfg: DecomposeConfig, model: str | None, data: str | None) -> D
 
 
 @click.command("decompose")
-@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("config", metavar="CONFIG")
 @click.option("--model", "model", default=None,
               help="Model to decompose (replaces model.source): a local directory, a hub id, small_lm or smollm2.")
 @click.option("--data", "data", default=None,
@@ -109,10 +109,10 @@ def with_sources(cfg: DecomposeConfig, model: str | None, data: str | None) -> D
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Data-parallel processes (one per GPU; gloo on CPU): relaunches this command under "
                    "`python -m torch.distributed.run --standalone --nproc_per_node N`.")
-def decompose_command(config: Path, model: str | None, data: str | None, steps: int | None, device: str | None,
+def decompose_command(config: str | None, model: str | None, data: str | None, steps: int | None, device: str | None,
                       seed: int | None, out: Path | None, resume_dir: Path | None, no_progress: bool,
                       nproc: int) -> None:
-    """Decompose the model named in CONFIG (a YAML file, see examples/) and write a run directory.
+    """Decompose the model named in CONFIG (a YAML file, or a shipped config's name) and write a run directory.
 
     CONFIG names a language model (`model:` and `data:` sections, or --model / --data) or a toy target (`target:`).
     The run directory holds config.yaml, metrics.jsonl, checkpoints/, decomposition/ (safetensors + JSON) and PNG
@@ -121,11 +121,11 @@ def decompose_command(config: Path, model: str | None, data: str | None, steps: 
 
     \b
     Examples:
-      decomp-hooks decompose examples/lm/small_spd.yaml --steps 50
-      decomp-hooks decompose examples/lm/small_spd.yaml --model ./my-model --data ./texts/
-      decomp-hooks decompose examples/tms_5-2.yaml --steps 2000 --out runs/tms
-      decomp-hooks decompose examples/tms_5-2.yaml --resume runs/tms    # after a crash or pre-emption
-      decomp-hooks decompose examples/resid_mlp1.yaml --nproc 4        # = torchrun --nproc_per_node 4 -m decomp_hooks.cli decompose ...
+      decomp-hooks decompose lm/small_spd --steps 50
+      decomp-hooks decompose lm/small_spd --model ./my-model --data ./texts/
+      decomp-hooks decompose tms_5-2 --steps 2000 --out runs/tms
+      decomp-hooks decompose tms_5-2 --resume runs/tms    # after a crash or pre-emption
+      decomp-hooks decompose resid_mlp1 --nproc 4        # = torchrun --nproc_per_node 4 -m decomp_hooks.cli decompose ...
     """
     import decomp_hooks as dh
     from decomp_hooks import distributed
@@ -137,7 +137,7 @@ def decompose_command(config: Path, model: str | None, data: str | None, steps: 
         raise click.BadParameter(str(err), param_hint="CONFIG") from None
     run, finish = runner(cfg)
     seed = cfg.seed if seed is None else seed
-    out = resume_dir or out or Path("runs") / f"{config.stem}-s{seed}"
+    out = resume_dir or out or Path("runs") / f"{Path(config).stem}-s{seed}"
     if nproc > 1 and not distributed.launched():
         sys.exit(launch(nproc, config, out, steps, device, seed, resume_dir is not None, no_progress, model, data))
     main_rank = distributed.is_main_process()

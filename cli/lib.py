@@ -30,7 +30,7 @@ def load_target(cfg, progress: bool):
 
 
 @click.command("lib")
-@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("config", metavar="CONFIG")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output directory (default: runs/<config name>-<basis>).")
 @click.option("--basis", type=click.Choice(["lib", "pca"]), default=None, help="Override lib.basis (pca = the baseline).")
@@ -38,14 +38,14 @@ def load_target(cfg, progress: bool):
 @click.option("--no-ablation", is_flag=True, help="Skip the node/edge ablation curves.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def lib_command(config: Path, out: Path | None, basis: str | None, device: str | None, no_ablation: bool, force: bool,
+def lib_command(config: str, out: Path | None, basis: str | None, device: str | None, no_ablation: bool, force: bool,
                 no_progress: bool) -> None:
-    """Build the LIB (or PCA) bases and interaction graph of the target in CONFIG (see examples/lib_modadd.yaml).
+    """Build the LIB (or PCA) bases and interaction graph of the target in CONFIG (see lib_modadd).
 
     Writes OUT/lib (safetensors + JSON, reload with decomp_hooks.load_lib), graph.json, graph.png and, for modular
     addition, ablation.json + ablation.png (test accuracy vs kept directions / edges).
 
-    Example: decomp-hooks lib examples/lib_modadd.yaml --out runs/lib-modadd
+    Example: decomp-hooks lib lib_modadd --out runs/lib-modadd
     """
     import decomp_hooks as dh
     from decomp_hooks import store
@@ -59,7 +59,7 @@ def lib_command(config: Path, out: Path | None, basis: str | None, device: str |
     except ConfigError as err:
         raise click.BadParameter(str(err), param_hint="CONFIG") from None
     basis = basis or cfg.lib.basis
-    out = out or Path("runs") / f"{config.stem}-{basis}"
+    out = out or Path("runs") / f"{Path(config).stem}-{basis}"
     if out.exists() and any(out.iterdir()) and not force:
         raise click.ClickException(f"{str(out)!r} exists and is not empty; choose another --out or pass --force.")
     progress = not no_progress

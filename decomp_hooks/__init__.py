@@ -1,7 +1,7 @@
 """decomp-hooks: parameter decomposition (SPD, APD) and local interaction bases for the models researchers already load.
 
     import decomp_hooks as dh
-    dec = dh.decompose(model, sampler, targets={"linear1": 20}, config="examples/tms_5-2.yaml")
+    dec = dh.decompose(model, sampler, targets={"linear1": 20}, config="tms_5-2")
     dec.components["linear1"].V, dec.causal_importance(batch), dec.save("run/decomposition")
 """
 from decomp_hooks.config import APDConfig, CIConfig, ConfigError, DecomposeConfig, LossConfig, ScheduleConfig, TrainConfig, load_config

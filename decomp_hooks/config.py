@@ -14,6 +14,7 @@ from typing import Any, Union
 
 import yaml
 
+from decomp_hooks.configs import config_names, shipped_config
 from decomp_hooks.lm.data import DataConfig
 from decomp_hooks.lm.model import ModelConfig
 from decomp_hooks.methods.apd.config import APDConfig
@@ -67,6 +68,7 @@ class TrainConfig:
     autocast_bf16_cpu: bool = False  # on CPUs with bf16 matrix units (AMX/AVX512-BF16) matmuls run ~3× faster
     compile: bool = False  # torch.compile the CI functions: ~2× faster steps after a few seconds of compilation
     tf32: bool = True  # on CUDA, TF32 matmuls inside the training step (the faithfulness warmup stays fp32)
+    threads: int | None = None  # CPU torch threads for the run (None: chosen for the work size, docs/usage.md)
     keep_freed_memory: bool = True  # on CPU with glibc: reuse freed large blocks, not mmap/munmap each step (~15% faster)
     fsdp: bool = False  # with several processes: FSDP2-shard components, CI functions and the target's blocks (not DDP)
     faithfulness_warmup_steps: int = 200
@@ -197,17 +199,32 @@ def load_config(config: DecomposeConfig | dict | str | Path | None) -> Decompose
     elif isinstance(config, dict):
         cfg = from_dict(DecomposeConfig, config)
     else:
-        path = Path(config)
-        cfg = from_dict(DecomposeConfig, read_yaml(path, "; pass a YAML path, a dict or a DecomposeConfig."), where=path.name)
+        path = config_path(config)
+        cfg = from_dict(DecomposeConfig, read_yaml(path), where=path.name)
     validate(cfg)
     return cfg
 
 
-def read_yaml(path: Path, hint: str = ".") -> Any:
-    """The parsed YAML file at `path` ({} when empty); a ConfigError when it is missing (`hint` says what to pass) or
-    not YAML."""
+def config_path(config: str | Path) -> Path:
+    """The YAML file a config argument names: an existing path, else a shipped config's name (`tms_5-2`,
+    `lm/small_vpd`); a ConfigError lists the names when it is neither."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    shipped = shipped_config(str(config))
+    if shipped is not None:
+        return shipped
+    names = config_names()
+    close = difflib.get_close_matches(str(config).removesuffix(".yaml"), names, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"config file {str(config)!r} does not exist, and it is not a shipped config's name.{hint} Shipped "
+                      f"configs: {', '.join(names)}; or pass a dict or a DecomposeConfig.")
+
+
+def read_yaml(path: Path) -> Any:
+    """The parsed YAML file at `path` ({} when empty); a ConfigError when it is missing or not YAML."""
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist{hint}")
+        raise ConfigError(f"config file {str(path)!r} does not exist.")
     try:
         return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:

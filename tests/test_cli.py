@@ -6,6 +6,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from decomp_hooks.config import config_path
 from decomp_hooks.cli import main
 
 
@@ -17,7 +18,7 @@ def test_help_everywhere(args):
 
 def test_decompose_writes_a_run_directory(tmp_path):
     cfg = tmp_path / "tms.yaml"
-    cfg.write_text((open("examples/tms_5-2.yaml").read()).replace("steps: 10000", "steps: 40")
+    cfg.write_text((config_path("tms_5-2").read_text()).replace("steps: 10000", "steps: 40")
                    .replace("log_every: 500", "log_every: 10").replace("eval_every: 2500", "eval_every: 20"))
     out = tmp_path / "run"
     result = CliRunner().invoke(main, ["decompose", str(cfg), "--out", str(out), "--no-progress"])

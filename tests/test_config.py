@@ -5,27 +5,36 @@ from pathlib import Path
 
 import pytest
 
-from decomp_hooks.config import ConfigError, DecomposeConfig, load_config
+from decomp_hooks.config import ConfigError, DecomposeConfig, config_path, load_config
+from decomp_hooks.configs import CONFIG_DIR, config_names
 
-EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+@pytest.mark.parametrize("name", config_names())
+def test_shipped_configs_load_by_name_from_anywhere(name, tmp_path, monkeypatch):
+    """Decomposition configs load as DecomposeConfig, LIB configs (`lib_*`) as the LIB run config, by name from any
+    working directory.
 
-
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_shipped_configs_load(path):
-    """Decomposition configs load as DecomposeConfig, LIB configs (`lib_*.yaml`) as the LIB run config.
-
-    A decomposition config is either a CLI run (its toy target and sites) or settings applied from Python, which
-    names neither (`lm_tiny.yaml`: the examples pass their own model and targets).
+    A decomposition config is a CLI run (a toy target and its sites, or a `model:` section), or settings applied
+    from Python that name neither (`lm_tiny`: the examples pass their own model and targets).
     """
-    if path.name.startswith("lib_"):
+    monkeypatch.chdir(tmp_path)
+    if name.startswith("lib_"):
         from decomp_hooks.lib.config import load_lib_run_config
 
-        cfg = load_lib_run_config(path)
+        cfg = load_lib_run_config(name)
         assert cfg.lib.layers and cfg.target.toy
         return
-    cfg = load_config(path)
+    cfg = load_config(name)
+    assert cfg == load_config(CONFIG_DIR / f"{name}.yaml")
     assert cfg.losses or cfg.method == "apd"
-    assert (cfg.targets and cfg.target is not None and cfg.target.toy) or (not cfg.targets and cfg.target is None)
+    toy = cfg.targets and cfg.target is not None and cfg.target.toy
+    lm = cfg.model is not None and cfg.model.source and cfg.data is not None
+    assert toy or lm or (not cfg.targets and cfg.target is None and cfg.model is None)
+
+
+def test_config_names_resolve_stems_and_report_typos():
+    assert config_path("small_vpd") == CONFIG_DIR / "lm" / "small_vpd.yaml" == config_path("lm/small_vpd.yaml")
+    with pytest.raises(ConfigError, match="Did you mean 'tms_5-2'"):
+        load_config("tms_5_2")
 
 
 def test_defaults_and_round_trip(tmp_path):

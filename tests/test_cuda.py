@@ -139,7 +139,7 @@ def test_toy_training_apd_and_lib_on_cuda():
 
 def test_cli_decompose_on_cuda(tmp_path):
     out = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "decomp_hooks.cli", "decompose", "examples/tms_5-2.yaml", "--steps", "50",
+    done = subprocess.run([sys.executable, "-m", "decomp_hooks.cli", "decompose", "tms_5-2", "--steps", "50",
                            "--device", "cuda", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     meta = json.loads((out / "decomposition" / "decomposition.json").read_text())

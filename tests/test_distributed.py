@@ -242,7 +242,7 @@ def test_cli_nproc_launches_torchrun(tmp_path):
     toy = tmp_path / "toy"
     save_toy(make_toy("tms_5-2", steps=50, progress=False)[0], toy)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(open("examples/tms_5-2.yaml").read().replace("toy: tms_5-2", f"path: {toy}")
+    cfg.write_text(config_path("tms_5-2").read_text().replace("toy: tms_5-2", f"path: {toy}")
                    .replace("batch_size: 4096", "batch_size: 64"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "run"

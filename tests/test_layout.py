@@ -116,3 +116,16 @@ def test_importing_the_package_adds_no_import_hook_and_no_toolkit():
             "heavy = {'sae_lens', 'transformer_lens', 'nnsight', 'transformers'} & set(sys.modules); "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_pyproject_installs_every_package_and_the_shipped_configs():
+    """A wheel (not only an editable install) holds every package folder and the YAML configs."""
+    import tomllib
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    folders = {".".join((package, *init.parent.relative_to(folder).parts))
+               for package, folder in SOURCES.items() for init in folder.rglob("__init__.py")
+               if not (package == "decomp_hooks" and init.parent.relative_to(folder).parts[:1] in (("adapters",), ("cli",)))}
+    assert folders <= listed, f"packages missing from pyproject.toml: {sorted(folders - listed)}"
+    assert {"*.yaml", "lm/*.yaml"} <= set(tool["package-data"]["decomp_hooks.configs"])

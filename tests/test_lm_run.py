@@ -115,7 +115,7 @@ def test_torchrun_two_ranks_gloo(gpt2_dir, text_dir, config_file, tmp_path):
 @pytest.mark.parametrize("name", ["smollm2_mlp", "smollm2_all"])
 def test_smollm2_configs_run_two_steps_on_a_few_layers(name, tmp_path):
     pytest.importorskip("gguf")
-    cfg = dh.load_config(ROOT / "examples" / "lm" / f"{name}.yaml")
+    cfg = dh.load_config(f"lm/{name}")
     cfg.targets = {k.replace("model.layers.*.", "model.layers.[01]."): v for k, v in cfg.targets.items()}
     cfg.c_scale, cfg.ci.d_model, cfg.ci.n_blocks, cfg.ci.n_heads = 0.02, 32, 1, 2
     cfg.data.context_length, cfg.data.eval_rows, cfg.data.max_rows = 16, 2, 64

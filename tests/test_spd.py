@@ -137,7 +137,7 @@ def short_toy_run(model, config: str):
 def test_short_tms_5_2_recovers_the_features(tms52, spd_config):
     """The fast bar (docs/toys.md#fast-versions-in-the-test-suite): after a short CPU run, MMCS ≥ 0.99 and identity CI
     error ≤ 1."""
-    dec = short_toy_run(tms52, "examples/tms_5-2.yaml")
+    dec = short_toy_run(tms52, "tms_5-2")
     m = toy_metrics(dec)
     assert m["mmcs"] >= 0.99 and 0.95 <= m["ml2r"] <= 1.03
     assert m["identity_ci_error/linear1"] <= 1 and m["identity_ci_error_0p2/linear2"] <= 1
@@ -156,7 +156,7 @@ def test_short_tms_5_2_id_finds_two_identity_components():
     from decomp_hooks.toy import make_toy
 
     model, _ = make_toy("tms_5-2-id", seed=0, progress=False)
-    dec = short_toy_run(model, "examples/tms_5-2-id.yaml")
+    dec = short_toy_run(model, "tms_5-2-id")
     m = toy_metrics(dec)
     assert m["non_negligible/hidden_layers.0"] == 2 and m["dense_ci_error/hidden_layers.0"] == 0, m
     assert m["mmcs"] >= 0.99 and m["non_negligible/linear1"] <= 6, m
@@ -175,7 +175,7 @@ def test_own_model_with_shipped_config():
     def sample(n):
         return torch.rand(n, 6) * (torch.rand(n, 6) < 0.1)
 
-    dec = dh.decompose(model, sample, targets={"0": 8, "2": 8}, config="examples/tms_5-2.yaml", steps=30, progress=False)
+    dec = dh.decompose(model, sample, targets={"0": 8, "2": 8}, config="tms_5-2", steps=30, progress=False)
     assert dec.components["0"].V.shape == (6, 8) and dec.components["2"].U.shape == (8, 6)
     assert dec.components["0"].weight().shape == model[0].weight.shape
     ci = dec.causal_importance(sample(10))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from decomp_hooks.config import ConfigError, from_dict, read_yaml
+from decomp_hooks.config import ConfigError, config_path, from_dict, read_yaml
 from decomp_hooks.lib.jacobians import INTEGRATION_RULES
 
 BASES = ("lib", "pca")
@@ -79,8 +79,8 @@ def load_lib_config(config: LIBConfig | dict | str | Path | None, **overrides: A
     elif isinstance(config, dict):
         cfg = from_dict(LIBConfig, config, where="lib config")
     else:
-        path = Path(config)
-        data = read_yaml(path, "; pass a YAML path, a dict or a LIBConfig.")
+        path = config_path(config)
+        data = read_yaml(path)
         cfg = from_dict(LIBConfig, data.get("lib", data) if isinstance(data, dict) else data, where=path.name)
     names = {f.name for f in dataclasses.fields(LIBConfig)}
     unknown = set(overrides) - names
@@ -113,7 +113,7 @@ class LIBRunConfig:
 
 def load_lib_run_config(path: str | Path) -> LIBRunConfig:
     """A validated LIBRunConfig from a YAML file."""
-    path = Path(path)
+    path = config_path(path)
     cfg = from_dict(LIBRunConfig, read_yaml(path), where=path.name)
     validate(cfg.lib)
     t = cfg.target
