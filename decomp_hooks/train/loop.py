@@ -147,28 +147,28 @@ class Trainer:
             self.faithfulness_warmup()
             set_seed(cfg.seed * self.world_size + self.rank)  # masks differ per rank
         self.ready()
-        bar = tqdm(total=t.steps + 1, initial=self.step, disable=not self.progress or self.rank != 0, desc="decompose")
+        bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress or self.rank != 0, desc="decompose")
         step_times: list[float] = []
         with stop_on_signal() as flag:
-            while self.step <= t.steps:
+            while self.step < t.steps:
                 begin = time.perf_counter()
-                last = self.step == t.steps
-                if not last:
-                    terms, log = self.train_step()
-                    step_times.append(time.perf_counter() - begin)
-                    if self.step % t.log_every == 0:
-                        self.log_train(terms, log, step_times)
-                if self.step % t.eval_every == 0 or last:
+                terms, log = self.train_step()
+                step_times.append(time.perf_counter() - begin)
+                if self.step % t.log_every == 0:
+                    self.log_train(terms, log, step_times)
+                if self.step % t.eval_every == 0:
                     self.log(self.evaluate())
                 self.step += 1
                 bar.update(1)
-                if self.step % t.checkpoint_every == 0 or self.step > t.steps:
+                if self.step % t.checkpoint_every == 0 or self.step == t.steps:
                     self.save_checkpoint()
                 if distributed.any_rank(flag["signal"] is not None):
                     self.save_checkpoint()
                     bar.close()
-                    raise Interrupted(f"stopped by signal {flag['signal'] or 'on another rank'} at step {self.step}; "
-                                      f"resume from {self.out_dir}")
+                    where = (f"resume from {self.out_dir}" if self.out_dir is not None else
+                             "nothing was saved (pass out_dir to keep checkpoints)")
+                    raise Interrupted(f"stopped by signal {flag['signal'] or 'on another rank'} at step {self.step}; {where}")
+            self.log(self.evaluate())  # the final evaluation, after the last checkpoint so a resume repeats it exactly
         bar.close()
         return self.records
 
