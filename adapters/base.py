@@ -67,6 +67,19 @@ class Adapter(ABC):
               ) -> tuple[list[Site], dict[str, int]]:
         """The sites the target globs select, and C per site name."""
 
+    @abstractmethod
+    def matrices(self, model: Any) -> list[str]:
+        """The site names of the model's decomposable weight matrices, embeddings and unembedding excluded (what a
+        call without targets decomposes)."""
+
+    def tokenizer(self, model: Any) -> Any | None:
+        """The tokenizer the model carries (`model.tokenizer`), or None."""
+        return getattr(model, "tokenizer", None)
+
+    def is_language_model(self, model: Any) -> bool:
+        """Whether the model maps tokens to logits (it has an unembedding)."""
+        return self.unembedding(model) is not None
+
     def hook_names(self, model: Any, site: Site) -> HookNames:
         """Where `site` is read and written (nothing known by default)."""
         return HookNames()

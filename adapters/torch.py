@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -116,6 +117,26 @@ class TorchAdapter(Adapter):
     def sites(self, model: Any, targets: dict[str, int], identity_targets: dict[str, int] | None = None
               ) -> tuple[list[Site], dict[str, int]]:
         return sites(self.module(model), targets, identity_targets)
+
+    def matrices(self, model: Any) -> list[str]:
+        """Every decomposable module but embeddings and the output embeddings (`get_output_embeddings()`)."""
+        module = self.module(model)
+        out = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+        return [n for n, m in module.named_modules() if n and canonical_weight_fn(m) is not None
+                and not isinstance(m, nn.Embedding) and m is not out]
+
+    def tokenizer(self, model: Any) -> Any | None:
+        """`model.tokenizer`, else the tokenizer saved beside a Hugging Face model loaded from a local directory."""
+        found = getattr(model, "tokenizer", None)
+        path = getattr(getattr(self.module(model), "config", None), "_name_or_path", None)
+        if found is not None or not path or not Path(path).is_dir():
+            return found
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError):  # no tokenizer files in that directory
+            return None
 
     def hook_names(self, model: Any, site: Site) -> HookNames:
         """The module path, read at its input and written at its output (an inserted identity writes the input

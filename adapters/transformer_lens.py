@@ -314,17 +314,22 @@ def _parameter_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_parameters()]
 
 
+def _family(model: nn.Module) -> Callable[[nn.Module], Candidates]:
+    """The candidate sites of the model's TransformerLens family; a TypeError for other classes."""
+    family = next((f for f in _FAMILIES if _is_class(model, f)), None)
+    if family is None:
+        raise TypeError(f"cannot decompose a TransformerLens {type(model).__name__}; supported are HookedTransformer, "
+                        "HookedSAETransformer and TransformerBridge.")
+    return _FAMILIES[family]
+
+
 def sites(model: nn.Module, targets: dict[str, int], identity_targets: dict[str, int] | None = None
           ) -> tuple[list[TLSite], dict[str, int]]:
     """Resolve target globs over the TL weight names into sites; returns the sites and C per site."""
     if identity_targets:
         raise SiteError(f"identity_targets={identity_targets!r}: identity insertion is not supported for "
                         "TransformerLens models yet; pass identity_targets=None.")
-    family = next((f for f in _FAMILIES if _is_class(model, f)), None)
-    if family is None:
-        raise TypeError(f"cannot decompose a TransformerLens {type(model).__name__}; supported are HookedTransformer, "
-                        "HookedSAETransformer and TransformerBridge.")
-    found = dict(_FAMILIES[family](model))
+    found = dict(_family(model)(model))
     builders = {n: b for n, b in found.items() if not isinstance(b, str)}
     for pattern in targets:
         if not fnmatch.filter(builders, pattern):
@@ -364,6 +369,10 @@ class TransformerLensAdapter(Adapter):
     def sites(self, model: Any, targets: dict[str, int], identity_targets: dict[str, int] | None = None
               ) -> tuple[list[Site], dict[str, int]]:
         return sites(model, targets, identity_targets)
+
+    def matrices(self, model: Any) -> list[str]:
+        """The blocks' attention and MLP weights this model can decompose (not `embed.W_E`, `unembed.W_U`)."""
+        return [n for n, b in _family(model)(model) if not isinstance(b, str) and n not in ("embed.W_E", "unembed.W_U")]
 
     def hook_names(self, model: Any, site: Site) -> HookNames:
         """The TL hook pair that carries exactly the site's input and output, or a note why there is none."""

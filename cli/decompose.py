@@ -93,7 +93,7 @@ def with_sources(cfg: DecomposeConfig, model: str | None, data: str | None) -> D
 
 
 @click.command("decompose")
-@click.argument("config", metavar="CONFIG")
+@click.argument("config", metavar="[CONFIG]", required=False)
 @click.option("--model", "model", default=None,
               help="Model to decompose (replaces model.source): a local directory, a hub id, small_lm or smollm2.")
 @click.option("--data", "data", default=None,
@@ -115,12 +115,15 @@ def decompose_command(config: str | None, model: str | None, data: str | None, s
     """Decompose the model named in CONFIG (a YAML file, or a shipped config's name) and write a run directory.
 
     CONFIG names a language model (`model:` and `data:` sections, or --model / --data) or a toy target (`target:`).
+    Without CONFIG, --model is decomposed with the default language-model recipe (default_lm: VPD on every
+    attention and MLP matrix, C from the table) on --data, or on built-in text without it.
     The run directory holds config.yaml, metrics.jsonl, checkpoints/, decomposition/ (safetensors + JSON) and PNG
     plots; language-model runs add eval.json (held-out KL, CE, L0 and alive components per site), toy runs their
     target (target/). A table of the final evaluation is printed.
 
     \b
     Examples:
+      decomp-hooks decompose --model ./my-model --data ./texts/    # default recipe, every block matrix
       decomp-hooks decompose lm/small_spd --steps 50
       decomp-hooks decompose lm/small_spd --model ./my-model --data ./texts/
       decomp-hooks decompose tms_5-2 --steps 2000 --out runs/tms
@@ -130,14 +133,19 @@ def decompose_command(config: str | None, model: str | None, data: str | None, s
     import decomp_hooks as dh
     from decomp_hooks import distributed
     from decomp_hooks.config import ConfigError
+    from decomp_hooks.defaults import RECIPES
 
+    if config is None and model is None:
+        raise click.UsageError("pass CONFIG (a YAML file or a shipped config's name, e.g. tms_5-2 or lm/small_vpd) or "
+                               "--model (a model directory: decomposed with the default recipe).")
     try:
-        cfg = with_sources(dh.load_config(config), model, data)
+        cfg = with_sources(dh.load_config(config or RECIPES["language_model"]), model, data)
     except ConfigError as err:
         raise click.BadParameter(str(err), param_hint="CONFIG") from None
     run, finish = runner(cfg)
     seed = cfg.seed if seed is None else seed
-    out = resume_dir or out or Path("runs") / f"{Path(config).stem}-s{seed}"
+    name = Path(config).stem if config is not None else Path(model.rstrip("/")).name
+    out = resume_dir or out or Path("runs") / f"{name}-s{seed}"
     if nproc > 1 and not distributed.launched():
         sys.exit(launch(nproc, config, out, steps, device, seed, resume_dir is not None, no_progress, model, data))
     main_rank = distributed.is_main_process()
@@ -153,11 +161,11 @@ def decompose_command(config: str | None, model: str | None, data: str | None, s
     distributed.shutdown()
 
 
-def launch(nproc: int, config: Path, out: Path, steps: int | None, device: str | None, seed: int, resume: bool,
+def launch(nproc: int, config: str | None, out: Path, steps: int | None, device: str | None, seed: int, resume: bool,
            no_progress: bool, model: str | None = None, data: str | None = None) -> int:
     """Run this command again as `nproc` torchrun ranks on this machine; returns torchrun's exit status."""
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "decomp_hooks.cli", "decompose", str(config), "--seed", str(seed)]
+            "-m", "decomp_hooks.cli", "decompose", *([config] if config else []), "--seed", str(seed)]
     args += ["--resume", str(out)] if resume else ["--out", str(out)]
     args += (["--steps", str(steps)] if steps is not None else []) + (["--device", device] if device else [])
     args += ["--no-progress"] if no_progress else []

@@ -14,6 +14,7 @@ from decomp_hooks.component_model import ComponentModel
 from decomp_hooks.config import ConfigError, DecomposeConfig, load_config, validate
 from decomp_hooks.data import make_source
 from decomp_hooks.decomposition import Decomposition, package_versions
+from decomp_hooks.defaults import default_config, default_data, default_targets
 from decomp_hooks.lm.capacity import fill_default_c
 from decomp_hooks.methods import get_method
 from decomp_hooks.train import Trainer, set_seed
@@ -32,11 +33,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 Targets = dict[str, int | None] | list[str]
 
 
-def build_config(config: Any, targets: Targets | None, steps: int | None, seed: int | None,
+def build_config(model: Any, config: Any, targets: Targets | None, steps: int | None, seed: int | None,
                  identity_targets: dict[str, int] | None) -> DecomposeConfig:
-    """The config with explicit arguments taking precedence over the file's values (a list of target globs takes
-    C from the table)."""
-    cfg = load_config(config)
+    """The config (without one, the recipe for the kind of model) with explicit arguments taking precedence over its
+    values; without targets anywhere, every weight matrix of the model's blocks (C from the table)."""
+    cfg = default_config(model) if config is None else load_config(config)
     if targets is not None:  # the config's site choices belong to its own target model
         cfg.targets = dict.fromkeys(targets) if isinstance(targets, (list, tuple)) else dict(targets)
         cfg.identity_targets, cfg.tied = {}, []
@@ -46,35 +47,38 @@ def build_config(config: Any, targets: Targets | None, steps: int | None, seed: 
         cfg.train = dataclasses.replace(cfg.train, steps=steps)
     if seed is not None:
         cfg.seed = seed
-    validate(cfg)
     if not cfg.targets and not cfg.identity_targets:
-        raise ConfigError("no targets: pass targets={'<module glob>': C, ...} or set `targets:` in the config.")
+        cfg.targets = default_targets(model)
+    validate(cfg)
     return cfg
 
 
-def decompose(model: Any, data: Any, targets: Targets | None = None, method: str | None = None,
+def decompose(model: Any, data: Any = None, targets: Targets | None = None, method: str | None = None,
               config: DecomposeConfig | dict | str | Path | None = None, steps: int | None = None,
               device: str | torch.device | None = None, seed: int | None = None, out_dir: str | Path | None = None,
               identity_targets: dict[str, int] | None = None, resume: bool = False, progress: bool = True,
               evaluate: Callable[[Decomposition, int], dict] | None = None,
               eval_data: torch.Tensor | None = None) -> Decomposition:
-    """Decompose the chosen weight matrices of `model` with the config's method (`method` overrides it): SPD's
-    rank-one components with causal importances by default; `decomp_hooks.methods.method_names()` lists the others.
+    """Decompose the chosen weight matrices of `model` into rank-one components with causal importances, by the
+    config's method (`method` overrides it; `decomp_hooks.methods.method_names()` lists them).
 
-    `targets` maps fnmatch globs of the model's module names to C (None: the default of its matrix type, docs/lm.md),
-    or lists globs (all defaults);
-    `data` is a sampler `f(batch_size)`, a tensor or an
-    iterable of batches; `eval_data` (rows, e.g. held-out token ids) is what evaluation reads instead of a training
-    batch; `config` a DecomposeConfig, dict or YAML path (explicit `targets` replace its targets, identity targets
-    and ties). With `out_dir`, writes config, metrics.jsonl, checkpoints and the final decomposition there;
-    `resume=True` continues from its latest checkpoint.
+    `targets` maps fnmatch globs of the model's module names to C (None: the default of its matrix type,
+    docs/lm.md#components-per-matrix), or lists globs (all defaults); without targets here or in the config, every
+    weight matrix of the model's blocks. `data` is a sampler `f(batch_size)`, a tensor or an iterable of batches;
+    without it, a model that carries a tokenizer reads the config's `data:` text (the default recipe's: built-in).
+    `eval_data` (rows, e.g. held-out token ids) is what evaluation reads instead of a training batch. `config` is a
+    DecomposeConfig, dict, YAML path or shipped config's name; without it, the recipe for the kind of model
+    (`decomp_hooks.default_config(model)`: VPD with KL for language models, SPD with MSE otherwise). Explicit
+    `targets` replace the config's targets, identity targets and ties. With `out_dir`, writes config,
+    metrics.jsonl, checkpoints and the final decomposition there; `resume=True` continues from its latest
+    checkpoint.
 
     Under torchrun (`decomp-hooks decompose --nproc N`) every rank calls this: the global batch `train.batch_size`
     is split over the ranks, gradients are averaged (DDP, or FSDP2 with `train.fsdp`), and rank 0 alone writes.
     """
     from decomp_hooks.adapters import resolve
 
-    cfg = build_config(config, targets, steps, seed, identity_targets)
+    cfg = build_config(model, config, targets, steps, seed, identity_targets)
     if method is not None and method != cfg.method:
         cfg.method = method
         validate(cfg)
@@ -93,6 +97,9 @@ def decompose(model: Any, data: Any, targets: Targets | None = None, method: str
     method_obj.init_components(cm)
     if cfg.train.compile:
         cm.compile_ci_fns()
+    if data is None:
+        data, held_out_rows = default_data(model, cfg, progress)
+        eval_data = held_out_rows if eval_data is None else eval_data
     source = distributed.shard_source(make_source(data, cfg.train.batch_size, cfg.seed), ctx)
     if hasattr(source, "check_enough"):
         source.check_enough(cfg.train.steps + cfg.train.steps // cfg.train.eval_every + 1)

@@ -2,14 +2,16 @@
 (`targets: {"model.layers.*.mlp.*": null}`); docs/lm.md#components-per-matrix.
 
 C is a multiple of the model width (the matrix's residual-stream side), after the VPD paper's 4-layer run
-(d_model 768: q, k 512; v, o 1024; MLP in 3072; MLP out 3584), times the config's `c_scale`.
+(d_model 768: q, k 512; v, o 1024; MLP in 3072; MLP out 3584), times the config's `c_scale`. Any other matrix gets
+4 × min(d_in, d_out) (the toys' counts: TMS 5-2 has 5 features and gets 8, TMS 40-10 gets 40, ResidMLP 1L 200 for
+its 100 features).
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-from decomp_hooks.sites import Site, SiteError
+from decomp_hooks.sites import Site
 
 
 @dataclass(frozen=True)
@@ -39,12 +41,15 @@ def matrix_type(name: str) -> str | None:
     return next((kind for kind, t in MATRIX_TYPES.items() if t.pattern.search(name)), None)
 
 
+#: C per min(d_in, d_out) of a matrix that is none of the table's types
+OTHER_PER_WIDTH = 4
+
+
 def default_c(site: Site, scale: float = 1.0) -> int:
-    """C for a site from the table: its type's multiple of the model width, times `scale` (at least 1)."""
+    """C for a site: its table type's multiple of the model width, else 4 × min(d_in, d_out); times `scale` (≥ 1)."""
     kind = matrix_type(site.name)
     if kind is None:
-        raise SiteError(f"site {site.name!r} was given no C and is not a matrix type of the default table "
-                        f"({', '.join(MATRIX_TYPES)}); give its C in `targets` (e.g. {{{site.name!r}: 256}}).")
+        return max(1, round(OTHER_PER_WIDTH * min(site.d_in, site.d_out) * scale))
     t = MATRIX_TYPES[kind]
     width = site.d_in if t.residual == "in" else site.d_out
     return max(1, round(t.per_width * width * scale))

@@ -22,6 +22,7 @@ def run_lm(cfg: DecomposeConfig, out: Path, steps: int | None, device: Any, seed
            progress: bool) -> Decomposition:
     """Decompose the config's language model on its text (evaluated on held-out rows) into run directory `out`."""
     import decomp_hooks as dh
+    from decomp_hooks.defaults import warn_if_builtin
     from decomp_hooks.lm.data import token_data
     from decomp_hooks.lm.model import load_model
     from decomp_hooks.run import resolve_device
@@ -34,6 +35,7 @@ def run_lm(cfg: DecomposeConfig, out: Path, steps: int | None, device: Any, seed
     if loaded.context_length is not None and cfg.data.context_length > loaded.context_length:
         raise ConfigError(f"data.context_length={cfg.data.context_length} exceeds the model's context "
                           f"{loaded.context_length}; use data.context_length ≤ {loaded.context_length}.")
+    warn_if_builtin(cfg.data)
     tokens = main_first(token_data, cfg.data, loaded.tokenizer, cfg.train.batch_size, progress)
     dec = dh.decompose(loaded.model, tokens.train, config=cfg, steps=steps, device=dev, seed=seed, out_dir=out,
                        resume=resume, progress=progress, eval_data=tokens.eval)
