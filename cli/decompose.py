@@ -15,13 +15,6 @@ if TYPE_CHECKING:
     from decomp_hooks.decomposition import Decomposition
 
 
-def summary_table(record: dict) -> str:
-    """Two aligned columns of the final evaluation metrics."""
-    rows = [(k.removeprefix("eval/"), v) for k, v in record.items() if k != "step"]
-    width = max((len(k) for k, _ in rows), default=0)
-    return "\n".join(f"{k:<{width}}  {v:.6g}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in rows)
-
-
 def run_toy(cfg: DecomposeConfig, out: Path, steps: int | None, device: str | None, seed: int, resume: bool,
             progress: bool) -> Decomposition:
     """Train (or reload from `out/target`) the config's toy target, save it beside the run, and decompose it.
@@ -56,13 +49,10 @@ def run_toy(cfg: DecomposeConfig, out: Path, steps: int | None, device: str | No
 
 def finish_toy(dec: Decomposition, out: Path) -> str:
     """Plot the toy run into `out`; its final metrics and the ground-truth verdict to print."""
-    from decomp_hooks.toy.evaluate import passes, toy_plots
+    from decomp_hooks.toy.evaluate import toy_plots
+    from decomp_hooks.toy.summary import toy_summary
 
-    toy_plots(dec, out)
-    final = dec.final_metrics()
-    verdict = passes({k.removeprefix("eval/"): v for k, v in final.items()}, dec)
-    return (f"{summary_table(final)}\nground-truth bars (docs/toys.md#success-bars): {'PASS' if verdict else 'FAIL'}"
-            f"   run directory: {out}")
+    return toy_summary(dec, out, toy_plots(dec, out))
 
 
 def runner(cfg: DecomposeConfig) -> tuple[Callable[..., Decomposition], Callable[[Decomposition, Path], str]]:

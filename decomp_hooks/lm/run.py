@@ -43,8 +43,21 @@ def run_lm(cfg: DecomposeConfig, out: Path, steps: int | None, device: Any, seed
     return dec
 
 
+LEGEND = """\
+On held-out text. KL: mean KL(target || masked model) per token, nats. CE: next-token cross-entropy. ΔCE: CE minus the
+target's. unrecovered: ΔCE over zero_masked's ΔCE (0%: as good as the target; 100%: as bad as every component off).
+Masks: ci_masked (each component scaled by its CI), unmasked (all on), stoch_masked (random between CI and 1),
+rounded_masked (on where CI > 0), random_masked (uniform random), zero_masked (all off), adversarial (the worst masks
+between CI and 1 a PGD adversary finds). CI-L0: components per token with CI above ci_alive_threshold; alive:
+components above it at some held-out token. A language model has no ground truth: no pass/fail; compare seeds,
+methods and the masks (ci_masked and stoch_masked near unmasked, a small CI-L0, a low adversarial KL are better)."""
+FILES = ("run directory {out}: eval.json (these figures), training_curves.png (losses and L0 over steps), eval_kl.png "
+         "(KL per mask), sites.png (C, L0 and alive per site), decomposition/ (safetensors + JSON, reload with "
+         "decomp_hooks.load), metrics.jsonl, config.yaml, checkpoints/")
+
+
 def finish_lm(dec: Decomposition, out: Path) -> str:
     """Write `eval.json` and the PNG plots into `out`; the evaluation table to print."""
     from decomp_hooks.lm.report import report_table, write_report
 
-    return f"{report_table(write_report(dec, out))}\nrun directory: {out}"
+    return f"{report_table(write_report(dec, out))}\n\n{LEGEND}\n{FILES.format(out=out)}"

@@ -1,6 +1,7 @@
 """Ground-truth metrics, success bars and plots for decompositions of the toy targets (docs/results.md#toys)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -82,7 +83,17 @@ def toy_plots(dec: Decomposition, out_dir: str | Path) -> list[Path]:
     return paths
 
 
-def ci_bars(record: dict, dec: Decomposition) -> bool:
+@dataclass
+class Check:
+    """One success bar: the metric it reads, its value, the bar in words and whether the value meets it."""
+
+    metric: str
+    value: float
+    bar: str
+    ok: bool
+
+
+def ci_checks(record: dict, dec: Decomposition) -> list[Check]:
     """The toys' success bars for causal importances: identity CI-pattern error 0 (at most 2 on ResidMLP's
     `mlp_in`), dense error 0 on dense sites, the expected number of non-negligible components per TMS site, and MMCS ≥
     0.999 with ML2R in [0.98, 1.03] (1.04 for TMS 40-10+ID, where the SPD paper itself reports 1.031).
@@ -90,33 +101,45 @@ def ci_bars(record: dict, dec: Decomposition) -> bool:
     Dense sites are scored with the dense CI-pattern error; `dense_always_on_error` is reported beside it but not
     required: an identity or `mlp_out` component whose input is zero on a probe is not needed there, and the
     losses switch it off (`benchmarks/dense_sites.py` measures this by ablation)."""
-    ok = all(v == 0 for k, v in record.items()
-             if k.startswith(("identity_ci_error/", "dense_ci_error/")) and not _resid_identity(k))
-    ok &= all(v <= 2 for k, v in record.items() if _resid_identity(k))
+    checks = []
+    for k, v in record.items():
+        if _resid_identity(k):
+            checks.append(Check(k, v, "≤ 2", v <= 2))
+        elif k.startswith(("identity_ci_error/", "dense_ci_error/")):
+            checks.append(Check(k, v, "= 0", v == 0))
     if isinstance(dec.model, TMSModel):
-        expected = {s: dense_k(dec, s) or dec.model.config.n_features for s in dec.components}
-        ok &= all(record.get(f"non_negligible/{s}") == n for s, n in expected.items())
+        for s in dec.components:
+            n = dense_k(dec, s) or dec.model.config.n_features
+            got = record.get(f"non_negligible/{s}")
+            checks.append(Check(f"non_negligible/{s}", got, f"= {n}", got == n))
     if "mmcs" in record:
         cfg = dec.model.config
-        wide = cfg.n_identity_layers > 0 and cfg.n_features == 40
-        ok &= record["mmcs"] >= 0.999 and 0.98 <= record["ml2r"] <= (1.04 if wide else 1.03)
-    return bool(ok)
+        high = 1.04 if cfg.n_identity_layers > 0 and cfg.n_features == 40 else 1.03
+        checks.append(Check("mmcs", record["mmcs"], "≥ 0.999", record["mmcs"] >= 0.999))
+        checks.append(Check("ml2r", record["ml2r"], f"in [0.98, {high}]", 0.98 <= record["ml2r"] <= high))
+    return checks
 
 
-def topk_bars(record: dict, dec: Decomposition) -> bool:
+def topk_checks(record: dict, dec: Decomposition) -> list[Check]:
     """The toys' success bars for top-k selections (APD): TMS MMCS ≥ 0.99; ResidMLP one mechanism per feature."""
     if "mmcs" in record:
-        return bool(record["mmcs"] >= 0.99)
-    return record.get("apd/split_features") == 0
+        return [Check("mmcs", record["mmcs"], "≥ 0.99", record["mmcs"] >= 0.99)]
+    split = record.get("apd/split_features")
+    return [Check("apd/split_features", split, "= 0", split == 0)]
 
 
 #: the success bars by the method's `importance_kind`
-BARS = {"ci": ci_bars, "topk": topk_bars}
+CHECKS = {"ci": ci_checks, "topk": topk_checks}
+
+
+def bar_checks(record: dict, dec: Decomposition) -> list[Check]:
+    """Every success bar for this toy and method, checked on the final metrics (prefix-free names)."""
+    return CHECKS[dec.method.importance_kind](record, dec)
 
 
 def passes(record: dict, dec: Decomposition) -> bool:
     """Whether the final metrics (prefix-free names) meet the success bars for this toy and method."""
-    return BARS[dec.method.importance_kind](record, dec)
+    return all(c.ok for c in bar_checks(record, dec))
 
 
 def _resid_identity(key: str) -> bool:
