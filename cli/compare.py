@@ -6,7 +6,9 @@ from typing import Any
 
 import click
 
-from decomp_hooks.cli.dashboard import check_out, load_run, load_tokens
+from decomp_hooks.cli.dashboard import check_out, load_run
+from decomp_hooks.cli.export import load_tokens
+from decomp_hooks.cli.options import device_option
 
 
 @click.command("compare")
@@ -29,9 +31,10 @@ from decomp_hooks.cli.dashboard import check_out, load_run, load_tokens
 @click.option("--context-length", type=int, default=128, show_default=True, help="Tokens per sequence for text data.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@device_option
 def compare_command(run_dir: Path, sae_dir: Path, data_path: Path, out: Path, site: str | None, model_dir: Path | None,
                     min_cosine: float, min_corr: float, top_k: int, batch_size: int, max_batches: int | None,
-                    context_length: int, force: bool, no_progress: bool) -> None:
+                    context_length: int, force: bool, no_progress: bool, device: Any) -> None:
     """Match the components of one site in RUN_DIR to the features of the SAE-Lens SAE or transcoder in SAE_DIR
     (cfg.json + sae_weights.safetensors) trained on the same hook: decoder-direction cosine and activation
     correlation over the same tokens of --data. Each component counts as two parts (its positive and negative
@@ -40,11 +43,18 @@ def compare_command(run_dir: Path, sae_dir: Path, data_path: Path, out: Path, si
     component beside its best-matching SAE feature, then the SAE features no component explains and vice versa.
 
     \b
-    Examples:
-      decomp-hooks compare runs/gpt2 saes/mlp0-out --model models/gpt2 --data tokens.safetensors \\
-          --site transformer.h.0.mlp.c_proj --out cmp/
-      decomp-hooks compare runs/gpt2 saes/mlp0-out --model models/gpt2 --data docs/ \\
-          --min-cosine 0.7 --min-corr 0.6 --out cmp/ --force
+    Examples (offline, from an empty folder; SAE_DIR is any SAE-Lens directory on the site's hooks, here the
+    same site of a second decomposition, exported as a transcoder):
+      decomp-hooks toy lm --out models/small-lm
+      decomp-hooks decompose lm/small_spd --model models/small-lm --steps 50 --out runs/small-lm
+      decomp-hooks decompose lm/small_spd --model models/small-lm --steps 50 --seed 1 --out runs/small-lm-s1
+      decomp-hooks export runs/small-lm-s1 exports/small-lm-s1 --model models/small-lm \\
+          --sites model.layers.0.mlp.down_proj
+      python -m pydoc json collections > text.txt    # any text; here stdlib docs, as the LM was trained on
+      decomp-hooks compare runs/small-lm exports/small-lm-s1/model.layers.0.mlp.down_proj \\
+          --model models/small-lm --data text.txt --site model.layers.0.mlp.down_proj --out cmp/
+      decomp-hooks compare runs/small-lm exports/small-lm-s1/model.layers.0.mlp.down_proj \\
+          --model models/small-lm --data text.txt --min-cosine 0.7 --min-corr 0.6 --out cmp/ --force
     """
     from decomp_hooks import store
     from decomp_hooks.dashboard import CompareConfig, DashboardError, compare_with_sae
@@ -55,7 +65,7 @@ def compare_command(run_dir: Path, sae_dir: Path, data_path: Path, out: Path, si
         sae = load_sae(sae_dir)
     except store.StoreError as err:
         raise click.BadParameter(str(err), param_hint="SAE_DIR") from None
-    dec, tokenizer = load_run(run_dir, model_dir)
+    dec, tokenizer = load_run(run_dir, model_dir, device)
     site = site or pick_site(dec, sae)
     data = load_tokens(data_path, tokenizer, context_length, batch_size)
     cfg = CompareConfig(min_cosine=min_cosine, min_corr=min_corr, top_k=top_k, batch_size=batch_size,

@@ -6,13 +6,13 @@ from typing import Any
 
 import click
 
-from decomp_hooks.cli.export import decomposition_dir, load_model, read_data
+from decomp_hooks.cli.export import decomposition_dir, load_model, load_tokens
+from decomp_hooks.cli.options import device_option
 
-TEXT_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet", ".csv")
 
-
-def load_run(run_dir: Path, model_dir: Path | None) -> tuple[Any, Any]:
-    """The decomposition in RUN_DIR re-attached to the --model directory (or its saved toy target), and a tokenizer."""
+def load_run(run_dir: Path, model_dir: Path | None, device: Any) -> tuple[Any, Any]:
+    """The decomposition in RUN_DIR re-attached to the --model directory (or its saved toy target) on `device`, and a
+    tokenizer."""
     import decomp_hooks as dh
     from decomp_hooks.sites import SiteError
 
@@ -21,27 +21,12 @@ def load_run(run_dir: Path, model_dir: Path | None) -> tuple[Any, Any]:
     if model_dir is not None:
         model, tokenizer = load_model(model_dir)
     try:
-        return dh.load(path, model=model), tokenizer
+        return dh.load(path, model=model, device=device), tokenizer
     except dh.FingerprintError as err:
         raise click.BadParameter(str(err), param_hint="--model") from None
     except (SiteError, ValueError) as err:
         hint = " For a language-model run pass --model <local HF model directory>." if model is None else ""
         raise click.ClickException(f"{err}{hint}") from None
-
-
-def load_tokens(path: Path, tokenizer: Any, context_length: int, batch_size: int) -> Any:
-    """Token ids from a safetensors file (tensor 'tokens'), or text files tokenized with the model's tokenizer."""
-    if path.suffix == ".safetensors":
-        return read_data(path)
-    if path.is_dir() or path.suffix in TEXT_SUFFIXES:
-        if tokenizer is None:
-            raise click.BadParameter(f"{str(path)!r} is text, and no tokenizer came with --model; pass token ids as a "
-                                     "safetensors file, or a --model directory with a tokenizer.", param_hint="--data")
-        from decomp_hooks.text import TokenBatches
-
-        return TokenBatches(str(path), tokenizer, context_length=context_length, batch_size=batch_size)
-    raise click.BadParameter(f"{str(path)!r}: expected a .safetensors file of token ids or text "
-                             f"({', '.join(TEXT_SUFFIXES)} files or a directory of them).", param_hint="--data")
 
 
 def parse_components(values: tuple[str, ...]) -> list[int] | None:
@@ -81,10 +66,11 @@ def check_out(out: Path, force: bool) -> None:
 @click.option("--model-name", default=None, help="Model name shown on the pages.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@device_option
 def dashboard_command(run_dir: Path, data_path: Path, out: Path, model_dir: Path | None, sites: tuple[str, ...],
                       components: tuple[str, ...], engine: str, n_examples: int, batch_size: int,
                       max_batches: int | None, context_length: int, model_name: str | None, force: bool,
-                      no_progress: bool) -> None:
+                      no_progress: bool, device: Any) -> None:
     """Dashboards of the components in RUN_DIR, computed over --data: one self-contained HTML page per site (no
     network needed to open it) with, per live component, its top token contexts coloured by causal importance and by
     signed activation, CI and activation histograms, firing frequency, the tokens it promotes and suppresses (sites
@@ -92,23 +78,28 @@ def dashboard_command(run_dir: Path, data_path: Path, out: Path, model_dir: Path
     dashboard.json. The data is streamed twice (statistics, then contexts), with progress bars.
 
     \b
-    Examples:
-      decomp-hooks dashboard runs/gpt2 --model models/gpt2 --data tokens.safetensors --out dash/
-      decomp-hooks dashboard runs/gpt2 --model models/gpt2 --data docs/ --context-length 64 \\
-          --sites 'transformer.h.0.*' --components 0,3,5 --out dash/ --force
-      decomp-hooks dashboard runs/gpt2 --model models/gpt2 --data tokens.safetensors \\
+    Examples (offline, from an empty folder):
+      decomp-hooks toy lm --out models/small-lm
+      decomp-hooks decompose lm/small_spd --model models/small-lm --steps 50 --out runs/small-lm
+      python -m pydoc json collections > text.txt    # any text; here stdlib docs, as the LM was trained on
+      decomp-hooks dashboard runs/small-lm --model models/small-lm --data text.txt --out dash/
+      decomp-hooks dashboard runs/small-lm --model models/small-lm --data text.txt --context-length 64 \\
+          --sites 'model.layers.0.*' --components 0,3,5 --out dash/ --force
+    The sae-dashboard engine takes TransformerLens or Hugging Face GPT-2 models (e.g. a GPT-2 run, as in
+    docs/dashboards.md) and runs on the cpu:
+      decomp-hooks dashboard runs/gpt2-tiny --model models/tiny-gpt2 --data tokens.safetensors \\
           --engine sae-dashboard --sites transformer.h.0.mlp.c_proj --out dash-sd/
     """
     from decomp_hooks.dashboard import DashboardConfig, DashboardError, build_dashboards
     from decomp_hooks.export import ExportError
 
     check_out(out, force)
-    dec, tokenizer = load_run(run_dir, model_dir)
+    dec, tokenizer = load_run(run_dir, model_dir, device)
     data = load_tokens(data_path, tokenizer, context_length, batch_size)
     chosen = parse_components(components)
     try:
         if engine == "sae-dashboard":
-            pages = sae_dashboard_pages(dec, data, out, list(sites) or None, chosen)
+            pages = sae_dashboard_pages(dec, data, out, list(sites) or None, chosen, tokenizer)
         else:
             cfg = DashboardConfig(n_examples=n_examples, batch_size=batch_size, max_batches=max_batches)
             pages = build_dashboards(dec, data, out, sites=list(sites) or None, components=chosen, tokenizer=tokenizer,
@@ -124,25 +115,29 @@ def dashboard_command(run_dir: Path, data_path: Path, out: Path, model_dir: Path
     click.echo(f"wrote {len(pages)} page(s) to {out}")
 
 
-def sae_dashboard_pages(dec: Any, data: Any, out: Path, sites: list[str] | None,
-                        components: list[int] | None) -> dict[str, Path]:
-    """sae-dashboard's feature-centric page per site (its features 2C: c and C + c are component c's ± parts)."""
+def sae_dashboard_pages(dec: Any, data: Any, out: Path, sites: list[str] | None, components: list[int] | None,
+                        tokenizer: Any) -> dict[str, Path]:
+    """sae-dashboard's feature-centric page per site (its features 2C: c and C + c are component c's ± parts), with
+    the --model directory's tokenizer for the token strings."""
     import torch
 
     from decomp_hooks import store
     from decomp_hooks.dashboard.build import select_components
-    from decomp_hooks.dashboard.sae_dashboard import render_with_sae_dashboard
+    from decomp_hooks.dashboard.sae_dashboard import hooked_transformer, render_with_sae_dashboard
     from decomp_hooks.export.format import dir_name
     from decomp_hooks.export.write import select_sites
 
     tokens = data if isinstance(data, torch.Tensor) else torch.cat(list(data))
     names = select_sites(dec, sites)
+    tl = hooked_transformer(dec.model)
+    if tl.tokenizer is None and tokenizer is not None:
+        tl.set_tokenizer(tokenizer)
     pages = {}
     with store.atomic_dir(out, overwrite=out.exists()) as tmp:
         for n in names:
             C = dec.cm.component(n).C
             chosen = select_components(C, components, n)
             features = None if components is None else [f for c in chosen for f in (c, C + c)]
-            render_with_sae_dashboard(dec, n, tokens, tmp / f"{dir_name(n)}.html", features=features)
+            render_with_sae_dashboard(dec, n, tokens, tmp / f"{dir_name(n)}.html", model=tl, features=features)
             pages[n] = out / f"{dir_name(n)}.html"
     return pages

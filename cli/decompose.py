@@ -6,9 +6,12 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
+
+from decomp_hooks.cli.options import device_option
 
 if TYPE_CHECKING:
     from decomp_hooks.config import DecomposeConfig
@@ -89,7 +92,7 @@ def with_sources(cfg: DecomposeConfig, model: str | None, data: str | None) -> D
 @click.option("--data", "data", default=None,
               help="Text to decompose it on (replaces data.source): local files/folder, a dataset name, stdlib_docstrings.")
 @click.option("--steps", type=int, default=None, help="Override train.steps.")
-@click.option("--device", default=None, help="Torch device (default: cuda if available, else cpu).")
+@device_option
 @click.option("--seed", type=int, default=None, help="Override the config's seed.")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory (default: runs/<config name>-s<seed>).")
@@ -99,7 +102,7 @@ def with_sources(cfg: DecomposeConfig, model: str | None, data: str | None) -> D
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Data-parallel processes (one per GPU; gloo on CPU): relaunches this command under "
                    "`python -m torch.distributed.run --standalone --nproc_per_node N`.")
-def decompose_command(config: str | None, model: str | None, data: str | None, steps: int | None, device: str | None,
+def decompose_command(config: str | None, model: str | None, data: str | None, steps: int | None, device: Any,
                       seed: int | None, out: Path | None, resume_dir: Path | None, no_progress: bool,
                       nproc: int) -> None:
     """Decompose the model named in CONFIG (a YAML file, or a shipped config's name) and write a run directory.
@@ -123,6 +126,9 @@ def decompose_command(config: str | None, model: str | None, data: str | None, s
     import decomp_hooks as dh
     from decomp_hooks import distributed
     from decomp_hooks.config import ConfigError
+
+    if click.get_current_context().get_parameter_source("device") is ParameterSource.DEFAULT:
+        device = None  # the config's model.device where it sets one, else the same rule
     from decomp_hooks.defaults import RECIPES
 
     if config is None and model is None:
@@ -151,13 +157,13 @@ def decompose_command(config: str | None, model: str | None, data: str | None, s
     distributed.shutdown()
 
 
-def launch(nproc: int, config: str | None, out: Path, steps: int | None, device: str | None, seed: int, resume: bool,
+def launch(nproc: int, config: str | None, out: Path, steps: int | None, device: Any, seed: int, resume: bool,
            no_progress: bool, model: str | None = None, data: str | None = None) -> int:
     """Run this command again as `nproc` torchrun ranks on this machine; returns torchrun's exit status."""
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "decomp_hooks.cli", "decompose", *([config] if config else []), "--seed", str(seed)]
     args += ["--resume", str(out)] if resume else ["--out", str(out)]
-    args += (["--steps", str(steps)] if steps is not None else []) + (["--device", device] if device else [])
+    args += (["--steps", str(steps)] if steps is not None else []) + (["--device", str(device)] if device else [])
     args += ["--no-progress"] if no_progress else []
     args += (["--model", model] if model else []) + (["--data", data] if data else [])
     return subprocess.run(args).returncode

@@ -3,9 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Any
+
 import click
 
+from decomp_hooks.cli.options import device_option
+
 FORMAT_CHOICES = ["transcoder", "decomp_signed_transcoder", "signed"]
+TEXT_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet", ".csv")
 
 
 def decomposition_dir(run_dir: Path) -> Path:
@@ -34,10 +39,28 @@ def read_data(path: Path):
                              param_hint="--data")
 
 
+def load_tokens(path: Path, tokenizer: Any, context_length: int, batch_size: int) -> Any:
+    """Token ids from a safetensors file (tensor 'tokens'), or text files tokenized with the model's tokenizer."""
+    if path.suffix == ".safetensors":
+        return read_data(path)
+    if path.is_dir() or path.suffix in TEXT_SUFFIXES:
+        if tokenizer is None:
+            raise click.BadParameter(f"{str(path)!r} is text, and no tokenizer came with --model; pass token ids as a "
+                                     "safetensors file, or a --model directory with a tokenizer.", param_hint="--data")
+        from decomp_hooks.text import TokenBatches
+
+        return TokenBatches(str(path), tokenizer, context_length=context_length, batch_size=batch_size)
+    raise click.BadParameter(f"{str(path)!r}: expected a .safetensors file of token ids or text "
+                             f"({', '.join(TEXT_SUFFIXES)} files or a directory of them).", param_hint="--data")
+
+
 def load_model(path: Path):
-    """A local Hugging Face causal LM directory, and its tokenizer if the directory has one."""
+    """A local Hugging Face causal LM directory (the small LM of `toy lm` included), and its tokenizer if it has one."""
     import transformers
 
+    from decomp_hooks.toy.lm import register
+
+    register()
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     except (OSError, ValueError) as err:
@@ -64,17 +87,21 @@ def load_model(path: Path):
               help="Local Hugging Face model directory of a language-model run (see Models below); toy runs need "
                    "none.")
 @click.option("--model-name", default=None, help="metadata.model_name (default: the model's own name).")
-@click.option("--data", "data_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="safetensors file with evaluation inputs (tensor 'tokens' [n, seq] for LMs): writes "
-                   "sparsity.safetensors and, for token ids, neuronpedia.json per site.")
+@click.option("--data", "data_file", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Evaluation inputs: a safetensors file (tensor 'tokens' [n, seq] for LMs), or text files / a "
+                   "directory of them tokenized with --model's tokenizer; writes sparsity.safetensors and, for token "
+                   "ids, neuronpedia.json per site.")
 @click.option("--samples", type=int, default=4096, show_default=True,
               help="For toy runs without --data: inputs drawn from the toy's own distribution for sparsity "
                    "(0 writes none).")
 @click.option("--ci-gated", is_flag=True, help="decomp_signed_transcoder only: store the CI function and gate the "
                                                  "activations by causal importance.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size over --data.")
+@click.option("--context-length", type=int, default=128, show_default=True, help="Tokens per sequence for text data.")
+@device_option
 def export_command(run_dir: Path, out_dir: Path, fmt: str, sites: tuple[str, ...], force: bool, model_dir: Path | None,
-                   model_name: str | None, data_file: Path | None, samples: int, ci_gated: bool, batch_size: int) -> None:
+                   model_name: str | None, data_file: Path | None, samples: int, ci_gated: bool, batch_size: int,
+                   context_length: int, device: Any) -> None:
     """Export the decomposition in RUN_DIR (a run directory with decomposition/ inside, or a decomposition directory)
     to OUT_DIR: one SAE-Lens directory per site (cfg.json, sae_weights.safetensors), named after the site, plus an
     export.json index. The write is atomic: OUT_DIR appears complete or not at all.
@@ -86,18 +113,22 @@ def export_command(run_dir: Path, out_dir: Path, fmt: str, sites: tuple[str, ...
     Models: toy runs find their target in RUN_DIR/target. For a language-model
     run pass --model DIR, a local Hugging Face model directory loaded with
     transformers.AutoModelForCausalLM.from_pretrained(DIR) (plus its tokenizer,
-    if it has one, for the token strings of neuronpedia.json); its weights must
-    be the decomposed ones (checked by fingerprint). Runs on TransformerLens
-    models export from Python: dec.export(...).
+    if it has one, for --data text and the token strings of neuronpedia.json);
+    its weights must be the decomposed ones (checked by fingerprint). Runs on
+    TransformerLens models export from Python: dec.export(...).
 
     \b
     Examples:
       decomp-hooks export runs/tms_5-2-s0 exports/tms
       decomp-hooks export runs/tms_5-2-s0 exports/tms --format signed \\
           --ci-gated --samples 10000 --force
-      decomp-hooks export runs/gpt2 exports/gpt2 --model models/gpt2 \\
-          --model-name gpt2 --sites 'transformer.h.0.*' --sites '*.c_proj' \\
-          --data tokens.safetensors --batch-size 16
+      # runs/tms_5-2-s0 is what `decomp-hooks decompose tms_5-2` writes. A language-model run, offline:
+      decomp-hooks toy lm --out models/small-lm
+      decomp-hooks decompose lm/small_spd --model models/small-lm --steps 50 --out runs/small-lm
+      python -m pydoc json collections > text.txt    # any text; here stdlib docs, as the LM was trained on
+      decomp-hooks export runs/small-lm exports/small-lm --model models/small-lm \\
+          --model-name small-lm --sites 'model.layers.0.*' --sites '*.down_proj' \\
+          --data text.txt --batch-size 16
     """
     import warnings
 
@@ -114,7 +145,7 @@ def export_command(run_dir: Path, out_dir: Path, fmt: str, sites: tuple[str, ...
     if model_dir is not None:
         model, tokenizer = load_model(model_dir)
     try:
-        dec = dh.load(path, model=model)
+        dec = dh.load(path, model=model, device=device)
     except dh.FingerprintError as err:
         raise click.BadParameter(str(err), param_hint="--model") from None
     except SiteError as err:
@@ -126,7 +157,7 @@ def export_command(run_dir: Path, out_dir: Path, fmt: str, sites: tuple[str, ...
         raise click.ClickException(str(err)) from None
     data = None
     if data_file is not None:
-        data = read_data(data_file)
+        data = load_tokens(data_file, tokenizer, context_length, batch_size)
     elif model is None and samples > 0:
         from decomp_hooks.toy import ToyModel, toy_sampler
 

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
+
+from decomp_hooks.cli.options import device_option
 
 
 @click.group("toy")
@@ -25,8 +28,8 @@ def list_command() -> None:
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Directory to write the trained target to.")
 @click.option("--steps", type=int, default=None, help="Override the recipe's step count.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed.")
-@click.option("--device", default="cpu", show_default=True, help="Torch device.")
-def train_command(name: str, out: Path, steps: int | None, seed: int, device: str) -> None:
+@device_option
+def train_command(name: str, out: Path, steps: int | None, seed: int, device: Any) -> None:
     """Train toy NAME with its reference recipe and save it (model.safetensors + toy.json).
 
     Example: decomp-hooks toy train tms_5-2 --out runs/tms_5-2-target
@@ -50,10 +53,13 @@ def train_command(name: str, out: Path, steps: int | None, seed: int, device: st
 def lm_command(out: Path, seed: int, steps: int | None, force: bool) -> None:
     """Train the small Llama-style LM on the standard library's docstrings and save it as a Hugging Face model.
 
-    The directory loads with AutoModelForCausalLM / AutoTokenizer.from_pretrained once decomp_hooks.toy.lm is
-    imported.
+    The directory is what --model takes in `decompose`, `export`, `dashboard` and `compare` (see their examples); in
+    Python it loads with AutoModelForCausalLM / AutoTokenizer.from_pretrained once decomp_hooks.toy.lm is imported.
 
-    Example: decomp-hooks toy lm --out runs/small-lm --seed 0
+    \b
+    Examples:
+      decomp-hooks toy lm --out models/small-lm
+      decomp-hooks decompose lm/small_spd --model models/small-lm --steps 50 --out runs/small-lm
     """
     from decomp_hooks import store
     from decomp_hooks.toy.lm import SmallLMConfig, SmallLMTraining, save_small_lm, train_small_lm

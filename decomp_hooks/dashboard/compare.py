@@ -87,7 +87,13 @@ def split_acts(ci: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
 
 
 def sae_encode(sae: LoadedSAE, x: torch.Tensor) -> torch.Tensor:
-    """Feature activations; architectures LoadedSAE cannot encode itself go through sae-lens."""
+    """Feature activations (on `x`'s device); architectures LoadedSAE cannot encode itself go through sae-lens.
+    The SAE stays where it was loaded (the cpu), so `x` goes there."""
+    device, x = x.device, x.to(sae.W_enc.device)
+    return _encode(sae, x).to(device)
+
+
+def _encode(sae: LoadedSAE, x: torch.Tensor) -> torch.Tensor:
     try:
         return sae.encode(x)
     except NotImplementedError:
