@@ -45,7 +45,7 @@ def run_case(case: str, target: str, target_dir: str, steps: int, device: str, t
     model = load_toy(target_dir, device=device)
     cfg = dh.load_config(CONFIGS[target][method])
     window = max(steps // 10, 1)
-    cfg.train = dataclasses.replace(cfg.train, log_every=window, eval_every=10**9, checkpoint_every=10**9,
+    cfg.train = dataclasses.replace(cfg.train, threads=threads, log_every=window, eval_every=10**9, checkpoint_every=10**9,
                                     faithfulness_warmup_steps=0, compile=False,
                                     batch_size=batch_size or cfg.train.batch_size)
     if attribution is not None:

@@ -47,7 +47,7 @@ def run_case(name: str, steps: int, device: str, threads: int) -> dict:
 
     window = max(steps // 10, 1)
     train = {"log_every": window, "eval_every": 10**9, "checkpoint_every": 10**9, "faithfulness_warmup_steps": 0,
-             "eval_pgd_steps": 0}
+             "eval_pgd_steps": 0, "threads": threads}  # the stated count, not the work-size rule
     if name.startswith("smollm2"):
         model, data = smollm2_site(random_weights=name == "smollm2-rand")
         config = {"targets": {"model.layers.20.mlp.down_proj": 512}, "ci": {"type": "shared_mlp", "hidden": [256]},
@@ -60,7 +60,7 @@ def run_case(name: str, steps: int, device: str, threads: int) -> dict:
         model, _ = make_toy(cfg.target.toy, steps=1000, device=device, progress=False)
         data = toy_sampler(model, device)
         cfg.train.log_every, cfg.train.eval_every, cfg.train.checkpoint_every = window, 10**9, 10**9
-        cfg.train.faithfulness_warmup_steps, cfg.train.eval_pgd_steps = 0, 0
+        cfg.train.faithfulness_warmup_steps, cfg.train.eval_pgd_steps, cfg.train.threads = 0, 0, threads
         config = cfg
     dec = dh.decompose(model, data, config=config, steps=steps, device=device, progress=False)
     times = [r["time_per_step_s"] for r in dec.metrics if "time_per_step_s" in r][1:]

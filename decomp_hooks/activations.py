@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from decomp_hooks.data import to_device
+from decomp_hooks.progress import progress_bar
 
 WINDOW_LEFT, WINDOW_RIGHT = 24, 8  # tokens shown before and after a wanted position
 
@@ -66,7 +66,7 @@ def stream(dec: Any, sites: list[str], batches: Iterable[Any], *, total: int | N
     """The pass: one `PassBatch` per batch of `batches` (on the CPU; each is moved to `dec.device`), with a
     progress bar of `total` batches."""
     first = 0
-    for batch in tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress):
+    for batch in progress_bar(batches, total=total, desc=desc, unit="batch", disable=not progress):
         got = site_batches(dec, sites, to_device(batch, dec.device))
         ids = token_ids(batch)
         yield PassBatch(None if ids is None else ids.cpu(), first, got)
@@ -93,7 +93,7 @@ def windows(read: Reader, batches: Iterable[torch.Tensor], wanted: dict[str, lis
     seq_len = None
     result: dict[str, Contexts] = {k: {} for k in wanted}
     offset = 0
-    for ids in tqdm(batches, desc="contexts", unit="batch", disable=not progress):
+    for ids in progress_bar(batches, desc="contexts", unit="batch", disable=not progress):
         if seq_len is None:
             seq_len = ids.shape[1]
             for key, pairs in wanted.items():

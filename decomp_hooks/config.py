@@ -277,4 +277,6 @@ def validate(cfg: DecomposeConfig) -> None:
     check(t.eval_pgd_scope in ("unique_per_datapoint", "shared_across_batch"),
           f"train.eval_pgd_scope={t.eval_pgd_scope!r}; use 'unique_per_datapoint' or 'shared_across_batch'.")
     check(t.keep_checkpoints >= 1, f"train.keep_checkpoints={t.keep_checkpoints}: must be ≥ 1.")
+    check(t.threads is None or isinstance(t.threads, int) and not isinstance(t.threads, bool) and t.threads >= 1,
+          f"train.threads={t.threads!r}: must be an integer ≥ 1, or null (chosen for the work size).")
     get_method(cfg.method).validate(cfg)

@@ -9,7 +9,6 @@ the same script on the real model.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 from nnsight import TransformersModel
@@ -20,7 +19,7 @@ from decomp_hooks.assets import gpt2_tokenizer
 from decomp_hooks.text import TokenBatches, stdlib_docstrings
 
 SITE = "transformer.h.0.mlp.c_fc"
-CONFIG = Path(__file__).with_name("lm_tiny.yaml")  # the shipped SPD settings for a small LM
+CONFIG = "lm_tiny"  # the shipped SPD settings for a small LM (a config name)
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import decomp_hooks as dh  # noqa: E402
 from decomp_hooks.assets import gpt2_tokenizer  # noqa: E402
 from decomp_hooks.text import TokenBatches, stdlib_docstrings  # noqa: E402
 
-CONFIG = Path(__file__).with_name("lm_tiny.yaml")  # the shipped SPD settings for a small LM
+CONFIG = "lm_tiny"  # the shipped SPD settings for a small LM (a config name)
 
 
 def main() -> None:

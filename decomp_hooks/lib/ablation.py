@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from decomp_hooks.data import batch_rows
 from decomp_hooks.lib.basis import with_constant
 from decomp_hooks.lib.build import batches, working_model
 from decomp_hooks.lib.nodes import NodeLayers
 from decomp_hooks.lib.result import LIBResult
+from decomp_hooks.progress import progress_bar
 
 Metric = Callable[[Tensor, Any], float]
 
@@ -138,13 +138,13 @@ def ablation_curves(result: LIBResult, model: Any, data: Any, metric: Metric, *,
     out = AblationCurves(base=ab.base())
     last = len(result.layers) - 1
     node_layers = range(last + 1 if result.config.rotate_final else last) if nodes else []
-    for layer in tqdm(node_layers, desc="node ablation", disable=not progress):
+    for layer in progress_bar(node_layers, desc="node ablation", disable=not progress):
         name = result.layers[layer]
         curve = [(k, ab.node_score(layer, k)) for k in k_schedule(result.C[name].shape[1])]
         out.nodes[name] = curve
         floor = out.base - (1 - node_fraction) * abs(out.base)  # node_fraction·base for accuracies; also for −loss
         out.required[name] = next((k for k, s in curve if s >= floor), curve[-1][0])
-    for layer in tqdm(range(last) if edges else [], desc="edge ablation", disable=not progress):
+    for layer in progress_bar(range(last) if edges else [], desc="edge ablation", disable=not progress):
         pair = f"{result.layers[layer]} -> {result.layers[layer + 1]}"
         e = result.edges[layer].to(ab.device)
         curve = {}

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from decomp_hooks.activations import Moments
 from decomp_hooks.adapters import adapter_for
@@ -32,6 +31,7 @@ from decomp_hooks.lib.jacobians import Directions, integration_points, vjp_chunk
 from decomp_hooks.lib.nodes import NodeLayers
 from decomp_hooks.lib.reduce import all_reduce_sum, total
 from decomp_hooks.lib.result import LIBResult
+from decomp_hooks.progress import progress_bar
 
 
 def working_model(model: Any, cfg: LIBConfig) -> tuple[nn.Module, torch.device, torch.dtype]:
@@ -79,7 +79,7 @@ def jacobian_gram(nodes: NodeLayers, layer: int, data: list[Any], c_next: Tensor
     acc = torch.zeros(d + 1, d + 1, dtype=F64, device=c_next.device)
     rows = 0
     budget = budget_bytes(cfg, c_next.device)
-    for batch in tqdm(data, desc=f"M' {nodes.names[layer]}", disable=not progress, leave=False):
+    for batch in progress_bar(data, desc=f"M' {nodes.names[layer]}", disable=not progress, leave=False):
         (x,) = nodes.read(batch, [layer])
         c = c_next.to(x.dtype)
         fn = lambda z: nodes.run_from(layer, batch, z)  # noqa: E731
@@ -102,7 +102,7 @@ def edge_matrix(nodes: NodeLayers, layer: int, data: list[Any], lower: LayerBasi
     acc, rows = None, 0
     budget = budget_bytes(cfg, upper.C.device)
     n_src = cfg.n_stochastic_sources_edges
-    for batch in tqdm(data, desc=f"edges {nodes.names[layer]}", disable=not progress, leave=False):
+    for batch in progress_bar(data, desc=f"edges {nodes.names[layer]}", disable=not progress, leave=False):
         (x,) = nodes.read(batch, [layer])
         c_in, c_in_pinv, c_out = (t.to(x.dtype) for t in (lower.C, lower.C_pinv, upper.C))
         y = with_constant(x) @ c_in
@@ -138,7 +138,7 @@ def build_graph(nodes: NodeLayers, main: list[Any], grams: list[Any], cfg: LIBCo
 
     moments: list[Moments] = []
     with torch.no_grad():
-        for batch in tqdm(grams, desc="Grams", disable=not progress, leave=False):
+        for batch in progress_bar(grams, desc="Grams", disable=not progress, leave=False):
             acts = nodes.read(batch)
             moments = moments or [Moments(a.shape[-1], device=device) for a in acts]
             for m, a in zip(moments, acts):
@@ -153,7 +153,7 @@ def build_graph(nodes: NodeLayers, main: list[Any], grams: list[Any], cfg: LIBCo
     final_iso = _isolated(nodes, last, cfg.isolate)
     bases[last] = (pca_basis(centred_gram(moments[last]), moments[last].mean(), final_iso, cfg.truncation_threshold)
                    if cfg.rotate_final else identity_basis(sum(nodes.widths[last]), device))
-    for layer in tqdm(range(last - 1, -1, -1), desc=f"{cfg.basis} bases", disable=not progress):
+    for layer in progress_bar(range(last - 1, -1, -1), desc=f"{cfg.basis} bases", disable=not progress):
         g, mu, iso = centred_gram(moments[layer]), moments[layer].mean(), _isolated(nodes, layer, cfg.isolate)
         if cfg.basis == "pca":
             bases[layer] = pca_basis(g, mu, iso, cfg.truncation_threshold)
@@ -164,7 +164,7 @@ def build_graph(nodes: NodeLayers, main: list[Any], grams: list[Any], cfg: LIBCo
 
     edges = {}
     if cfg.edges:
-        for layer in tqdm(range(last), desc="edges", disable=not progress):
+        for layer in progress_bar(range(last), desc="edges", disable=not progress):
             edges[layer] = edge_fn(nodes, layer, main, bases[layer], bases[layer + 1], cfg, generator, progress)
     return LIBResult.from_bases(nodes, bases, moments, edges, cfg)
 

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from decomp_hooks import store
 from decomp_hooks.data import DataError
 from decomp_hooks.lm import config_error, looks_like_path
+from decomp_hooks.progress import progress_bar
 from decomp_hooks.text import LOCAL_FORMATS, iter_texts, load_text_dataset, local_files, stdlib_docstrings, token_rows
 
 CACHE_FORMAT = 1
@@ -183,8 +183,8 @@ def cached_rows(cfg: DataConfig, text: Corpus, split: str, tokenizer: Any, limit
 
 def tokenise(dataset: Any, cfg: DataConfig, tokenizer: Any, limit: int | None, progress: bool) -> torch.Tensor:
     """Up to `limit` rows of the dataset's documents joined by EOS (LongTensor `[rows, context_length]`)."""
-    docs = tqdm(iter_texts(dataset, cfg.text_column), total=_length(dataset), desc="tokenise", unit="doc",
-                disable=not progress)
+    docs = progress_bar(iter_texts(dataset, cfg.text_column), total=_length(dataset), desc="tokenise", unit="doc",
+                        disable=not progress)
     blocks, n = [], 0
     for block in token_rows(docs, tokenizer, cfg.context_length):
         blocks.append(block)

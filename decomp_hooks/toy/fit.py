@@ -6,7 +6,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+from decomp_hooks.progress import progress_bar
 
 
 def fit_target(model: nn.Module, sampler: Callable[[int], Tensor], labels: Callable[[Tensor], Tensor], steps: int,
@@ -15,7 +16,7 @@ def fit_target(model: nn.Module, sampler: Callable[[int], Tensor], labels: Calla
     """Minimise MSE(model(x), labels(x)) over sampled batches; returns the model in eval mode."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    bar = tqdm(range(steps), desc=desc, disable=not progress)
+    bar = progress_bar(range(steps), desc=desc, disable=not progress)
     for step in bar:
         if lr_at is not None:
             for group in optimizer.param_groups:

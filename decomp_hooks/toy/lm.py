@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import PreTrainedTokenizerFast
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
 from decomp_hooks import store
+from decomp_hooks.progress import progress_bar
 from decomp_hooks.text import chunk_tokens, stdlib_docstrings, token_stream
 
 EOS = "<|endoftext|>"
@@ -329,7 +329,7 @@ def fit_lm(model: SimpleLlamaForCausalLM, rows: Tensor, training: SmallLMTrainin
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _lr_factor(step, training))
     model.train()
     losses = []
-    bar = tqdm(range(training.steps), desc="train small LM", disable=not progress)
+    bar = progress_bar(range(training.steps), desc="train small LM", disable=not progress)
     for _ in bar:
         batch = rows[torch.randint(rows.shape[0], (training.batch_size,), generator=gen)]
         loss = model(batch, labels=batch).loss

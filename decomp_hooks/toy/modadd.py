@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
+
+from decomp_hooks.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def train_modadd(config: ModAddConfig = ModAddConfig(), seed: int = 0, max_steps
         model = ModAddTransformer(config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps))
-    bar = tqdm(range(max_steps), desc=f"train modadd s{seed}", disable=not progress)
+    bar = progress_bar(range(max_steps), desc=f"train modadd s{seed}", disable=not progress)
     test_acc, step = 0.0, 0
     for step in bar:
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast_bf16):

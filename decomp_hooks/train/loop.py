@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from decomp_hooks import distributed, store
 from decomp_hooks.component_model import ComponentModel
@@ -22,10 +21,12 @@ from decomp_hooks.config import DecomposeConfig, micro_batches
 from decomp_hooks.data import check_finite, split_rows, to_device
 from decomp_hooks.methods.base import Method, StepOutput
 from decomp_hooks.metrics import ci_l0
+from decomp_hooks.progress import progress_bar
 from decomp_hooks.train.checkpoint import Checkpoints
 from decomp_hooks.train.held_out import HeldOut
 from decomp_hooks.train.preflight import preflight
-from decomp_hooks.train.runtime import autocast, keep_freed_memory, peak_memory_mb, set_seed, stop_on_signal, tf32
+from decomp_hooks.train.runtime import (autocast, keep_freed_memory, peak_memory_mb, positions, restore_threads,
+                                        run_threads, set_seed, stop_on_signal, tf32)
 from decomp_hooks.train.schedule import lr_at
 
 
@@ -63,6 +64,7 @@ class Trainer:
         self.preflight_done = False
         self.fingerprints = cm.fingerprints() if out_dir is not None else {}  # before FSDP2 shards the target
         self.micro_batches = micro_batches(cfg.train, world_size)
+        self.threads: int | None = None  # the run's CPU torch threads, chosen at the first step of train()
 
     def ready(self) -> None:
         """Wrap the step for the ranks (DDP, or FSDP2 with `train.fsdp`) and build the optimizer, once; after the
@@ -141,13 +143,28 @@ class Trainer:
         return norms[0], norms[1]
 
     def train(self) -> list[dict]:
+        """Train to `train.steps`, on CPU threads chosen at the first step (`use_threads`); the caller's thread count
+        is restored afterwards."""
+        self.threads = None
+        with restore_threads():
+            return self.loop()
+
+    def use_threads(self, batch: Any) -> None:
+        """Set the run's CPU threads (`runtime.run_threads`; logged with every training record) for the work of one
+        micro-batch of `batch`, before the first forward compiles anything (compiled code is per thread count)."""
+        self.threads = run_threads(self.cm, self.device, self.cfg.train, positions(batch) // self.micro_batches)
+        torch.set_num_threads(self.threads)
+
+    def loop(self) -> list[dict]:
+        """The faithfulness warmup (on a fresh run), then steps with logging, evaluation and checkpoints."""
         cfg, t = self.cfg, self.cfg.train
         keep_freed_memory(self.device, t)
         if self.step == 0:
             self.faithfulness_warmup()
             set_seed(cfg.seed * self.world_size + self.rank)  # masks differ per rank
         self.ready()
-        bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress or self.rank != 0, desc="decompose")
+        bar = progress_bar(total=t.steps, initial=self.step, disable=not self.progress or self.rank != 0,
+                           desc="decompose")
         step_times: list[float] = []
         with stop_on_signal() as flag:
             while self.step < t.steps:
@@ -182,6 +199,8 @@ class Trainer:
             group["lr"] = lr
         batch = to_device(self.source.next(), self.device)
         check_finite(batch, self.step)
+        if self.threads is None:
+            self.use_threads(batch)
         if not self.preflight_done:
             preflight(self.cm.target, batch)
             self.preflight_done = True
@@ -227,8 +246,8 @@ class Trainer:
         record = {"step": self.step, **{f"train/{k}": v for k, v in {**terms, **log}.items()}, **l0,
                   "train/l0/total": sum(l0.values()),
                   "time_per_step_s": sum(recent) / len(recent), "steps_per_s": len(recent) / sum(recent),
-                  "peak_memory_mb": peak_memory_mb(self.device)}
-        self.log(distributed.mean_over_ranks(record))
+                  "threads": self.threads, "peak_memory_mb": peak_memory_mb(self.device)}
+        self.log(distributed.mean_over_ranks(record, keep=("step", "threads")))
 
     def evaluate(self) -> dict:
         """The method's metrics on the held-out data if there is any, else on this rank's share of the next training

@@ -1,4 +1,5 @@
-"""Process-level settings of a training run: seeds, bf16 autocast, TF32, the CPU heap, peak memory and signals."""
+"""Process-level settings of a training run: seeds, bf16 autocast, TF32, the CPU heap, CPU threads, peak memory and
+signals."""
 from __future__ import annotations
 
 import ctypes
@@ -7,12 +8,15 @@ import random
 import resource
 import signal
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from decomp_hooks.config import TrainConfig
+
+if TYPE_CHECKING:
+    from decomp_hooks.component_model import ComponentModel
 
 
 def set_seed(seed: int) -> None:
@@ -65,6 +69,52 @@ def keep_freed_memory(device: torch.device, train: TrainConfig) -> bool:
 
 #: glibc mallopt options: M_MMAP_THRESHOLD (its maximum), M_TRIM_THRESHOLD, M_TOP_PAD
 _MALLOPT = {-3: 32 * 2**20, -1: 256 * 2**20, -2: 64 * 2**20}
+
+
+#: multiply-adds of one forward (`forward_work`) below which a CPU step runs on one thread: such a step is hundreds
+#: of small operations, which a second thread speeds up little and slows down many times over when another process
+#: holds a core; between TMS 40-10 (8.4e7) and ResidMLP 1L (6.4e8) (docs/usage.md#threads-and-progress-bars)
+ONE_THREAD_WORK = 2 * 10**8
+
+
+def positions(batch: Any) -> int:
+    """Input vectors in a batch, the unit of a forward's work: one per token id, and one per vector along the last
+    dimension of a float input (a toy's rows, embedded tokens); a dict (tuple) batch counts its `input_ids` (first
+    entry)."""
+    x = batch.get("input_ids", next(iter(batch.values()))) if isinstance(batch, dict) else batch
+    x = x[0] if isinstance(x, (tuple, list)) and x else x
+    if not isinstance(x, torch.Tensor) or x.ndim == 0:
+        return 1
+    return x.numel() if not x.is_floating_point() or x.ndim == 1 else x.numel() // x.shape[-1]
+
+
+def forward_work(cm: ComponentModel, n_positions: int) -> int:
+    """Multiply-adds of one forward over `n_positions` input vectors: the target's parameters plus every site's V
+    and U, per vector; the size of a step's arithmetic (a step runs a few such passes), which the thread rule uses."""
+    per_position = sum(p.numel() for p in cm.target.parameters())
+    per_position += sum(c.C * (c.d_in + c.d_out) for c in cm.components.values())
+    return n_positions * per_position
+
+
+def run_threads(cm: ComponentModel, device: torch.device, train: TrainConfig, n_positions: int) -> int:
+    """CPU torch threads for a run whose forwards read `n_positions` input vectors: `train.threads` if set; else on
+    CPU one thread under ONE_THREAD_WORK multiply-adds (robust when another process wants a core), else the current
+    count."""
+    if train.threads is not None:
+        return train.threads
+    if device.type == "cpu" and forward_work(cm, n_positions) < ONE_THREAD_WORK:
+        return 1
+    return torch.get_num_threads()
+
+
+@contextmanager
+def restore_threads() -> Any:
+    """Give torch back the caller's CPU thread count when the block ends, whatever a run set inside it."""
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextmanager
