@@ -27,5 +27,5 @@ def fit_target(model: nn.Module, sampler: Callable[[int], Tensor], labels: Calla
         loss.backward()
         optimizer.step()
         if progress and step % 100 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3e}")
+            bar.set_postfix(loss=f"{loss.item():.3e}", refresh=False)
     return model.eval()

@@ -153,7 +153,7 @@ def train_modadd(config: ModAddConfig = ModAddConfig(), seed: int = 0, max_steps
         if (step + 1) % eval_every == 0:
             test_acc = evaluate(model.eval(), test_x, test_y)
             model.train()
-            bar.set_postfix(loss=f"{loss.item():.2e}", test=f"{test_acc:.4f}")
+            bar.set_postfix(loss=f"{loss.item():.2e}", test=f"{test_acc:.4f}", refresh=False)
             if test_acc >= stop_accuracy:
                 break
     model.eval()

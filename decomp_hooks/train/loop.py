@@ -7,6 +7,7 @@ optimizer step; this loop knows nothing else about it.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,21 @@ class StepLoss(nn.Module):
 
     def forward(self, batch: Any, frac: float) -> StepOutput:
         return self.method.loss(self.cm, batch, frac)
+
+
+#: training steps timed before a long run states how long it will take, and what counts as long (seconds)
+TIMED_STEPS, LONG_RUN_S = 10, 60
+
+
+def expected_duration(step_times: list[float], steps_left: int) -> str | None:
+    """The expected remaining time of a long run from its first steps (the first, which compiles and warms up, left
+    out; evaluations not counted); None for a short one."""
+    seconds = statistics.median(step_times[1:]) * steps_left
+    if seconds < LONG_RUN_S:
+        return None
+    span = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+    return (f"decompose: the first {len(step_times)} steps took {sum(step_times):.1f} s; the {steps_left:,} left "
+            f"take about {span} (without evaluations)")
 
 
 class Trainer:
@@ -163,8 +179,10 @@ class Trainer:
             self.faithfulness_warmup()
             set_seed(cfg.seed * self.world_size + self.rank)  # masks differ per rank
         self.ready()
-        bar = progress_bar(total=t.steps, initial=self.step, disable=not self.progress or self.rank != 0,
-                           desc="decompose")
+        talk = self.progress and self.rank == 0
+        bar = progress_bar(total=t.steps, initial=self.step, disable=not talk, desc="decompose")
+        if talk:
+            bar.write(self.plan())
         step_times: list[float] = []
         with stop_on_signal() as flag:
             while self.step < t.steps:
@@ -177,6 +195,8 @@ class Trainer:
                     self.log(self.evaluate())
                 self.step += 1
                 bar.update(1)
+                if talk and len(step_times) == TIMED_STEPS and (note := expected_duration(step_times, t.steps - self.step)):
+                    bar.write(note)
                 if self.step % t.checkpoint_every == 0 or self.step == t.steps:
                     self.save_checkpoint()
                 if distributed.any_rank(flag["signal"] is not None):
@@ -188,6 +208,14 @@ class Trainer:
             self.log(self.evaluate())  # the final evaluation, after the last checkpoint so a resume repeats it exactly
         bar.close()
         return self.records
+
+    def plan(self) -> str:
+        """What the run is about to do, in one line: method, sites, C, steps, batch, device, where it writes."""
+        t = self.cfg.train
+        total_c = sum(c.C for c in self.cm.components.values())
+        where = f"; writing {self.out_dir}" if self.out_dir is not None else ""
+        return (f"decompose: {self.cfg.method} on {len(self.cm.site_names)} matrices ({total_c:,} components), "
+                f"{t.steps - self.step:,} steps of {t.batch_size} rows, on {self.device}{where}")
 
     def train_step(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """One optimizer step over the global batch, computed in micro-batches whose gradients accumulate; returns
