@@ -12,6 +12,20 @@ from decomp_hooks.lm.capacity import default_c
 pytest.importorskip("transformers")
 
 
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    """A 512-token BPE trained here: the same code paths as GPT-2's tokenizer at a fiftieth of the logits' cost
+    (saved and reloaded, as TransformerLens wants a tokenizer with a `name_or_path`)."""
+    from transformers import AutoTokenizer
+
+    from decomp_hooks.text import stdlib_docstrings
+    from decomp_hooks.toy.lm import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("bpe")
+    train_tokenizer(list(stdlib_docstrings(limit=2000)), vocab_size=512).save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
 def relative_weight_error(dec: dh.Decomposition, site: str) -> float:
     """‖Σ components − W‖ / ‖W‖ (the components without the delta)."""
     comp = dec.components[site]
@@ -20,20 +34,20 @@ def relative_weight_error(dec: dh.Decomposition, site: str) -> float:
 
 
 @pytest.fixture
-def gpt2(tokenizer):
+def gpt2(bpe):
     from nnsight import TransformersModel
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    return TransformersModel(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64)),
-                             tokenizer=tokenizer)
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=len(bpe))
+    return TransformersModel(GPT2LMHeadModel(config), tokenizer=bpe)
 
 
 @pytest.fixture
-def tokens(tokenizer):
+def tokens(bpe):
     from decomp_hooks.text import TokenBatches, stdlib_docstrings
 
-    return TokenBatches(stdlib_docstrings(limit=400), tokenizer, context_length=16, batch_size=4)
+    return TokenBatches(stdlib_docstrings(limit=400), bpe, context_length=16, batch_size=4)
 
 
 def test_bare_call_on_nnsight_gpt2(gpt2, tokens):
@@ -47,12 +61,12 @@ def test_bare_call_on_nnsight_gpt2(gpt2, tokens):
     assert ci.shape == (4, 16, 32)  # per token
 
 
-def test_bare_call_on_transformer_lens(tokenizer, tokens):
+def test_bare_call_on_transformer_lens(bpe, tokens):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(d_model=32, d_head=8, n_heads=4, n_layers=2, n_ctx=64, d_vocab=tokenizer.vocab_size,
+    cfg = HookedTransformerConfig(d_model=32, d_head=8, n_heads=4, n_layers=2, n_ctx=64, d_vocab=len(bpe),
                                   d_mlp=128, act_fn="gelu_new", normalization_type="LN", seed=0)
-    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    model = HookedTransformer(cfg, tokenizer=bpe)
     site = "blocks.0.mlp.W_out"
     dec = dh.decompose(model, tokens, targets={site: 32}, steps=300, progress=False)
     assert relative_weight_error(dec, site) < 0.5
