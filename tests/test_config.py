@@ -1,7 +1,6 @@
 """Typed configs from YAML/dicts: strict keys with a did-you-mean, type and range errors, shipped examples load."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

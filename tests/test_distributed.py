@@ -252,7 +252,7 @@ def test_cli_nproc_launches_torchrun(tmp_path):
                            "4", "--out", str(out), "--no-progress", "--device", "cpu"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("ground-truth bars") == 1  # only rank 0 reports
+    assert done.stdout.count("ground truth (") == 1  # only rank 0 reports
     dec = json.loads((out / "decomposition" / "decomposition.json").read_text())
     assert dec["provenance"]["world_size"] == 2
     assert metrics(out)[-1]["step"] == 4

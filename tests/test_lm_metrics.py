@@ -9,7 +9,6 @@ import torch
 
 from decomp_hooks.lm.capacity import default_c, fill_default_c, matrix_type
 from decomp_hooks.lm.metrics import ce_summary
-from decomp_hooks.sites import SiteError
 from decomp_hooks.train.held_out import HeldOut
 
 
@@ -42,12 +41,12 @@ def test_the_table_gives_the_vpd_papers_counts_at_width_768(name, d_in, d_out, k
     assert matrix_type(name) == kind and default_c(site(name, d_in, d_out)) == c
 
 
-def test_explicit_c_wins_and_an_unknown_matrix_needs_one():
+def test_explicit_c_wins_and_other_matrices_get_four_per_min_width():
     sites = [site("model.layers.0.mlp.down_proj", 512, 128), site("model.layers.0.mlp.c_fc", 128, 512)]
     assert fill_default_c(sites, {sites[0].name: 7, sites[1].name: None}, scale=0.5) == {sites[0].name: 7,
                                                                                        sites[1].name: 256}
-    with pytest.raises(SiteError, match="'lm_head'.*give its C"):
-        default_c(site("lm_head", 128, 2048))
+    assert default_c(site("lm_head", 128, 2048)) == 4 * 128
+    assert [default_c(site(n, d_in, d_out)) for n, d_in, d_out in (("linear1", 5, 2), ("linear1", 40, 10))] == [8, 40]
 
 
 class FakeMethod:
