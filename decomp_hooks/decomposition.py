@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,12 @@ class Decomposition:
     and the method that trained them (`method`), which says how important each component is for an input."""
 
     def __init__(self, cm: ComponentModel, config: DecomposeConfig, metrics: list[dict] | None = None,
-                 provenance: dict | None = None, step: int = 0, method: Method | None = None):
+                 provenance: dict | None = None, step: int = 0, method: Method | None = None,
+                 run_dir: Path | None = None):
         self.cm, self.config, self.metrics = cm, config, metrics or []
         self.provenance, self.step = provenance or {}, step
         self.method = method or get_method(config.method)(config)
+        self.run_dir = run_dir  # the run directory it was trained into or loaded from, if any
 
     @property
     def model(self) -> torch.nn.Module:
@@ -167,7 +170,9 @@ class Decomposition:
 
     def __repr__(self) -> str:
         C = sum(self.cm.component(n).C for n in self.site_names)
-        return f"Decomposition(method={self.config.method!r}, sites={len(self.site_names)}, C={C}, step={self.step})"
+        where = f", run_dir={str(self.run_dir)!r}" if self.run_dir is not None else ""
+        return (f"Decomposition(method={self.config.method!r}, sites={len(self.site_names)}, C={C}, "
+                f"step={self.step}{where})")
 
     def summary(self) -> str:
         """What was found, from the last evaluation: the headline reconstruction figures, then C, live components
@@ -191,8 +196,8 @@ class Decomposition:
 
 
 #: the figures `Decomposition.summary` leads with, where the last evaluation has them
-SUMMARY_KEYS = ("faithfulness", "stochastic_recon", "ci_recon", "pgd_probe", "ce_unrecovered_ci_masked",
-                "ce_unrecovered_stoch_masked", "l0/total", "live/total")
+SUMMARY_KEYS = ("faithfulness", "stochastic_recon", "ci_recon", "pgd_probe", "kl_ci_masked", "kl_stoch_masked",
+                "kl_adversarial", "ce_unrecovered_ci_masked", "ce_unrecovered_stoch_masked", "l0/total", "live/total")
 
 
 def _fmt(value: Any) -> str:
@@ -238,7 +243,20 @@ def load(path: str | Path, model: Any = None, strict: bool = True, device: str |
             p.copy_(tensors[k])
     if device is not None:
         cm.to(device)
-    return Decomposition(cm, config, provenance=meta.get("provenance"), step=meta.get("step", 0))
+    run_dir = path.parent if (path.parent / "metrics.jsonl").is_file() else None
+    return Decomposition(cm, config, metrics=_read_metrics(run_dir) if run_dir else [],
+                         provenance=meta.get("provenance"), step=meta.get("step", 0), run_dir=run_dir)
+
+
+def _read_metrics(run_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl records (a torn last line, from a killed writer, left out)."""
+    records = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def _module_of(name: str, inserted: bool) -> str:

@@ -71,7 +71,7 @@ def decompose(model: Any, data: Any = None, targets: Targets | None = None, meth
     (`decomp_hooks.default_config(model)`: VPD with KL for language models, SPD with MSE otherwise). Explicit
     `targets` replace the config's targets, identity targets and ties. With `out_dir`, writes config,
     metrics.jsonl, checkpoints and the final decomposition there; `resume=True` continues from its latest
-    checkpoint.
+    checkpoint. The model is put in eval mode (dropout off): the decomposed function is the deterministic one.
 
     Under torchrun (`decomp-hooks decompose --nproc N`) every rank calls this: the global batch `train.batch_size`
     is split over the ranks, gradients are averaged (DDP, or FSDP2 with `train.fsdp`), and rank 0 alone writes.
@@ -90,6 +90,7 @@ def decompose(model: Any, data: Any = None, targets: Targets | None = None, meth
         raise store.StoreError(f"{str(out)!r} already holds a run; pass resume=True (CLI: --resume RUN_DIR) to continue it, or another out_dir.")
     set_seed(cfg.seed)
     module, sites, cs = resolve(model, cfg.targets, cfg.identity_targets)
+    module.eval()  # the function decomposed is the deterministic one: dropout off (a model built from a config trains)
     cs = fill_default_c(sites, cs, cfg.c_scale)
     cfg = method_cls.resolve(cfg, cs)
     cm = ComponentModel.from_config(module, sites, cs, cfg).to(dev)
@@ -113,7 +114,7 @@ def decompose(model: Any, data: Any = None, targets: Targets | None = None, meth
         trainer.resume()
     start = time.perf_counter()
     dec.metrics = trainer.train()
-    dec.step = cfg.train.steps
+    dec.step, dec.run_dir = cfg.train.steps, out
     dec.provenance["wall_time_s"] = time.perf_counter() - start
     with distributed.gathered(trainer.step_loss, whole=True):
         if out is not None and ctx.is_main:

@@ -2,9 +2,9 @@
 
     python examples/transformer_lens.py [--steps 200]
 
-Offline: a small random `HookedTransformer` with the GPT-2 tokenizer and the standard library's docstrings as text.
-Sites are TransformerLens parameter names (`blocks.*.mlp.W_in`, `blocks.*.attn.W_Q`, `embed.W_E`, ...); the same
-script works on a `TransformerBridge`.
+Offline: a small random GPT-2 in a `TransformerBridge` (TransformerLens 3's recommended model), with the GPT-2
+tokenizer and the standard library's docstrings as text. Sites are TransformerLens parameter names
+(`blocks.*.mlp.W_in`, `blocks.*.attn.W_Q`, `embed.W_E`, ...); the same script works on a `HookedTransformer`.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from pathlib import Path
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch  # noqa: E402
-from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
+from transformer_lens.model_bridge import TransformerBridge  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import decomp_hooks as dh  # noqa: E402
 from decomp_hooks.assets import gpt2_tokenizer  # noqa: E402
@@ -30,10 +31,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
     tok = gpt2_tokenizer()
-    cfg = HookedTransformerConfig(d_model=64, d_head=16, n_heads=4, n_layers=2, n_ctx=64, d_vocab=tok.vocab_size,
-                                  d_mlp=256, act_fn="gelu_new", normalization_type="LN", seed=0, device="cpu")
-    model = HookedTransformer(cfg, tokenizer=tok)
-    data = TokenBatches(stdlib_docstrings(limit=400), tok, context_length=64, batch_size=8, max_context=cfg.n_ctx)
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64)).eval()  # dropout off
+    model = TransformerBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=tok, device="cpu")
+    data = TokenBatches(stdlib_docstrings(limit=400), tok, context_length=64, batch_size=8, max_context=64)
     dec = dh.decompose(model, data, targets={"blocks.*.mlp.W_in": 64}, config=CONFIG, steps=args.steps)
     final = dec.final_metrics()
     print(f"KL ci_masked {final['eval/kl_ci_masked']:.4g}  unmasked {final['eval/kl_unmasked']:.4g}")

@@ -56,6 +56,7 @@ def test_bare_call_on_nnsight_gpt2(gpt2, tokens):
     site = "transformer.h.0.mlp.c_fc"
     dec = dh.decompose(gpt2, tokens, targets={site: 32}, steps=300, progress=False)
     assert dec.config.method == "vpd" and dec.config.output_loss == "kl"  # the language-model recipe
+    assert not dec.model.training  # built from a config, the model trains (dropout); the decomposed one does not
     assert relative_weight_error(dec, site) < 0.5
     ci = dec.causal_importance(next(iter(tokens)))[site]
     assert ci.shape == (4, 16, 32)  # per token

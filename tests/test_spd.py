@@ -194,3 +194,17 @@ def test_repr_and_summary_say_what_was_found(tms52):
     assert lines[0] == repr(dec) and f"faithfulness {final['eval/faithfulness']:.4g}" in lines[1]
     row = next(line.split() for line in lines if line.strip().startswith("linear1"))
     assert row[1:3] == ["20", str(final["eval/live/linear1"])]
+
+
+def test_a_loaded_run_knows_its_directory_and_metrics(tms52, tmp_path):
+    from conftest import SPD_5_2
+
+    from decomp_hooks.toy import toy_sampler
+
+    dec = dh.decompose(tms52, toy_sampler(tms52), config=SPD_5_2, out_dir=tmp_path / "run", progress=False)
+    assert repr(dec) == f"Decomposition(method='spd', sites=2, C=40, step=20, run_dir='{tmp_path / 'run'}')"
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 21, "eval/faith')  # a torn last line, as a killed writer leaves
+    again = dh.load(tmp_path / "run" / "decomposition", model=tms52)
+    assert again.run_dir == tmp_path / "run" and again.final_metrics() == dec.final_metrics()
+    assert again.summary().splitlines()[1:] == dec.summary().splitlines()[1:]
