@@ -142,3 +142,22 @@ def test_integration_rules_agree_on_a_linear_network(rule, n):
     ig = dh.local_interaction_basis(model, x, integration=rule, n_intervals=n, **kw)
     assert torch.allclose(ig.eigenvalues["0"], grad.eigenvalues["0"], rtol=1e-9)
     assert torch.allclose(ig.edges[0], grad.edges[0], rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_truncation_keeps_exactly_the_directions_that_matter_at_any_scale(scale):
+    """A layer of 32 whose downstream reads an 8-dimensional subspace (float32 weights, so the other 24 directions
+    are zero only to float32 rounding): LIB keeps those 8 plus the constant, whatever the activations' scale; PCA of
+    data spanning 12 of 32 dimensions keeps 12 plus the constant. (An absolute 1e-15 floor kept 32 at scale 1e3.)"""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Identity(), nn.Linear(32, 10))
+    q, _ = torch.linalg.qr(torch.randn(32, 8))
+    with torch.no_grad():
+        model[2].weight.copy_(model[2].weight @ (q @ q.T))
+    kw = dict(layers=["1", "output"], progress=False, batch_size=1000)
+    lib = dh.local_interaction_basis(model, torch.randn(4000, 32) * scale, **kw)
+    assert lib.sizes()["1"] == 1 + 8
+    low_rank = torch.randn(4000, 12) @ torch.randn(12, 32) * scale
+    pca = dh.local_interaction_basis(nn.Sequential(nn.Identity(), nn.Identity()), low_rank, basis="pca",
+                                     layers=["0", "output"], progress=False, batch_size=1000)
+    assert pca.sizes()["0"] == 1 + 12

@@ -30,6 +30,27 @@ def centred_gram(moments: Moments) -> Tensor:
     return g
 
 
+@dataclass(frozen=True)
+class Truncation:
+    """Which eigenvalues count as zero: |λ| ≤ max(`absolute`, `relative` · the largest |λ|). A Gram of quantities
+    computed with relative rounding ε (the model's dtype) cannot tell an eigenvalue below ~ε² · λ_max from 0, so
+    `relative` is n · ε² for an n × n Gram (float32: 1.4e-14 per dimension); the absolute floor is the config's
+    `truncation_threshold`."""
+
+    absolute: float
+    relative: float = 0.0
+
+    @classmethod
+    def for_dtype(cls, absolute: float, dtype: torch.dtype, n: int) -> Truncation:
+        """The floor for n × n Grams of values computed in `dtype`."""
+        return cls(absolute, n * torch.finfo(dtype).eps ** 2)
+
+    def floor(self, magnitudes: Tensor) -> float:
+        """The largest |λ| still dropped among these eigenvalue magnitudes."""
+        top = float(magnitudes.max()) if magnitudes.numel() else 0.0
+        return max(self.absolute, self.relative * top)
+
+
 @dataclass
 class LayerBasis:
     """One node layer's basis: `C [d+1, k]`, `C⁺ [k, d+1]` and the importance of each direction (Λ for LIB, the
@@ -49,14 +70,15 @@ def centering(mu: Tensor) -> tuple[Tensor, Tensor]:
     return y, y_inv
 
 
-def pca(gram: Tensor, isolated: list[int], threshold: float) -> tuple[Tensor, Tensor, int]:
+def pca(gram: Tensor, isolated: list[int], truncation: Truncation) -> tuple[Tensor, Tensor, int]:
     """Eigenvectors `U [d+1, d′]` and eigenvalues `D [d′]` of the Gram with the `isolated` coordinates (constant first)
-    as their own unit directions, the rest sorted by |eigenvalue| descending; those ≤ `threshold` dropped. Also
-    returns how many leading columns are isolated directions."""
+    as their own unit directions, the rest sorted by |eigenvalue| descending; those at or below the truncation floor
+    dropped. Also returns how many leading columns are isolated directions."""
     n = gram.shape[0]
     rest = [i for i in range(n) if i not in set(isolated)]
     vals, vecs = torch.linalg.eigh(gram[rest][:, rest])
     vals = vals.abs()
+    threshold = truncation.floor(vals)
     order = vals.argsort(descending=True)
     keep = order[vals[order] > threshold]
     u = torch.zeros(n, len(isolated) + len(keep), dtype=F64, device=gram.device)
@@ -69,9 +91,9 @@ def pca(gram: Tensor, isolated: list[int], threshold: float) -> tuple[Tensor, Te
     return u[:, cols], d[cols], len(iso_keep)
 
 
-def pca_basis(gram: Tensor, mu: Tensor, isolated: list[int], threshold: float) -> LayerBasis:
+def pca_basis(gram: Tensor, mu: Tensor, isolated: list[int], truncation: Truncation) -> LayerBasis:
     """The PCA baseline: `C = Y U` (centred rotation, no whitening, no Λ), `C⁺ = Uᵀ Y⁻¹`."""
-    u, d, _ = pca(gram, isolated, threshold)
+    u, d, _ = pca(gram, isolated, truncation)
     y, y_inv = centering(mu)
     return LayerBasis(y @ u, u.T @ y_inv, d)
 
@@ -83,18 +105,20 @@ def identity_basis(d: int, device: torch.device) -> LayerBasis:
     return LayerBasis(c, c.T.clone(), torch.ones(d + 1, dtype=F64, device=device))
 
 
-def whitening(gram: Tensor, mu: Tensor, isolated: list[int], threshold: float) -> tuple[Tensor, Tensor, int]:
+def whitening(gram: Tensor, mu: Tensor, isolated: list[int], truncation: Truncation
+              ) -> tuple[Tensor, Tensor, int]:
     """`R = Y U D^{-1/2}` and `R⁺ = D^{1/2} Uᵀ Y⁻¹` (step 3), and the number of isolated directions kept."""
-    u, d, n_iso = pca(gram, isolated, threshold)
+    u, d, n_iso = pca(gram, isolated, truncation)
     y, y_inv = centering(mu)
     r = y @ u / d.sqrt()
     r_pinv = d.sqrt()[:, None] * (u.T @ y_inv)
     return r, r_pinv, n_iso
 
 
-def lib_basis(r: Tensor, r_pinv: Tensor, n_iso: int, jac_gram: Tensor, threshold: float) -> LayerBasis:
+def lib_basis(r: Tensor, r_pinv: Tensor, n_iso: int, jac_gram: Tensor, truncation: Truncation) -> LayerBasis:
     """Steps 5–6: rotate onto the eigenvectors of `M = R⁺ M′ R⁺ᵀ` (isolated directions unrotated), scale by
-    |Λ|^{1/2} (the constant direction stays 1), sort by |Λ| with the constant first, drop |Λ| < `threshold`."""
+    |Λ|^{1/2} (the constant direction stays 1), sort by |Λ| with the constant first, drop |Λ| at or below the
+    truncation floor."""
     m = r_pinv @ jac_gram @ r_pinv.T
     m = (m + m.T) / 2
     k = m.shape[0]
@@ -104,7 +128,7 @@ def lib_basis(r: Tensor, r_pinv: Tensor, n_iso: int, jac_gram: Tensor, threshold
     v[n_iso:, n_iso:] = v_rest
     lam = torch.cat([m.diagonal()[:n_iso], lam_rest]).abs()
     order = 1 + lam[1:].argsort(descending=True)
-    order = torch.cat([order.new_zeros(1), order[lam[order] >= threshold]])
+    order = torch.cat([order.new_zeros(1), order[lam[order] > truncation.floor(lam[1:])]])
     v, lam = v[:, order], lam[order]
     scale = lam.sqrt()
     scale[0] = 1.0

@@ -19,6 +19,7 @@ from decomp_hooks.data import DataError, iter_batches
 from decomp_hooks.lib.basis import (
     F64,
     LayerBasis,
+    Truncation,
     centred_gram,
     identity_basis,
     lib_basis,
@@ -123,17 +124,26 @@ def local_interaction_basis(model: Any, data: Any, layers: list[str | list[str]]
     edges between adjacent node layers. `data`: a tensor of inputs, a list/DataLoader of batches, or a sampler
     with `n_samples`; `gram_data` optionally feeds the Grams. Any LIBConfig field can be passed as a keyword."""
     cfg = load_lib_config(config, layers=layers, **overrides)
+    precision = source_precision(model)
     module, device, dtype = working_model(model, cfg)
     nodes = NodeLayers(module, cfg.layers, cfg.last_position_from)
     main = batches(data, cfg.batch_size, cfg.n_samples, device, dtype)
     grams = main if gram_data is None else batches(gram_data, cfg.batch_size, None, device, dtype)
-    return build_graph(nodes, main, grams, cfg, device, progress)
+    return build_graph(nodes, main, grams, cfg, device, progress, precision=precision)
+
+
+def source_precision(model: Any) -> torch.dtype:
+    """The dtype of the model's floating-point weights as given (float32 when it has none)."""
+    params = [p for p in adapter_for(model).module(model).parameters() if p.is_floating_point()]
+    return params[0].dtype if params else torch.float32
 
 
 def build_graph(nodes: NodeLayers, main: list[Any], grams: list[Any], cfg: LIBConfig, device: torch.device,
-                progress: bool = False, gram_fn: Callable = jacobian_gram, edge_fn: Callable = edge_matrix) -> LIBResult:
+                progress: bool = False, gram_fn: Callable = jacobian_gram, edge_fn: Callable = edge_matrix,
+                precision: torch.dtype = torch.float32) -> LIBResult:
     """Moments, bases backwards from the output, and edges, on prepared batches; `gram_fn` / `edge_fn` compute M′
-    and E (benchmarks swap in other implementations)."""
+    and E (benchmarks swap in other implementations). `precision`: the dtype the model's weights were given in,
+    which sets how small an eigenvalue can be told from zero (`Truncation`), whatever dtype LIB computes in."""
     generator = torch.Generator(device).manual_seed(cfg.seed)
 
     moments: list[Moments] = []
@@ -151,16 +161,17 @@ def build_graph(nodes: NodeLayers, main: list[Any], grams: list[Any], cfg: LIBCo
     last = len(nodes) - 1
     bases: list[LayerBasis | None] = [None] * len(nodes)
     final_iso = _isolated(nodes, last, cfg.isolate)
-    bases[last] = (pca_basis(centred_gram(moments[last]), moments[last].mean(), final_iso, cfg.truncation_threshold)
+    cut = [Truncation.for_dtype(cfg.truncation_threshold, precision, m.sum_x.numel() + 1) for m in moments]
+    bases[last] = (pca_basis(centred_gram(moments[last]), moments[last].mean(), final_iso, cut[last])
                    if cfg.rotate_final else identity_basis(sum(nodes.widths[last]), device))
     for layer in progress_bar(range(last - 1, -1, -1), desc=f"{cfg.basis} bases", disable=not progress):
         g, mu, iso = centred_gram(moments[layer]), moments[layer].mean(), _isolated(nodes, layer, cfg.isolate)
         if cfg.basis == "pca":
-            bases[layer] = pca_basis(g, mu, iso, cfg.truncation_threshold)
+            bases[layer] = pca_basis(g, mu, iso, cut[layer])
             continue
-        r, r_pinv, n_iso = whitening(g, mu, iso, cfg.truncation_threshold)
+        r, r_pinv, n_iso = whitening(g, mu, iso, cut[layer])
         m_prime = gram_fn(nodes, layer, main, bases[layer + 1].C, cfg, generator, progress)
-        bases[layer] = lib_basis(r, r_pinv, n_iso, m_prime, cfg.truncation_threshold)
+        bases[layer] = lib_basis(r, r_pinv, n_iso, m_prime, cut[layer])
 
     edges = {}
     if cfg.edges:
