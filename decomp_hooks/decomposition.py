@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 from pathlib import Path
 from typing import Any
 
@@ -244,19 +243,9 @@ def load(path: str | Path, model: Any = None, strict: bool = True, device: str |
     if device is not None:
         cm.to(device)
     run_dir = path.parent if (path.parent / "metrics.jsonl").is_file() else None
-    return Decomposition(cm, config, metrics=_read_metrics(run_dir) if run_dir else [],
+    return Decomposition(cm, config, metrics=store.read_records(run_dir / "metrics.jsonl") if run_dir else [],
                          provenance=meta.get("provenance"), step=meta.get("step", 0), run_dir=run_dir)
 
-
-def _read_metrics(run_dir: Path) -> list[dict]:
-    """The run's metrics.jsonl records (a torn last line, from a killed writer, left out)."""
-    records = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def _module_of(name: str, inserted: bool) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from contextlib import nullcontext
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from decomp_hooks.lm.capacity import fill_default_c
 from decomp_hooks.methods import get_method
 from decomp_hooks.train import Trainer, set_seed
 from decomp_hooks.train.held_out import HeldOut
+from decomp_hooks.train.run_lock import run_lock
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -110,15 +112,18 @@ def decompose(model: Any, data: Any = None, targets: Targets | None = None, meth
                                                       ctx.world_size)
     trainer = Trainer(cm, method_obj, source, cfg, dev, out, extra, progress, rank=ctx.rank, world_size=ctx.world_size,
                       held_out=held_out)
-    if out is not None and resume:
-        trainer.resume()
-    start = time.perf_counter()
-    dec.metrics = trainer.train()
-    dec.step, dec.run_dir = cfg.train.steps, out
-    dec.provenance["wall_time_s"] = time.perf_counter() - start
-    with distributed.gathered(trainer.step_loss, whole=True):
-        if out is not None and ctx.is_main:
-            dec.save(out / "decomposition", overwrite=True)
+    with run_lock(out) if out is not None and ctx.is_main else nullcontext():
+        if out is not None and resume:
+            trainer.resume()
+        elif out is not None:
+            trainer.start_fresh()
+        start = time.perf_counter()
+        dec.metrics = trainer.train()
+        dec.step, dec.run_dir = cfg.train.steps, out
+        dec.provenance["wall_time_s"] = time.perf_counter() - start
+        with distributed.gathered(trainer.step_loss, whole=True):
+            if out is not None and ctx.is_main:
+                dec.save(out / "decomposition", overwrite=True)
     return dec
 
 

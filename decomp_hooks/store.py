@@ -90,6 +90,17 @@ def read_json(path: str | Path) -> Any:
         raise StoreError(f"{str(path)!r} is not valid JSON ({err}); the file is truncated or was edited.") from None
 
 
+def read_records(path: str | Path) -> list[dict]:
+    """The JSON lines of a metrics file; a torn line (a writer killed mid-line) is left out."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -130,8 +130,7 @@ class Checkpoints:
         path = self.out_dir / "metrics.jsonl"
         if not path.exists():
             return []
-        kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        records = [r for r in kept if r.get("step", 0) < step]
+        records = [r for r in store.read_records(path) if r.get("step", 0) < step]
         if self.rank == 0:  # rank 0 alone writes (all ranks keep the records)
             store.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
         return records

@@ -104,11 +104,22 @@ class Trainer:
     def checkpoint_root(self) -> Path | None:
         return self.checkpoints.root if self.checkpoints is not None else None
 
+    def checkpoint_note(self) -> str:
+        """Where a failed run can be resumed from, or that it cannot."""
+        root = self.checkpoint_root
+        if root is not None and root.is_dir() and any(root.glob("step-*")):
+            return f"the last good checkpoint is kept in {root}"
+        return "no checkpoint had been written yet, so nothing is kept"
+
     def save_checkpoint(self) -> Path | None:
         if self.checkpoints is None:
             return None
         return self.checkpoints.save(self.step, self.cm, self.opt, self.source.state_dict(), self.fingerprints,
                                      self.method)
+
+    def start_fresh(self) -> None:
+        """Drop the log lines of an earlier run in this directory that was killed before its first checkpoint."""
+        self.records = self.checkpoints.truncate_metrics(0)
 
     def resume(self) -> None:
         """Continue from the run directory's latest checkpoint, bit for bit."""
@@ -250,7 +261,7 @@ class Trainer:
             bad = [n for n in self.cm.site_names if any(p.grad is not None and not torch.isfinite(p.grad).all()
                                                         for p in self.cm.site_parameters(n))]
             raise FloatingPointError(f"step {self.step}: non-finite gradient at sites {bad} (components {g_comp.item()}, CI functions "
-                                     f"{g_ci.item()}); the last good checkpoint is kept in {self.checkpoint_root}")
+                                     f"{g_ci.item()}); {self.checkpoint_note()}")
         self.opt.step()
         self.method.after_step(self.cm)
         return terms, {"lr": lr, "grad_norm/components": g_comp, "grad_norm/ci_fns": g_ci, "l0": l0, **out.log}
@@ -264,7 +275,7 @@ class Trainer:
                 try:
                     out = self.step_loss(batch, self.step / max(t.steps, 1))
                 except FloatingPointError as err:
-                    raise FloatingPointError(f"step {self.step}: {err}; the last good checkpoint is kept in {self.checkpoint_root}") from None
+                    raise FloatingPointError(f"step {self.step}: {err}; {self.checkpoint_note()}") from None
             (out.total * scale if scale != 1 else out.total).backward()
         return out
 

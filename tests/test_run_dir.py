@@ -1,0 +1,86 @@
+"""A run directory has one writer: a second process is refused while the first runs; a run that fails before its
+first checkpoint leaves nothing (a retry starts clean, and the error says no checkpoint was kept); a torn last line
+of metrics.jsonl does not block resume."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import decomp_hooks as dh
+from decomp_hooks.store import StoreError
+
+CONFIG = {"targets": {"0": 4}, "losses": [{"type": "stochastic_recon"}, {"type": "importance_minimality", "coeff": 1e-3}],
+          "train": {"steps": 6, "batch_size": 8, "log_every": 1, "eval_every": 3, "checkpoint_every": 3,
+                    "eval_pgd_steps": 0, "faithfulness_warmup_steps": 5}}
+
+WRITER = """
+import sys, time, torch
+from torch import nn
+import decomp_hooks as dh
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 5))
+def slow(n):
+    time.sleep(0.2)
+    return torch.rand(n, 5)
+config = {"targets": {"0": 4}, "losses": [{"type": "stochastic_recon"}],
+          "train": {"steps": 400, "batch_size": 8, "eval_pgd_steps": 0, "faithfulness_warmup_steps": 0,
+                    "log_every": 1, "eval_every": 1000}}
+dh.decompose(model, slow, config=config, out_dir=sys.argv[1], progress=False)
+"""
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 5))
+
+
+def sample(n: int) -> torch.Tensor:
+    return torch.rand(n, 5)
+
+
+def test_a_second_writer_is_refused_while_the_first_runs(tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-c", WRITER, str(out)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
+            assert first.poll() is None and time.time() < deadline, "the first writer never logged"
+            time.sleep(0.1)
+        with pytest.raises(StoreError, match=rf"being written by another process \(pid {first.pid}\)"):
+            dh.decompose(mlp(), sample, config=CONFIG, out_dir=out, progress=False)
+        assert first.poll() is None  # the refused call did not touch the running one
+    finally:
+        first.kill()
+        first.wait()
+    assert not (out / "checkpoints").exists()  # killed before its first checkpoint
+    dh.decompose(mlp(), sample, config=CONFIG, out_dir=out, progress=False)  # kill -9 released the lock
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] == 0 and steps == sorted(steps) and steps[-1] == 6  # none of the killed run's lines mixed in
+
+
+def test_a_run_failing_before_its_first_checkpoint_leaves_nothing(tmp_path):
+    out = tmp_path / "run"
+    bad = {**CONFIG, "train": {**CONFIG["train"], "lr": 1e30}}
+    with pytest.raises(FloatingPointError, match="no checkpoint had been written yet, so nothing is kept"):
+        dh.decompose(mlp(), lambda n: torch.full((n, 5), 1e30), config=bad, out_dir=out, progress=False)
+    assert not out.exists()
+    dh.decompose(mlp(), sample, config=CONFIG, out_dir=out, progress=False)  # the retry starts clean
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 6
+
+
+def test_a_torn_last_metrics_line_does_not_block_resume(tmp_path):
+    out = tmp_path / "run"
+    dh.decompose(mlp(), sample, config=CONFIG, steps=3, out_dir=out, progress=False)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "train/to')  # a writer killed mid-line
+    dec = dh.decompose(mlp(), sample, config=CONFIG, out_dir=out, resume=True, progress=False)
+    assert dec.final_metrics()["step"] == 6
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(line) for line in lines)  # the torn line is gone
