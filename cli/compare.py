@@ -60,7 +60,7 @@ def compare_command(run_dir: Path, sae_dir: Path, data_path: Path, out: Path, si
     from decomp_hooks.dashboard import CompareConfig, DashboardError, compare_with_sae
     from decomp_hooks.export import load_sae
 
-    check_out(out, force)
+    check_out(out, force, run_dir, sae_dir, data_path)
     try:
         sae = load_sae(sae_dir)
     except store.StoreError as err:

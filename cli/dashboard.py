@@ -40,9 +40,12 @@ def parse_components(values: tuple[str, ...]) -> list[int] | None:
                                  param_hint="--components") from None
 
 
-def check_out(out: Path, force: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise click.ClickException(f"{str(out)!r} already exists and is not empty; pass --force to replace it.")
+def check_out(out: Path, force: bool, *inputs: Path) -> bool:
+    """Whether OUT is replaced (see `store.replaceable_dir`: never a folder decomp-hooks did not write, or one that
+    holds an input); a ClickException naming the fix otherwise."""
+    from decomp_hooks import store
+
+    return store.replaceable_dir(out, force, click.ClickException, inputs=inputs)
 
 
 @click.command("dashboard")
@@ -93,7 +96,7 @@ def dashboard_command(run_dir: Path, data_path: Path, out: Path, model_dir: Path
     from decomp_hooks.dashboard import DashboardConfig, DashboardError, build_dashboards
     from decomp_hooks.export import ExportError
 
-    check_out(out, force)
+    check_out(out, force, run_dir, data_path)
     dec, tokenizer = load_run(run_dir, model_dir, device)
     data = load_tokens(data_path, tokenizer, context_length, batch_size)
     chosen = parse_components(components)

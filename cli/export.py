@@ -133,13 +133,13 @@ def export_command(run_dir: Path, out_dir: Path, fmt: str, sites: tuple[str, ...
     import warnings
 
     import decomp_hooks as dh
+    from decomp_hooks.cli.dashboard import check_out
     from decomp_hooks.export import ExportError, load_export
     from decomp_hooks.sites import SiteError
 
     if ci_gated and fmt == "transcoder":
         raise click.BadParameter("--ci-gated needs --format decomp_signed_transcoder (or signed).", param_hint="--ci-gated")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise click.ClickException(f"{str(out_dir)!r} already exists and is not empty; pass --force to replace it.")
+    check_out(out_dir, force, run_dir)
     path = decomposition_dir(run_dir)
     model = tokenizer = None
     if model_dir is not None:

@@ -90,8 +90,9 @@ def lib_command(config: str, out: Path | None, basis: str | None, device: Any, n
     """
     import decomp_hooks as dh
     from decomp_hooks import store
-    from decomp_hooks.config import ConfigError
+    from decomp_hooks.config import ConfigError, config_path
     from decomp_hooks.lib.ablation import ablation_curves
+    from decomp_hooks.cli.dashboard import check_out
     from decomp_hooks.lib.config import load_lib_run_config
     from decomp_hooks.lib.graph import graph_dict, plot_ablation, plot_graph
     from decomp_hooks.toy import save_toy
@@ -102,8 +103,7 @@ def lib_command(config: str, out: Path | None, basis: str | None, device: Any, n
         raise click.BadParameter(str(err), param_hint="CONFIG") from None
     basis = basis or cfg.lib.basis
     out = out or Path("runs") / f"{Path(config).stem}-{basis}"
-    if out.exists() and any(out.iterdir()) and not force:
-        raise click.ClickException(f"{str(out)!r} exists and is not empty; choose another --out or pass --force.")
+    check_out(out, force, config_path(config))
     progress = not no_progress
     try:
         model, data, test, metric = load_target(cfg, device, progress, out)

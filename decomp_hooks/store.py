@@ -22,17 +22,31 @@ class StoreError(ValueError):
     """A saved file or directory that is missing, truncated or not one of ours."""
 
 
-def replaceable_dir(path: str | Path, overwrite: bool, error: type[Exception] = StoreError) -> bool:
+#: the file `atomic_dir` puts in every directory it writes: only such a directory is ever replaced by overwrite/--force
+MARKER = ".decomp-hooks"
+
+
+def replaceable_dir(path: str | Path, overwrite: bool, error: type[Exception] = StoreError,
+                    inputs: tuple[str | Path | None, ...] = ()) -> bool:
     """Check an output directory before writing it whole; returns the `overwrite` flag for `atomic_dir` (True for an
-    existing empty one, or a non-empty one when `overwrite`). Raises `error` naming the fix otherwise."""
+    existing empty one, or, when `overwrite`, a non-empty one that decomp-hooks wrote). Never one that is or holds
+    one of the `inputs` of the command. Raises `error` naming the fix otherwise."""
     path = Path(path)
+    for source in (Path(s).resolve() for s in inputs if s is not None):
+        if source == path.resolve() or path.resolve() in source.parents:
+            raise error(f"{str(path)!r} is (or holds) {str(source)!r}, which this command reads; choose another "
+                        "output directory.")
     if not path.exists():
         return False
     if not path.is_dir():
         raise error(f"{str(path)!r} exists and is not a directory; choose another output path.")
-    if any(path.iterdir()) and not overwrite:
-        raise error(f"{str(path)!r} already exists and is not empty; choose another output directory or pass "
-                    "overwrite=True (--force) to replace it.")
+    if any(path.iterdir()):
+        if not overwrite:
+            raise error(f"{str(path)!r} already exists and is not empty; choose another output directory or pass "
+                        "overwrite=True (--force) to replace it.")
+        if not (path / MARKER).is_file():
+            raise error(f"{str(path)!r} holds files decomp-hooks did not write (it has no {MARKER} marker), so "
+                        "overwrite/--force will not delete it; remove it yourself or choose another output directory.")
     return True
 
 
@@ -46,6 +60,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
+        (tmp / MARKER).write_text("written by decomp-hooks; overwrite/--force may replace this directory\n")
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, old / "x")

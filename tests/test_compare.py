@@ -67,7 +67,7 @@ def test_the_components_own_transcoder_matches_them_exactly(lm, tmp_path):
         assert all(m["cosine"] == pytest.approx(1.0, abs=1e-5) for m in best)
     assert set(result.pairs) >= {(c, c) for c in live}  # one-to-one: part c with feature c
     assert all(f in result.unexplained_features() for f in result.live_features if f % 5 not in live)
-    files = {p.name for p in (tmp_path / "cmp").iterdir()}
+    files = {p.name for p in (tmp_path / "cmp").iterdir()} - {".decomp-hooks"}
     assert files == {"summary.json", "components.csv", "features.csv", "compare.html"}
     html = (tmp_path / "cmp" / "compare.html").read_text()
     assert html.count('<section class="card component"') == len(live) and "<script" not in html

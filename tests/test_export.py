@@ -356,7 +356,7 @@ def test_bad_input_is_refused_and_nothing_is_half_written(hf, tmp_path, monkeypa
     dec.export(out, sites="transformer.h.0.mlp.c_fc")
     with pytest.raises(ExportError, match="already exists and is not empty"):
         dec.export(out)
-    assert sorted(p.name for p in out.iterdir()) == ["export.json", "transformer.h.0.mlp.c_fc"]
+    assert sorted(p.name for p in out.iterdir() if p.name != ".decomp-hooks") == ["export.json", "transformer.h.0.mlp.c_fc"]
     calls = []
 
     def failing_write(self, directory):
@@ -369,7 +369,7 @@ def test_bad_input_is_refused_and_nothing_is_half_written(hf, tmp_path, monkeypa
     monkeypatch.setattr(SAEFiles, "write", failing_write)
     with pytest.raises(OSError, match="disk full"):
         dec.export(out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["export.json", "transformer.h.0.mlp.c_fc"]  # the old export
+    assert sorted(p.name for p in out.iterdir() if p.name != ".decomp-hooks") == ["export.json", "transformer.h.0.mlp.c_fc"]  # the old export
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directory left behind
     monkeypatch.setattr(SAEFiles, "write", original)
     dec.export(out, overwrite=True)
@@ -431,7 +431,7 @@ def test_export_command_errors(toy_run, tmp_path):
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
     result = runner.invoke(main, ["export", str(toy_run), str(busy)])
-    assert result.exit_code == 1 and "not empty; pass --force" in result.output
+    assert result.exit_code == 1 and "not empty; choose another output directory or pass overwrite=True (--force)" in result.output
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
     result = runner.invoke(main, ["export", str(toy_run), str(tmp_path / "out"), "--ci-gated"])
     assert result.exit_code == 2 and "--ci-gated needs --format" in result.output

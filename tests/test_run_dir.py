@@ -84,3 +84,31 @@ def test_a_torn_last_metrics_line_does_not_block_resume(tmp_path):
     assert dec.final_metrics()["step"] == 6
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert all(json.loads(line) for line in lines)  # the torn line is gone
+
+
+def test_force_replaces_only_what_this_tool_wrote_and_never_the_input(tmp_path):
+    from click.testing import CliRunner
+
+    from decomp_hooks.cli import main
+    from decomp_hooks.toy import make_toy, save_toy, toy_sampler
+
+    run = tmp_path / "run"
+    model, _ = make_toy("tms_5-2", steps=50, progress=False)
+    dh.decompose(model, toy_sampler(model), config={**CONFIG, "targets": {"linear1": 8}}, out_dir=run, progress=False)
+    save_toy(model, run / "target")  # where the CLI finds a toy run's model
+    export = ["export", str(run)]
+    onto_input = CliRunner().invoke(main, [*export, str(run), "--force"])
+    assert onto_input.exit_code == 1 and "which this command reads" in onto_input.output
+    assert (run / "decomposition" / "decomposition.json").is_file()
+    inside_input = CliRunner().invoke(main, [*export, str(tmp_path), "--force"])  # a folder holding the run
+    assert inside_input.exit_code == 1 and (run / "checkpoints").is_dir()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's file")
+    onto_users = CliRunner().invoke(main, [*export, str(mine), "--force"])
+    assert onto_users.exit_code == 1 and "did not write" in onto_users.output
+    assert (mine / "notes.txt").read_text() == "a user's file"
+    out = tmp_path / "exports"
+    assert CliRunner().invoke(main, [*export, str(out)]).exit_code == 0
+    again = CliRunner().invoke(main, [*export, str(out), "--force"])  # an earlier export is ours: replaced
+    assert again.exit_code == 0, again.output

@@ -143,7 +143,7 @@ def build_dashboards(dec: Any, data: Any, out: str | Path, sites: str | list[str
     e.g. `TokenBatches`), streamed twice (statistics, then the top contexts). `components` restricts every site to
     those indices; only components that fire are shown."""
     cfg = config or DashboardConfig()
-    replace = store.replaceable_dir(out, overwrite, DashboardError)
+    replace = store.replaceable_dir(out, overwrite, DashboardError, inputs=(dec.run_dir,))
     names = select_sites(dec, sites)
     chosen = {n: select_components(dec.cm.component(n).C, components, n) for n in names}
     data = reiterable(data)

@@ -251,7 +251,7 @@ def compare_with_sae(dec: Any, site: str, sae: str | Path | LoadedSAE, data: Any
     cfg = config or CompareConfig()
     if site not in dec.cm.sites:
         raise DashboardError(f"site {site!r} is not decomposed; the sites are {dec.site_names}.")
-    replace = store.replaceable_dir(out, overwrite, DashboardError) if out is not None else False
+    replace = store.replaceable_dir(out, overwrite, DashboardError, inputs=(dec.run_dir,)) if out is not None else False
     sae = sae if isinstance(sae, LoadedSAE) else load_sae(sae)
     reads, space = comparison_space(dec, site, sae)
     data = reiterable(data)

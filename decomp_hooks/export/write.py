@@ -200,7 +200,7 @@ def export_decomposition(dec: Any, path: str | Path, format: str = TRANSCODER,
     dirs = [dir_name(n) for n in names]
     if len(set(dirs)) != len(dirs):
         raise ExportError(f"site names {names} give clashing directory names {dirs}.")
-    replace = store.replaceable_dir(path, overwrite, ExportError)
+    replace = store.replaceable_dir(path, overwrite, ExportError, inputs=(dec.run_dir,))
     context = adapter_for(dec.model).model_context(dec.model, model_name)
     rid = run_id(dec)
     statistics = None
