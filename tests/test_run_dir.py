@@ -112,3 +112,14 @@ def test_force_replaces_only_what_this_tool_wrote_and_never_the_input(tmp_path):
     assert CliRunner().invoke(main, [*export, str(out)]).exit_code == 0
     again = CliRunner().invoke(main, [*export, str(out), "--force"])  # an earlier export is ours: replaced
     assert again.exit_code == 0, again.output
+
+
+def test_resume_refuses_a_changed_config_but_takes_more_steps(tmp_path):
+    out = tmp_path / "run"
+    dh.decompose(mlp(), sample, config=CONFIG, steps=3, out_dir=out, progress=False)
+    for change, field in (({"train": {**CONFIG["train"], "lr": 0.5}}, "train.lr: 0.001 in the run, 0.5 now"),
+                          ({"targets": {"0": 5}}, "targets.0: 4 in the run, 5 now")):
+        with pytest.raises(StoreError, match=rf"changed config \({field}"):
+            dh.decompose(mlp(), sample, config={**CONFIG, **change}, out_dir=out, resume=True, progress=False)
+    dec = dh.decompose(mlp(), sample, config=CONFIG, steps=9, out_dir=out, resume=True, progress=False)
+    assert dec.final_metrics()["step"] == 9 and "steps: 9" in (out / "config.yaml").read_text()  # records agree

@@ -9,11 +9,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from decomp_hooks import distributed, store
 from decomp_hooks.component_model import ComponentModel
-from decomp_hooks.config import DecomposeConfig
+from decomp_hooks.config import ConfigError, DecomposeConfig, from_dict
 from decomp_hooks.methods.base import Method
+
+
+#: config fields (dotted paths) a resume may change: more steps, and how often to log, evaluate and checkpoint
+RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+             "train.threads")
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as {dotted path: leaf value}."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
 
 
 class Checkpoints:
@@ -28,6 +44,27 @@ class Checkpoints:
         if self.rank == 0 and not (self.out_dir / "config.yaml").exists():
             self.out_dir.mkdir(parents=True, exist_ok=True)
             store.write_text(self.out_dir / "config.yaml", self.cfg.to_yaml())
+
+    def check_resumable(self) -> None:
+        """Refuse to resume with a config that differs from the run's `config.yaml` anywhere but RESUMABLE, naming
+        every changed field with both values; then record the config this run continues with."""
+        path = self.out_dir / "config.yaml"
+        if not path.is_file():
+            return
+        try:
+            saved = flatten(from_dict(DecomposeConfig, yaml.safe_load(path.read_text()) or {}).to_dict())
+        except (ConfigError, yaml.YAMLError) as err:
+            raise store.StoreError(f"{str(path)!r} is not a readable config ({err}); it was not written by this "
+                                   "version of decomp-hooks or was edited; start a new out_dir.") from None
+        current = flatten(self.cfg.to_dict())
+        changed = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k) and k not in RESUMABLE]
+        if changed:
+            shown = "; ".join(f"{k}: {saved.get(k)!r} in the run, {current.get(k)!r} now" for k in changed[:8])
+            raise store.StoreError(f"cannot resume {str(self.out_dir)!r} with a changed config ({shown}). Only "
+                                   f"{', '.join(RESUMABLE)} may change on resume; use the run's config.yaml, or start "
+                                   "a new out_dir.")
+        if self.rank == 0:
+            store.write_text(path, self.cfg.to_yaml())
 
     def rng_state(self) -> tuple[dict[str, torch.Tensor], Any]:
         """This process's RNG state, or with several ranks every rank's, under keys `rank<r>.rng.*`."""

@@ -122,7 +122,9 @@ class Trainer:
         self.records = self.checkpoints.truncate_metrics(0)
 
     def resume(self) -> None:
-        """Continue from the run directory's latest checkpoint, bit for bit."""
+        """Continue from the run directory's latest checkpoint, bit for bit (refused when the config changed beyond
+        the fields a resume may change)."""
+        self.checkpoints.check_resumable()
         tensors, meta = self.checkpoints.load(self.checkpoints.latest(), self.cm, self.fingerprints, self.method)
         self.ready()
         store.load_optimizer_state(self.opt, tensors, meta["optimizer"])
