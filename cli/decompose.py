@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -130,6 +131,7 @@ def decompose_command(config: str | None, model: str | None, data: str | None, s
     if click.get_current_context().get_parameter_source("device") is ParameterSource.DEFAULT:
         device = None  # the config's model.device where it sets one, else the same rule
     from decomp_hooks.defaults import RECIPES
+    from decomp_hooks.train.loop import Interrupted
 
     if config is None and model is None:
         raise click.UsageError("pass CONFIG (a YAML file or a shipped config's name, e.g. tms_5-2 or lm/small_vpd) or "
@@ -152,6 +154,11 @@ def decompose_command(config: str | None, model: str | None, data: str | None, s
         if main_rank and created and not (out / "checkpoints").exists():
             shutil.rmtree(out, ignore_errors=True)  # refused before any checkpoint: leave nothing behind
         raise click.ClickException(str(err)) from None
+    except Interrupted as err:  # SIGTERM/SIGINT: a checkpoint was written; say how to continue, no traceback
+        if main_rank:
+            again = f"decomp-hooks decompose {config + ' ' if config else ''}--resume {out}"
+            click.echo(f"{err}\nto continue: {again}", err=True)
+        sys.exit(128 + (err.signum or signal.SIGTERM))
     if main_rank:
         click.echo(finish(dec, out))
     distributed.shutdown()

@@ -123,3 +123,25 @@ def test_resume_refuses_a_changed_config_but_takes_more_steps(tmp_path):
             dh.decompose(mlp(), sample, config={**CONFIG, **change}, out_dir=out, resume=True, progress=False)
     dec = dh.decompose(mlp(), sample, config=CONFIG, steps=9, out_dir=out, resume=True, progress=False)
     assert dec.final_metrics()["step"] == 9 and "steps: 9" in (out / "config.yaml").read_text()  # records agree
+
+
+def test_sigterm_stops_the_cli_cleanly_with_the_resume_command(tmp_path):
+    import signal
+
+    from decomp_hooks.config import config_path
+
+    cfg = tmp_path / "tms.yaml"
+    cfg.write_text(config_path("tms_5-2").read_text().replace("steps: 10000", "steps: 100000")
+                   .replace("batch_size: 4096", "batch_size: 64").replace("checkpoint_every: 2500", "checkpoint_every: 20"))
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "decomp_hooks.cli", "decompose", str(cfg), "--out", str(out),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not list((out / "checkpoints").glob("step-*")):  # glob of a missing folder is empty
+        assert proc.poll() is None and time.time() < deadline, "the run never checkpointed"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+    assert f"to continue: decomp-hooks decompose {cfg} --resume {out}" in err
+    assert list((out / "checkpoints").glob("step-*"))

@@ -32,7 +32,12 @@ from decomp_hooks.train.schedule import lr_at
 
 
 class Interrupted(RuntimeError):
-    """The run received SIGTERM/SIGINT and stopped after writing a checkpoint."""
+    """The run received SIGTERM/SIGINT and stopped after writing a checkpoint; `signum` is the signal (None when
+    another rank received it)."""
+
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum
 
 
 class StepLoss(nn.Module):
@@ -217,7 +222,8 @@ class Trainer:
                     bar.close()
                     where = (f"resume from {self.out_dir}" if self.out_dir is not None else
                              "nothing was saved (pass out_dir to keep checkpoints)")
-                    raise Interrupted(f"stopped by signal {flag['signal'] or 'on another rank'} at step {self.step}; {where}")
+                    raise Interrupted(f"stopped by signal {flag['signal'] or 'on another rank'} at step {self.step}; {where}",
+                                      flag["signal"])
             self.log(self.evaluate())  # the final evaluation, after the last checkpoint so a resume repeats it exactly
         bar.close()
         return self.records
