@@ -10,7 +10,7 @@ import torch
 from decomp_hooks import store
 from decomp_hooks.component_model import ComponentModel
 from decomp_hooks.components import SiteComponents, SiteMask, intervention_mask
-from decomp_hooks.config import DecomposeConfig, from_dict
+from decomp_hooks.config import DecomposeConfig, from_dict, validate
 from decomp_hooks.methods import Method, get_method
 from decomp_hooks.sites import SiteError, SiteKind
 
@@ -219,6 +219,8 @@ def load(path: str | Path, model: Any = None, strict: bool = True, device: str |
     path = Path(path)
     meta = read_meta(path)
     config = from_dict(DecomposeConfig, meta["config"])
+    validate(config)
+    check_saved_sites(path, meta["sites"])
     if model is None:
         model = _saved_target(path)
     targets, identity = {}, {}
@@ -246,6 +248,21 @@ def load(path: str | Path, model: Any = None, strict: bool = True, device: str |
     return Decomposition(cm, config, metrics=store.read_records(run_dir / "metrics.jsonl") if run_dir else [],
                          provenance=meta.get("provenance"), step=meta.get("step", 0), run_dir=run_dir)
 
+
+
+def check_saved_sites(path: Path, sites: list[dict]) -> None:
+    """Each saved site's C is a positive integer and matches the shapes in the tensor file's header, checked before
+    anything is allocated (a foreign or edited JSON cannot make loading allocate what the file does not hold)."""
+    shapes = store.tensor_shapes(path / "decomposition.safetensors")
+    for s in sites:
+        C = s.get("C")
+        if not isinstance(C, int) or isinstance(C, bool) or C <= 0:
+            raise store.StoreError(f"{str(path)!r}: site {s.get('name')!r} has C={C!r} in decomposition.json; C must "
+                                   "be a positive integer. The file was edited or is not from decomp-hooks.")
+        held = shapes.get(f"components.{s.get('name')}.V_param")
+        if held is not None and held[-1] != C:
+            raise store.StoreError(f"{str(path)!r}: site {s['name']!r} has C={C} in decomposition.json but {held[-1]} "
+                                   "components in decomposition.safetensors; the two files do not belong together.")
 
 
 def _module_of(name: str, inserted: bool) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -129,6 +129,18 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise StoreError(f"missing file {str(path)!r}.")
     try:
         return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise StoreError(f"{str(path)!r} is not a readable safetensors file ({err}); it is truncated or corrupt.") from None
+
+
+def tensor_shapes(path: str | Path) -> dict[str, list[int]]:
+    """The shape of every tensor in a safetensors file, from its header alone (nothing is read or allocated)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"missing file {str(path)!r}.")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise StoreError(f"{str(path)!r} is not a readable safetensors file ({err}); it is truncated or corrupt.") from None
 

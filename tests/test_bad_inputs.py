@@ -173,3 +173,26 @@ def test_cli_refuses(tmp_path, case, yaml_text, code, match):
     assert result.exit_code == code, result.output
     assert re.search(match, result.output), result.output
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "decomposition").exists()
+
+
+# (id, edit of a saved decomposition.json, error class, regex the message must match): refused before allocating
+SAVED_CASES = [
+    ("C of 1e9", lambda m: m["sites"][0].update(C=10**9), StoreError, r"C=1000000000 in decomposition.json but 4"),
+    ("C zero", lambda m: m["sites"][0].update(C=0), StoreError, r"has C=0 in decomposition.json; C must be a positive"),
+    ("C a bool", lambda m: m["sites"][0].update(C=True), StoreError, r"has C=True in decomposition.json"),
+    ("unknown CI type", lambda m: m["config"]["ci"].update(type="evil"), ConfigError, r"ci.type='evil'"),
+    ("negative lr", lambda m: m["config"]["train"].update(lr=-1.0), ConfigError, r"train.lr=-1.0: must be > 0"),
+]
+
+
+@pytest.mark.parametrize("case, edit, error, match", SAVED_CASES, ids=[c[0] for c in SAVED_CASES])
+def test_load_validates_saved_fields_before_allocating(tmp_path, case, edit, error, match):
+    import json
+
+    dh.decompose(mlp(), sample, config=BASE, progress=False).save(tmp_path / "dec")
+    meta_path = tmp_path / "dec" / "decomposition.json"
+    meta = json.loads(meta_path.read_text())
+    edit(meta)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(error, match=match):
+        dh.load(tmp_path / "dec", model=mlp())
