@@ -196,3 +196,20 @@ def test_load_validates_saved_fields_before_allocating(tmp_path, case, edit, err
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(error, match=match):
         dh.load(tmp_path / "dec", model=mlp())
+
+
+def test_load_toy_checks_its_json_against_the_weights_before_allocating(tmp_path):
+    import json
+
+    from decomp_hooks.toy import load_toy, make_toy, save_toy
+
+    save_toy(make_toy("tms_5-2", steps=10, progress=False)[0], tmp_path / "toy")
+    meta = json.loads((tmp_path / "toy" / "toy.json").read_text())
+    meta["config"]["n_features"] = 10**12  # 8 TB if built for real
+    (tmp_path / "toy" / "toy.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match=r"describes tensors .*1000000000000.* but model.safetensors holds"):
+        load_toy(tmp_path / "toy")
+    meta["config"].update(n_features=5, colour="blue")
+    (tmp_path / "toy" / "toy.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match=r"cannot build a tms toy .*'colour'"):
+        load_toy(tmp_path / "toy")

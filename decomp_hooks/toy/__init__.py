@@ -96,7 +96,19 @@ def load_toy(path: str | os.PathLike[str], device: str | torch.device = "cpu") -
     if meta.get("kind") not in _KINDS:
         raise ValueError(f"{root / 'toy.json'}: unknown toy kind {meta.get('kind')!r}; valid kinds: {', '.join(_KINDS)}")
     kind = _KINDS[meta["kind"]]
+    try:
+        config = kind.config(**meta["config"])
+        with torch.device("meta"):  # shapes only: a foreign toy.json cannot make this allocate
+            planned = {k: list(v.shape) for k, v in kind.model(config).state_dict().items()}
+    except (TypeError, ValueError) as err:
+        raise store.StoreError(f"{root / 'toy.json'}: its config cannot build a {meta['kind']} toy ({err}).") from None
+    held = store.tensor_shapes(root / "model.safetensors")
+    if planned != held:
+        wrong = sorted(k for k in set(planned) | set(held) if planned.get(k) != held.get(k))
+        raise store.StoreError(f"{root}: toy.json describes tensors {[(k, planned.get(k)) for k in wrong[:4]]} but "
+                               f"model.safetensors holds {[(k, held.get(k)) for k in wrong[:4]]}; the files do not "
+                               "belong together.")
     with torch.random.fork_rng(devices=[]):  # the init draws are overwritten; keep the global RNG as it was
-        model = kind.model(kind.config(**meta["config"]))
+        model = kind.model(config)
     model.load_state_dict(store.read_tensors(root / "model.safetensors"))
     return model.to(device).eval()
