@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -260,7 +261,10 @@ def validate(cfg: DecomposeConfig) -> None:
     for name, c in {**cfg.targets, **cfg.identity_targets}.items():
         check(c is None and name in cfg.targets or isinstance(c, int) and not isinstance(c, bool) and c > 0,
               f"targets[{name!r}]={c!r}: C must be a positive integer (or, for targets, null: C from the table).")
-    check(cfg.c_scale > 0, f"c_scale={cfg.c_scale}: must be > 0.")
+    check(0 < cfg.c_scale < math.inf, f"c_scale={cfg.c_scale}: must be finite and > 0.")
+    check(0 <= cfg.ci_alive_threshold < 1, f"ci_alive_threshold={cfg.ci_alive_threshold}: must be in [0, 1).")
+    check(isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**32, f"seed={cfg.seed!r}: must be an integer in [0, 2³²).")
+    check(cfg.ci.rope_base > 1, f"ci.rope_base={cfg.ci.rope_base}: must be > 1.")
     t = cfg.train
     check(t.steps >= 0, f"train.steps={t.steps}: must be ≥ 0.")
     check(t.batch_size > 0, f"train.batch_size={t.batch_size}: must be > 0.")
@@ -268,7 +272,18 @@ def validate(cfg: DecomposeConfig) -> None:
           f"train.micro_batch_size={t.micro_batch_size}: must be > 0, or null for no accumulation.")
     check(t.eval_batch_size is None or t.eval_batch_size > 0, f"train.eval_batch_size={t.eval_batch_size}: must be > 0.")
     micro_batches(t)
-    check(t.lr > 0, f"train.lr={t.lr}: must be > 0.")
+    check(0 < t.lr < math.inf, f"train.lr={t.lr}: must be finite and > 0.")
+    for key in ("grad_clip_components", "grad_clip_ci_fns"):
+        value = getattr(t, key)
+        check(value is None or 0 < value < math.inf, f"train.{key}={value}: must be finite and > 0, or null (no clipping).")
+    check(0 <= t.schedule.final_val_frac <= 1, f"train.schedule.final_val_frac={t.schedule.final_val_frac}: must be in "
+          "[0, 1].")
+    check(t.faithfulness_warmup_steps >= 0, f"train.faithfulness_warmup_steps={t.faithfulness_warmup_steps}: must be ≥ 0.")
+    check(0 < t.faithfulness_warmup_lr < math.inf,
+          f"train.faithfulness_warmup_lr={t.faithfulness_warmup_lr}: must be finite and > 0.")
+    check(0 <= t.faithfulness_warmup_weight_decay < math.inf,
+          f"train.faithfulness_warmup_weight_decay={t.faithfulness_warmup_weight_decay}: must be finite and ≥ 0.")
+    check(t.eval_pgd_steps >= 0, f"train.eval_pgd_steps={t.eval_pgd_steps}: must be ≥ 0 (0 skips the PGD probe).")
     check(t.schedule.fn in ("constant", "linear", "cosine"),
           f"train.schedule.fn={t.schedule.fn!r}; use 'constant', 'linear' or 'cosine'.")
     check(0 <= t.schedule.warmup_pct <= 1, f"train.schedule.warmup_pct={t.schedule.warmup_pct}: must be in [0, 1].")

@@ -5,6 +5,7 @@ Every reconstruction term draws fresh masks of its kind (stochastic, CI-masked, 
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -32,8 +33,15 @@ MASK_SCOPES = ("unique_per_datapoint", "shared_across_batch")
 def validate_loss(loss: LossConfig, where: str, terms: dict[str, Term]) -> None:
     """One `losses:` entry: a known type and values in range, each error naming the key."""
     check(loss.type in terms, f"{where}.type={loss.type!r} is unknown.{did_you_mean(loss.type, list(terms))}")
-    check(loss.coeff >= 0, f"{where}.coeff={loss.coeff}: must be ≥ 0.")
-    check(loss.pnorm > 0, f"{where}.pnorm={loss.pnorm}: must be > 0.")
+    check(0 <= loss.coeff < math.inf, f"{where}.coeff={loss.coeff}: must be finite and ≥ 0.")
+    check(0 < loss.pnorm < math.inf, f"{where}.pnorm={loss.pnorm}: must be finite and > 0.")
+    check(loss.p_anneal_final_p is None or 0 < loss.p_anneal_final_p < math.inf,
+          f"{where}.p_anneal_final_p={loss.p_anneal_final_p}: must be finite and > 0 (or null: no annealing).")
+    for key in ("p_anneal_start_frac", "p_anneal_end_frac", "routing_p"):
+        check(0 <= getattr(loss, key) <= 1, f"{where}.{key}={getattr(loss, key)}: must be in [0, 1].")
+    check(0 <= loss.beta < math.inf, f"{where}.beta={loss.beta}: must be finite and ≥ 0.")
+    check(0 < loss.eps < 1, f"{where}.eps={loss.eps}: must be in (0, 1).")
+    check(0 < loss.step_size < math.inf, f"{where}.step_size={loss.step_size}: must be finite and > 0.")
     check(not loss.site_coeffs or loss.type in MINIMALITY_TERMS,
           f"{where}.site_coeffs: only the minimality terms take per-site multipliers; remove it from {loss.type!r}.")
     for pattern, w in loss.site_coeffs.items():
