@@ -8,7 +8,7 @@ import click
 
 from decomp_hooks.cli.dashboard import check_out, load_run
 from decomp_hooks.cli.export import load_tokens
-from decomp_hooks.cli.options import device_option
+from decomp_hooks.cli.options import NumberRange, device_option
 
 
 @click.command("compare")
@@ -22,13 +22,13 @@ from decomp_hooks.cli.options import device_option
                                            "one whose hooks the SAE's cfg.json names).")
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Local Hugging Face model directory of a language-model run (as for `export`).")
-@click.option("--min-cosine", type=float, default=0.5, show_default=True, help="Decoder cosine that counts as a match.")
-@click.option("--min-corr", type=float, default=0.5, show_default=True,
+@click.option("--min-cosine", type=NumberRange(-1, 1), default=0.5, show_default=True, help="Decoder cosine that counts as a match.")
+@click.option("--min-corr", type=NumberRange(-1, 1), default=0.5, show_default=True,
               help="Activation correlation that counts as a match.")
-@click.option("--top-k", type=int, default=3, show_default=True, help="Best features listed per component.")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per batch.")
-@click.option("--max-batches", type=int, default=None, help="Read at most this many batches of --data.")
-@click.option("--context-length", type=int, default=128, show_default=True, help="Tokens per sequence for text data.")
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True, help="Best features listed per component.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Sequences per batch.")
+@click.option("--max-batches", type=click.IntRange(min=1), default=None, help="Read at most this many batches of --data.")
+@click.option("--context-length", type=click.IntRange(min=1), default=128, show_default=True, help="Tokens per sequence for text data.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @device_option

@@ -62,10 +62,10 @@ def check_out(out: Path, force: bool, *inputs: Path) -> bool:
 @click.option("--engine", type=click.Choice(["native", "sae-dashboard"]), default="native", show_default=True,
               help="native: decomp-hooks pages (CI and signed-activation highlighting). sae-dashboard: its SaeVisRunner "
                    "on the sites exported as ±-split transcoders (needs sae-dashboard, installed with --no-deps).")
-@click.option("--n-examples", type=int, default=10, show_default=True, help="Top contexts per component.")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per batch.")
-@click.option("--max-batches", type=int, default=None, help="Read at most this many batches of --data.")
-@click.option("--context-length", type=int, default=128, show_default=True, help="Tokens per sequence for text data.")
+@click.option("--n-examples", type=click.IntRange(min=1), default=10, show_default=True, help="Top contexts per component.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Sequences per batch.")
+@click.option("--max-batches", type=click.IntRange(min=1), default=None, help="Read at most this many batches of --data.")
+@click.option("--context-length", type=click.IntRange(min=1), default=128, show_default=True, help="Tokens per sequence for text data.")
 @click.option("--model-name", default=None, help="Model name shown on the pages.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")

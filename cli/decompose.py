@@ -92,9 +92,9 @@ def with_sources(cfg: DecomposeConfig, model: str | None, data: str | None) -> D
               help="Model to decompose (replaces model.source): a local directory, a hub id, small_lm or smollm2.")
 @click.option("--data", "data", default=None,
               help="Text to decompose it on (replaces data.source): local files/folder, a dataset name, stdlib_docstrings.")
-@click.option("--steps", type=int, default=None, help="Override train.steps.")
+@click.option("--steps", type=click.IntRange(min=0), default=None, help="Override train.steps.")
 @device_option
-@click.option("--seed", type=int, default=None, help="Override the config's seed.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None, help="Override the config's seed.")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory (default: runs/<config name>-s<seed>).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,

@@ -91,13 +91,13 @@ def load_model(path: Path):
               help="Evaluation inputs: a safetensors file (tensor 'tokens' [n, seq] for LMs), or text files / a "
                    "directory of them tokenized with --model's tokenizer; writes sparsity.safetensors and, for token "
                    "ids, neuronpedia.json per site.")
-@click.option("--samples", type=int, default=4096, show_default=True,
+@click.option("--samples", type=click.IntRange(min=0), default=4096, show_default=True,
               help="For toy runs without --data: inputs drawn from the toy's own distribution for sparsity "
                    "(0 writes none).")
 @click.option("--ci-gated", is_flag=True, help="decomp_signed_transcoder only: store the CI function and gate the "
                                                  "activations by causal importance.")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size over --data.")
-@click.option("--context-length", type=int, default=128, show_default=True, help="Tokens per sequence for text data.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Batch size over --data.")
+@click.option("--context-length", type=click.IntRange(min=1), default=128, show_default=True, help="Tokens per sequence for text data.")
 @device_option
 def export_command(run_dir: Path, out_dir: Path, fmt: str, sites: tuple[str, ...], force: bool, model_dir: Path | None,
                    model_name: str | None, data_file: Path | None, samples: int, ci_gated: bool, batch_size: int,

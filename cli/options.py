@@ -1,9 +1,20 @@
 """Options shared by the commands, so that each means the same everywhere."""
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import click
+
+class NumberRange(click.FloatRange):
+    """A FloatRange that also refuses NaN (which compares false with both bounds, so FloatRange lets it through)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        out = super().convert(value, param, ctx)
+        if math.isnan(out):
+            self.fail(f"{value!r} is not a number; give one in {self._describe_range()}.", param, ctx)
+        return out
+
 
 DEVICE_HELP = "Torch device (default: cuda if available, else cpu)."
 

@@ -26,8 +26,8 @@ def list_command() -> None:
 @toy_group.command("train")
 @click.argument("name")
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Directory to write the trained target to.")
-@click.option("--steps", type=int, default=None, help="Override the recipe's step count.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Training seed.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Override the recipe's step count.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Training seed.")
 @device_option
 def train_command(name: str, out: Path, steps: int | None, seed: int, device: Any) -> None:
     """Train toy NAME with its reference recipe and save it (model.safetensors + toy.json).
@@ -47,7 +47,7 @@ def train_command(name: str, out: Path, steps: int | None, seed: int, device: An
 @toy_group.command("lm")
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True,
               help="Directory to write the model, tokenizer and training.json to (written atomically).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Training seed.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Training seed.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Override the recipe's step count.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 def lm_command(out: Path, seed: int, steps: int | None, force: bool) -> None:

@@ -234,3 +234,30 @@ def test_load_toy_checks_its_json_against_the_weights_before_allocating(tmp_path
     (tmp_path / "toy" / "toy.json").write_text(json.dumps(meta))
     with pytest.raises(StoreError, match=r"cannot build a tms toy .*'colour'"):
         load_toy(tmp_path / "toy")
+
+
+# (id, command line, the option and value the usage error must name): refused before anything is read or written
+CLI_RANGE_CASES = [
+    ("export batch size 0", ["export", "RUN", "OUT", "--batch-size", "0"], "'--batch-size': 0"),
+    ("export samples -1", ["export", "RUN", "OUT", "--samples", "-1"], "'--samples': -1"),
+    ("compare min-cosine -2", ["compare", "--min-cosine", "-2", "RUN", "SAE", "--data", "D", "--out", "O"], "'--min-cosine': -2"),
+    ("dashboard n-examples -3", ["dashboard", "RUN", "--data", "D", "--out", "O", "--n-examples", "-3"], "'--n-examples': -3"),
+    ("dashboard context 0", ["dashboard", "RUN", "--data", "D", "--out", "O", "--context-length", "0"], "'--context-length': 0"),
+    ("compare min-cosine nan", ["compare", "--min-cosine", "nan", "RUN", "SAE", "--data", "D", "--out", "O"], "'--min-cosine': 'nan' is not a number"),
+    ("compare min-corr 2", ["compare", "--min-corr", "2", "RUN", "SAE", "--data", "D", "--out", "O"], "'--min-corr': 2"),
+    ("compare top-k 0", ["compare", "--top-k", "0", "RUN", "SAE", "--data", "D", "--out", "O"], "'--top-k': 0"),
+    ("decompose steps -1", ["decompose", "tms_5-2", "--steps", "-1"], "'--steps': -1"),
+    ("decompose seed 2**70", ["decompose", "tms_5-2", "--seed", str(2**70)], f"'--seed': {2**70}"),
+    ("toy seed -1", ["toy", "train", "tms_5-2", "--out", "O", "--seed", "-1"], "'--seed': -1"),
+]
+
+
+@pytest.mark.parametrize("case, args, named", CLI_RANGE_CASES, ids=[c[0] for c in CLI_RANGE_CASES])
+def test_cli_refuses_out_of_range_values(tmp_path, monkeypatch, case, args, named):
+    monkeypatch.chdir(tmp_path)
+    for name in ("RUN", "SAE", "D"):
+        (tmp_path / name).mkdir()
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert named in " ".join(result.output.split()).replace("Invalid value for ", ""), result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["D", "RUN", "SAE"]  # nothing written
