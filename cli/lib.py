@@ -33,6 +33,7 @@ def load_target(cfg, device: Any, progress: bool, out: Path):
 def train_target(t, device: Any, progress: bool, saved_to: Path) -> Any:
     """The modular-addition target trained on the spot, after saying up front what runs, until when and how long it
     can take (hours on a CPU), from its speed measured here."""
+    from decomp_hooks.progress import duration
     from decomp_hooks.toy.modadd import train_modadd
 
     click.echo(f"training the modular-addition transformer first (seed {t.seed}, lr {t.lr}, on {device}): full-batch "
@@ -59,13 +60,6 @@ def steps_per_second(t, device: Any) -> float:
                      progress=False)
         seconds.append(time.perf_counter() - start)
     return (TIMING_STEPS[1] - TIMING_STEPS[0]) / max(seconds[1] - seconds[0], 1e-6)
-
-
-def duration(seconds: float) -> str:
-    """A rough human time span: '3 h 20 min', '12 min' or '40 s'."""
-    if seconds >= 3600:
-        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
-    return f"{round(seconds / 60)} min" if seconds >= 60 else f"{round(seconds)} s"
 
 
 @click.command("lib")

@@ -22,6 +22,13 @@ def progress_bar(iterable: Iterable | None = None, *, total: float | None = None
     return tqdm(iterable, total=total, desc=desc, disable=disable, **kwargs)
 
 
+def duration(seconds: float) -> str:
+    """A rough human time span: '3 h 20 min', '12 min' or '40 s'."""
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
+    return f"{round(seconds / 60)} min" if seconds >= 60 else f"{round(seconds)} s"
+
+
 def _is_tty(stream: Any) -> bool:
     try:
         return stream.isatty()

@@ -22,7 +22,7 @@ from decomp_hooks.config import DecomposeConfig, micro_batches
 from decomp_hooks.data import check_finite, split_rows, to_device
 from decomp_hooks.methods.base import Method, StepOutput
 from decomp_hooks.metrics import ci_l0
-from decomp_hooks.progress import progress_bar
+from decomp_hooks.progress import duration, progress_bar
 from decomp_hooks.train.checkpoint import Checkpoints
 from decomp_hooks.train.held_out import HeldOut
 from decomp_hooks.train.preflight import preflight
@@ -62,9 +62,8 @@ def expected_duration(step_times: list[float], steps_left: int) -> str | None:
     seconds = statistics.median(step_times[1:]) * steps_left
     if seconds < LONG_RUN_S:
         return None
-    span = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
     return (f"decompose: the first {len(step_times)} steps took {sum(step_times):.1f} s; the {steps_left:,} left "
-            f"take about {span} (without evaluations)")
+            f"take about {duration(seconds)} (without evaluations)")
 
 
 class Trainer:
