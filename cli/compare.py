@@ -6,9 +6,9 @@ from typing import Any
 
 import click
 
-from decomp_hooks.cli.dashboard import check_out, load_run
+from decomp_hooks.cli.dashboard import load_run
 from decomp_hooks.cli.export import load_tokens
-from decomp_hooks.cli.options import NumberRange, device_option
+from decomp_hooks.cli.options import NumberRange, check_out, device_option
 
 
 @click.command("compare")

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from decomp_hooks.cli.export import decomposition_dir, load_model, load_tokens
-from decomp_hooks.cli.options import device_option
+from decomp_hooks.cli.options import check_out, device_option
 
 
 def load_run(run_dir: Path, model_dir: Path | None, device: Any) -> tuple[Any, Any]:
@@ -38,14 +38,6 @@ def parse_components(values: tuple[str, ...]) -> list[int] | None:
     except ValueError:
         raise click.BadParameter(f"{values}: give component indices as integers, e.g. --components 0,3,5.",
                                  param_hint="--components") from None
-
-
-def check_out(out: Path, force: bool, *inputs: Path) -> bool:
-    """Whether OUT is replaced (see `store.replaceable_dir`: never a folder decomp-hooks did not write, or one that
-    holds an input); a ClickException naming the fix otherwise."""
-    from decomp_hooks import store
-
-    return store.replaceable_dir(out, force, click.ClickException, inputs=inputs)
 
 
 @click.command("dashboard")

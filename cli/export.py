@@ -133,7 +133,7 @@ def export_command(run_dir: Path, out_dir: Path, fmt: str, sites: tuple[str, ...
     import warnings
 
     import decomp_hooks as dh
-    from decomp_hooks.cli.dashboard import check_out
+    from decomp_hooks.cli.options import check_out
     from decomp_hooks.export import ExportError, load_export
     from decomp_hooks.sites import SiteError
 

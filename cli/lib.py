@@ -86,7 +86,7 @@ def lib_command(config: str, out: Path | None, basis: str | None, device: Any, n
     from decomp_hooks import store
     from decomp_hooks.config import ConfigError, config_path
     from decomp_hooks.lib.ablation import ablation_curves
-    from decomp_hooks.cli.dashboard import check_out
+    from decomp_hooks.cli.options import check_out
     from decomp_hooks.lib.config import load_lib_run_config
     from decomp_hooks.lib.graph import graph_dict, plot_ablation, plot_graph
     from decomp_hooks.toy import save_toy

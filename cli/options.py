@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -36,3 +37,11 @@ def device_option(command: Callable) -> Callable:
     """The --device option of every command: one rule, resolved before the command runs."""
     return click.option("--device", default=None, metavar="DEVICE", help=DEVICE_HELP,
                         callback=resolve_device_option)(command)
+
+
+def check_out(out: Path, force: bool, *inputs: Path) -> bool:
+    """Whether OUT is replaced (see `store.replaceable_dir`: never a folder decomp-hooks did not write, or one that
+    holds an input); a ClickException naming the fix otherwise."""
+    from decomp_hooks import store
+
+    return store.replaceable_dir(out, force, click.ClickException, inputs=inputs)

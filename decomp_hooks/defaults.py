@@ -6,6 +6,7 @@ on the standard library's docstrings; on any other model, every linear layer wit
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -66,6 +67,6 @@ def default_data(model: Any, cfg: DecomposeConfig, progress: bool) -> tuple[Any,
     warn_if_builtin(cfg.data)
     context = adapter.model_context(model).get("context_size")
     data_cfg = cfg.data if context is None or cfg.data.context_length <= context else \
-        type(cfg.data)(**{**vars(cfg.data), "context_length": context})
+        dataclasses.replace(cfg.data, context_length=context)
     tokens = token_data(data_cfg, tokenizer, cfg.train.batch_size, progress)
     return tokens.train, tokens.eval
