@@ -237,6 +237,7 @@ def load(path: str | Path, model: Any = None, strict: bool = True, device: str |
     missing = sorted(set(params) - set(tensors))
     if missing:
         raise store.StoreError(f"{str(path)!r} lacks tensors {missing[:5]}; the file is not from this decomposition.")
+    store.require_finite({k: tensors[k] for k in params}, path / "decomposition.safetensors")
     with torch.no_grad():
         for k, p in params.items():
             if tensors[k].shape != p.shape:

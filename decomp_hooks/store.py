@@ -52,7 +52,8 @@ def replaceable_dir(path: str | Path, overwrite: bool, error: type[Exception] = 
 
 @contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `path` in one rename, on failure it vanishes."""
+    """Yield a temporary sibling directory; on success it gets its manifest (MARKER) and replaces `path` in one
+    rename, on failure it vanishes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not overwrite:
@@ -60,7 +61,8 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
-        (tmp / MARKER).write_text("written by decomp-hooks; overwrite/--force may replace this directory\n")
+        write_manifest(tmp)
+        _set_modes(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, old / "x")
@@ -73,12 +75,130 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+# -- the manifest: every file's SHA-256, checked whenever one is read back ----------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(root: Path) -> None:
+    """Write MARKER into a finished directory: it marks the directory as ours and records every file's SHA-256."""
+    files = {p.relative_to(root).as_posix(): _sha256(p) for p in sorted(root.rglob("*"))
+             if p.is_file() and not p.is_symlink() and p.name != MARKER}
+    write_json(root / MARKER, {"written_by": "decomp-hooks", "note": "overwrite/--force may replace this directory; "
+                               "files are checked against these SHA-256 hashes when read", "files": files})
+
+
+def _manifest_of(path: Path) -> tuple[Path, dict[str, str]] | None:
+    """The nearest enclosing directory with a manifest that lists `path`, and its hashes; None if none does."""
+    path = path.absolute()
+    for root in path.parents:
+        marker = root / MARKER
+        if marker.is_file():
+            try:
+                files = json.loads(marker.read_text()).get("files")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                return None  # a marker from before manifests: nothing to check against
+            rel = path.relative_to(root).as_posix()
+            return (root, files) if isinstance(files, dict) and rel in files else None
+    return None
+
+
+_verified: dict[tuple[str, int, int], None] = {}
+
+
+def verify(path: str | Path) -> None:
+    """Raise StoreError naming `path` when its contents differ from the hash its directory's manifest recorded (a
+    flipped bit, an edit, a truncation); files outside a manifest pass."""
+    path = Path(path)
+    found = _manifest_of(path)
+    if found is None:
+        return
+    stat = path.stat()
+    key = (str(path.absolute()), stat.st_size, stat.st_mtime_ns)
+    if key in _verified:
+        return
+    root, files = found
+    if _sha256(path) != files[path.absolute().relative_to(root).as_posix()]:
+        raise StoreError(f"{str(path)!r} does not match the SHA-256 recorded in {str(root / MARKER)!r} when it was "
+                         "written: the file was changed or corrupted on disk. Restore it from a copy, or delete "
+                         f"{str(root)!r} and write it again (a run resumes from an earlier checkpoint). Edited on purpose? Delete "
+                         f"{MARKER} there to read its files unchecked.")
+    _verified[key] = None
+
+
+def _update_manifest(path: Path) -> None:
+    """Record the new hash of a file rewritten inside a finished directory, so its manifest stays true."""
+    found = _manifest_of(path)
+    if found is not None:
+        root, files = found
+        files[path.absolute().relative_to(root).as_posix()] = _sha256(path)
+        marker = read_json(root / MARKER)
+        write_json(root / MARKER, {**marker, "files": files})
+
+
+# -- single files: a temporary sibling renamed into place, with the umask's mode, never through a link ------------
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _set_modes(root: Path) -> None:
+    """Give a directory written under temporary names the modes plain mkdir/open would have (the umask's)."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for p in root.rglob("*"):
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """Yield a fresh temporary file beside `path` (created exclusively: a planted link is never followed); on success
+    it gets the umask's mode and replaces `path` (a link at `path` is replaced, not followed)."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if path.name != MARKER:
+        _update_manifest(path)
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write text to a temporary file, then rename it over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with replacing(Path(path)) as tmp:
+        tmp.write_text(text)
+
+
+def open_own(path: str | Path, flags: int) -> int:
+    """os.open(path, flags), creating the file with the umask's mode and refusing a symbolic link at `path`."""
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError:
+        if Path(path).is_symlink():
+            raise StoreError(f"{str(path)!r} is a symbolic link; decomp-hooks does not write through links. Remove "
+                             "it, or choose another output directory.") from None
+        raise
+
+
+def append_text(path: str | Path, text: str) -> None:
+    """Append to a log file (never through a link)."""
+    with os.fdopen(open_own(path, os.O_WRONLY | os.O_APPEND), "a") as f:
+        f.write(text)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -99,6 +219,7 @@ def read_json(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise StoreError(f"missing file {str(path)!r}.")
+    verify(path)
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -117,20 +238,28 @@ def read_records(path: str | Path) -> list[dict]:
 
 
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with replacing(Path(path)) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise StoreError(f"missing file {str(path)!r}.")
+    verify(path)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise StoreError(f"{str(path)!r} is not a readable safetensors file ({err}); it is truncated or corrupt.") from None
+
+
+def require_finite(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Raise StoreError naming the first floating-point tensor read from `path` that holds NaN or Inf: weights like
+    that would only fail later, far from their cause."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise StoreError(f"{str(path)!r}: tensor {name!r} holds NaN or Inf values; the file is corrupt or was "
+                             "written by a diverged run. Use an earlier checkpoint or retrain.")
 
 
 def tensor_shapes(path: str | Path) -> dict[str, list[int]]:
@@ -138,6 +267,7 @@ def tensor_shapes(path: str | Path) -> dict[str, list[int]]:
     path = Path(path)
     if not path.is_file():
         raise StoreError(f"missing file {str(path)!r}.")
+    verify(path)
     try:
         with safe_open(str(path), "pt") as f:
             return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}

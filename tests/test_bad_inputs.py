@@ -14,7 +14,7 @@ from decomp_hooks.cli import main
 from decomp_hooks.config import ConfigError
 from decomp_hooks.data import DataError
 from decomp_hooks.sites import SiteError
-from decomp_hooks.store import StoreError
+from decomp_hooks.store import MARKER, StoreError
 
 BASE = {
     "targets": {"0": 4},
@@ -215,6 +215,9 @@ def test_load_validates_saved_fields_before_allocating(tmp_path, case, edit, err
     meta = json.loads(meta_path.read_text())
     edit(meta)
     meta_path.write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match=r"decomposition.json' does not match the SHA-256 recorded"):
+        dh.load(tmp_path / "dec", model=mlp())
+    (tmp_path / "dec" / MARKER).unlink()  # as if hand-made: the field checks answer
     with pytest.raises(error, match=match):
         dh.load(tmp_path / "dec", model=mlp())
 
@@ -228,6 +231,7 @@ def test_load_toy_checks_its_json_against_the_weights_before_allocating(tmp_path
     meta = json.loads((tmp_path / "toy" / "toy.json").read_text())
     meta["config"]["n_features"] = 10**12  # 8 TB if built for real
     (tmp_path / "toy" / "toy.json").write_text(json.dumps(meta))
+    (tmp_path / "toy" / MARKER).unlink()  # as if hand-made: the shape check answers
     with pytest.raises(StoreError, match=r"describes tensors .*1000000000000.* but model.safetensors holds"):
         load_toy(tmp_path / "toy")
     meta["config"].update(n_features=5, colour="blue")

@@ -14,7 +14,7 @@ from decomp_hooks.lib import build
 from decomp_hooks.lib.ablation import Ablator, ablation_curves, edges_for_mass, k_schedule, top_edges
 from decomp_hooks.lib.graph import graph_dict, plot_ablation, plot_graph
 from decomp_hooks.lib.nodes import NodeLayers
-from decomp_hooks.store import StoreError
+from decomp_hooks.store import MARKER, StoreError
 from decomp_hooks.toy.modadd import ModAddConfig, ModAddTransformer
 
 TINY = ModAddConfig(p=11, d_model=16, n_heads=2, d_head=8, d_mlp=32)
@@ -51,6 +51,9 @@ def test_save_load_roundtrip_and_damage(tiny, tmp_path):
     with pytest.raises(StoreError, match="already exists"):
         res.save(tmp_path / "lib")
     (tmp_path / "lib" / "lib.safetensors").write_bytes(b"junk")
+    with pytest.raises(StoreError, match="lib.safetensors' does not match the SHA-256"):
+        dh.load_lib(tmp_path / "lib")
+    (tmp_path / "lib" / MARKER).unlink()
     with pytest.raises(StoreError, match="truncated or corrupt"):
         dh.load_lib(tmp_path / "lib")
 

@@ -125,6 +125,47 @@ def test_resume_refuses_a_changed_config_but_takes_more_steps(tmp_path):
     assert dec.final_metrics()["step"] == 9 and "steps: 9" in (out / "config.yaml").read_text()  # records agree
 
 
+def test_resume_checks_the_checkpoints_own_config_too(tmp_path):
+    out = tmp_path / "run"
+    dh.decompose(mlp(), sample, config=CONFIG, steps=3, out_dir=out, progress=False)
+    edited = (out / "config.yaml").read_text().replace("lr: 0.001", "lr: 0.5")
+    (out / "config.yaml").write_text(edited)  # config.yaml edited to match a changed config: the checkpoint knows
+    changed = {**CONFIG, "train": {**CONFIG["train"], "lr": 0.5}}
+    with pytest.raises(StoreError, match=r"changed config \(train.lr: 0.001 in the run, 0.5 now; from .*state.json"):
+        dh.decompose(mlp(), sample, config=changed, out_dir=out, resume=True, progress=False)
+
+
+def test_files_and_folders_take_the_umask(tmp_path):
+    import os
+
+    from decomp_hooks.plots import plot_training_curves
+
+    old = os.umask(0o027)
+    try:
+        dec = dh.decompose(mlp(), sample, config=CONFIG, out_dir=tmp_path / "run", progress=False)
+        dec.save(tmp_path / "saved")
+        plot_training_curves(dec.metrics, ["train/loss"], tmp_path / "run" / "curves.png")
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    wrong = {k: oct(m) for k, m in modes.items() if m != (0o750 if (tmp_path / k).is_dir() else 0o640)}
+    assert not wrong and any(k.endswith(".safetensors") for k in modes) and any(k.endswith(".png") for k in modes)
+
+
+def test_writes_never_follow_a_planted_link(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").symlink_to(victim)
+    with pytest.raises(StoreError, match=r".lock' is a symbolic link; decomp-hooks does not write through links"):
+        dh.decompose(mlp(), sample, config=CONFIG, out_dir=out, progress=False)
+    (out / ".lock").unlink()
+    (out / "metrics.jsonl").symlink_to(victim)  # a file rewritten whole: the link is replaced, never followed
+    dh.decompose(mlp(), sample, config=CONFIG, out_dir=out, progress=False)
+    assert victim.read_text() == "precious" and not (out / "metrics.jsonl").is_symlink()
+
+
 def test_sigterm_stops_the_cli_cleanly_with_the_resume_command(tmp_path):
     import signal
 

@@ -9,12 +9,14 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import decomp_hooks as dh
-from decomp_hooks.store import StoreError
+from decomp_hooks import store
+from decomp_hooks.store import MARKER, StoreError
 from decomp_hooks.toy import load_toy, save_toy, toy_sampler
 
 
@@ -45,10 +47,38 @@ def test_load_refuses_a_different_model(saved):
     assert dh.load(path, model=other, strict=False).site_names == ["linear1", "linear2"]
 
 
+def flip_bit(path: Path, offset_from_end: int = 9) -> None:
+    """Flip one bit of a file's tensor data (the data follows the header, so near the end is data)."""
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_is_refused_naming_the_file(saved):
+    _, path = saved
+    flip_bit(path / "decomposition.safetensors")
+    with pytest.raises(StoreError, match=r"decomposition.safetensors' does not match the SHA-256 recorded in"):
+        dh.load(path)
+
+
+def test_nan_weights_are_refused_on_load(saved):
+    _, path = saved
+    (path / MARKER).unlink()  # a hand-made file: no manifest to catch it first
+    tensors = store.read_tensors(path / "decomposition.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name][0] = float("nan")
+    store.write_tensors(path / "decomposition.safetensors", tensors)
+    with pytest.raises(StoreError, match=rf"tensor '{name}' holds NaN or Inf"):
+        dh.load(path)
+
+
 def test_damaged_files_fail_clearly(saved):
     _, path = saved
     weights = path / "decomposition.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(StoreError, match="decomposition.safetensors' does not match the SHA-256"):
+        dh.load(path)
+    (path / MARKER).unlink()  # without the manifest, the format checks answer
     with pytest.raises(StoreError, match="truncated or corrupt"):
         dh.load(path)
     meta = path / "decomposition.json"
@@ -119,11 +149,18 @@ def test_damaged_checkpoints_and_toys_fail_clearly(tms52, spd_config, tmp_path):
     dh.decompose(tms52, toy_sampler(tms52), config=spd_config, out_dir=tmp_path / "run", progress=False)
     last = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1]
     state = last / "state.safetensors"
+    flip_bit(state)
+    with pytest.raises(StoreError, match=r"state.safetensors' does not match the SHA-256 recorded"):
+        dh.decompose(tms52, toy_sampler(tms52), config=spd_config, out_dir=tmp_path / "run", resume=True, progress=False)
     state.write_bytes(state.read_bytes()[: len(state.read_bytes()) // 2])
+    (last / MARKER).unlink()
     with pytest.raises(StoreError, match=r"state.safetensors' is not a readable safetensors file.*truncated"):
         dh.decompose(tms52, toy_sampler(tms52), config=spd_config, out_dir=tmp_path / "run", resume=True, progress=False)
     save_toy(tms52, tmp_path / "toy")
     (tmp_path / "toy" / "toy.json").write_text('{"kind": "tms", "config": ')
+    with pytest.raises(StoreError, match=r"toy.json' does not match the SHA-256"):
+        load_toy(tmp_path / "toy")
+    (tmp_path / "toy" / MARKER).unlink()
     with pytest.raises(StoreError, match=r"toy.json' is not valid JSON"):
         load_toy(tmp_path / "toy")
     (tmp_path / "toy" / "toy.json").unlink()

@@ -52,19 +52,32 @@ class Checkpoints:
         if not path.is_file():
             return
         try:
-            saved = flatten(from_dict(DecomposeConfig, yaml.safe_load(path.read_text()) or {}).to_dict())
-        except (ConfigError, yaml.YAMLError) as err:
-            raise store.StoreError(f"{str(path)!r} is not a readable config ({err}); it was not written by this "
-                                   "version of decomp-hooks or was edited; start a new out_dir.") from None
-        current = flatten(self.cfg.to_dict())
-        changed = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k) and k not in RESUMABLE]
-        if changed:
-            shown = "; ".join(f"{k}: {saved.get(k)!r} in the run, {current.get(k)!r} now" for k in changed[:8])
-            raise store.StoreError(f"cannot resume {str(self.out_dir)!r} with a changed config ({shown}). Only "
-                                   f"{', '.join(RESUMABLE)} may change on resume; use the run's config.yaml, or start "
-                                   "a new out_dir.")
+            saved = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise store.StoreError(f"{str(path)!r} is not a readable config ({err}); it was edited or damaged; start "
+                                   "a new out_dir.") from None
+        self.check_unchanged(saved, str(path))
         if self.rank == 0:
             store.write_text(path, self.cfg.to_yaml())
+
+    def check_unchanged(self, saved: dict | None, where: str) -> None:
+        """Refuse a config that differs from the one saved at `where` (config.yaml, or a checkpoint's state.json,
+        whose hash its manifest guards) in any field but RESUMABLE."""
+        if saved is None:  # checkpoints written before they held their config
+            return
+        try:
+            saved_flat = flatten(from_dict(DecomposeConfig, saved).to_dict())
+        except ConfigError as err:
+            raise store.StoreError(f"{where!r} holds a config this version cannot read ({err}); it was not written "
+                                   "by this version of decomp-hooks or was edited; start a new out_dir.") from None
+        current = flatten(self.cfg.to_dict())
+        changed = [k for k in sorted(set(saved_flat) | set(current))
+                   if saved_flat.get(k) != current.get(k) and k not in RESUMABLE]
+        if changed:
+            shown = "; ".join(f"{k}: {saved_flat.get(k)!r} in the run, {current.get(k)!r} now" for k in changed[:8])
+            raise store.StoreError(f"cannot resume {str(self.out_dir)!r} with a changed config ({shown}; from "
+                                   f"{where}). Only {', '.join(RESUMABLE)} may change on resume; use the run's "
+                                   "config.yaml, or start a new out_dir.")
 
     def rng_state(self) -> tuple[dict[str, torch.Tensor], Any]:
         """This process's RNG state, or with several ranks every rank's, under keys `rank<r>.rng.*`."""
@@ -150,6 +163,8 @@ class Checkpoints:
                                      f"the run in {str(path.parent.parent)!r} was fitting",
                                      "resume with the same model and weights (a retrained target must match bit for "
                                      "bit: same seed, device and thread count), or start a new out_dir.")
+        store.require_finite({k: v for k, v in tensors.items() if k.startswith("model.")}, path / "state.safetensors")
+        self.check_unchanged(meta.get("config"), str(path / "state.json"))
         self.set_rng_state(tensors, meta["rng"], meta.get("world_size", 1))
         self.set_method_state(method, tensors, path)
         params = dict(cm.named_parameters())

@@ -158,8 +158,7 @@ class Trainer:
         self.records.append(record)
         if self.checkpoints is not None and self.rank == 0:  # records are reduced over ranks before they get here
             self.checkpoints.ensure_out_dir()
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            store.append_text(self.out_dir / "metrics.jsonl", json.dumps(record) + "\n")
 
     def grad_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Clip (if configured) and return the gradient norms of the component and CI parameter groups."""

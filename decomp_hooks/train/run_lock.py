@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from decomp_hooks.store import StoreError
+from decomp_hooks.store import StoreError, open_own
 
 LOCK = ".lock"
 
@@ -20,7 +20,7 @@ def run_lock(out_dir: Path) -> Iterator[None]:
     this run created is removed again when the block fails before any checkpoint was written."""
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(out_dir / LOCK, "a+")
+    handle = os.fdopen(open_own(out_dir / LOCK, os.O_RDWR), "r+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
