@@ -1,0 +1,1 @@
+"""Attribution graphs between causally important components for one prompt (docs/graphs.md)."""

@@ -1,0 +1,1 @@
+"""Harvest: one resumable streaming pass over a corpus that keeps per-component statistics in bounded memory."""
