@@ -28,9 +28,25 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def batch_rows(batch: Any) -> int:
-    """Rows (dim 0) of a tensor batch, or of a dict batch's first tensor."""
-    first = next(iter(batch.values())) if isinstance(batch, dict) else batch
+    """Rows (dim 0) of a tensor batch, or of a dict or tuple batch's first tensor."""
+    first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0] if isinstance(batch, (tuple, list)) \
+        else batch
     return first.shape[0]
+
+
+def draw(sampler: Callable[[int], Any], n: int) -> Any:
+    """`sampler(n)`, refused unless it holds the `n` rows asked for: more or fewer would silently change the batch
+    size (and the loss normalisation) of every step."""
+    batch = sampler(n)
+    try:
+        got = batch_rows(batch)
+    except (AttributeError, IndexError, StopIteration, TypeError):
+        raise DataError(f"the sampler returned a {type(batch).__name__} for sample({n}); return a tensor (or a dict "
+                        f"of tensors) of {n} rows (dim 0).") from None
+    if got != n:
+        raise DataError(f"the sampler returned {got} rows when asked for {n} (sample({n})); return exactly n rows "
+                        "(dim 0) for sample(n).")
+    return batch
 
 
 def row_share(batch: Any, index: int, parts: int, what: str = "parts") -> Any:
@@ -77,7 +93,7 @@ def _batches(data: Any, batch_size: int, n_samples: int | None) -> Iterator[Any]
             raise DataError("a sampler callable yields batches without end; draw a finite sample first (e.g. "
                             "sampler(4096)) or, where the call takes one, pass n_samples (how many rows to draw).")
         for start in range(0, n_samples, batch_size):
-            yield data(min(batch_size, n_samples - start))
+            yield draw(data, min(batch_size, n_samples - start))
     elif isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
         seen = 0
         for batch in data:
@@ -121,7 +137,7 @@ class CallableSource:
         self.fn, self.batch_size = fn, batch_size
 
     def next(self) -> Any:
-        return self.fn(self.batch_size)
+        return draw(self.fn, self.batch_size)
 
     def state_dict(self) -> dict:
         return {}

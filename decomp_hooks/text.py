@@ -1,11 +1,13 @@
 """Text to token batches for language models: documents joined with EOS and chunked to a context length.
 
 Accepts a `datasets.Dataset` / `IterableDataset`, local text/JSON/parquet files or a hub dataset name (both through
-`datasets.load_dataset`), or a plain list of strings. Streaming keeps memory bounded for data larger than memory.
+`datasets.load_dataset`; local files in its offline mode, so they never wait on the network), or a plain list of
+strings. Streaming keeps memory bounded for data larger than memory.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from itertools import chain, islice
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,9 @@ def load_text_dataset(source: Any, split: str = "train", streaming: bool = False
         kinds = {LOCAL_FORMATS[f.suffix] for f in files}
         if len(kinds) != 1:
             raise DataError(f"data {source!r}: expected files of one kind among {sorted(LOCAL_FORMATS)}, found {sorted(kinds) or 'none'}.")
-        return datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split=split, streaming=streaming)
+        kind, names = kinds.pop(), [str(f) for f in files]
+        with datasets_offline(), unreadable_as_data_error(f"data file(s) {names} (read as {kind})"):
+            return datasets.load_dataset(kind, data_files=names, split=split, streaming=streaming)
     if isinstance(source, str) and looks_like_path(source, tuple(LOCAL_FORMATS)):
         raise DataError(f"data {source!r}: no such file or directory ({Path(source).expanduser().resolve()}); "
                         "correct the path.")
@@ -43,10 +47,44 @@ def load_text_dataset(source: Any, split: str = "train", streaming: bool = False
     raise DataError(f"cannot read text from a {type(source).__name__}; pass a datasets.Dataset, file paths or a dataset name.")
 
 
+@contextmanager
+def datasets_offline() -> Iterator[None]:
+    """`datasets` in offline mode for the duration, whatever HF_HUB_OFFLINE says: loading local files then sends no
+    request (online, `datasets` counts each load with a request to the hub, which waits seconds where a firewall
+    drops packets)."""
+    from datasets import config
+
+    online = config.HF_HUB_OFFLINE
+    config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        config.HF_HUB_OFFLINE = online
+
+
+@contextmanager
+def unreadable_as_data_error(what: str) -> Iterator[None]:
+    """An error `datasets` raises on a file it cannot parse (not the format its suffix names, not UTF-8 text) as a
+    DataError naming `what` and the cause, instead of a traceback from deep inside pyarrow or pandas."""
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        yield
+    except DataError:
+        raise
+    except (DatasetGenerationError, ValueError) as err:  # pyarrow's ArrowInvalid, UnicodeDecodeError, pandas' errors
+        cause = err.__cause__ or err
+        raise DataError(f"{what} cannot be read: {type(cause).__name__}: {cause}; check that each file holds what its "
+                        "suffix says (.txt: UTF-8 text, one document a line; .json/.jsonl: JSON objects; .csv: a "
+                        "header row; .parquet: a parquet table).") from None
+
+
 def local_files(paths: Iterable[str | Path]) -> list[Path]:
-    """The text/JSON/parquet/CSV files among `paths`, a directory standing for the files directly in it (sorted)."""
+    """The non-empty text/JSON/parquet/CSV files among `paths`, a directory standing for the files directly in it
+    (sorted); an empty file holds no document, and `datasets` cannot infer a table from it."""
     paths = [Path(p).expanduser() for p in paths]
-    return [f for p in paths for f in (sorted(p.iterdir()) if p.is_dir() else [p]) if f.suffix in LOCAL_FORMATS]
+    return [f for p in paths for f in (sorted(p.iterdir()) if p.is_dir() else [p])
+            if f.suffix in LOCAL_FORMATS and f.stat().st_size > 0]
 
 
 def _all_paths(items: Iterable[str]) -> bool:
@@ -70,16 +108,35 @@ def token_stream(texts: Iterable[str], tokenizer: Any, eos_id: int | None = None
         yield eos
 
 
-def iter_texts(dataset: Any, text_column: str = "text", batch_size: int = 1000) -> Iterator[str]:
-    """The documents of a `datasets` dataset's text column, read `batch_size` rows at a time; a missing column is an
-    error listing the columns."""
-    columns = getattr(dataset, "column_names", None)
-    for batch in dataset.iter(batch_size=batch_size):
+def iter_texts(dataset: Any, text_column: str = "text", batch_size: int = 1000,
+               source: str = "the dataset") -> Iterator[str]:
+    """The documents of a `datasets` dataset's text column, read `batch_size` rows at a time; a missing column, a
+    row that is not text and a file that cannot be parsed (found while streaming) are errors naming `source`."""
+    columns, row = getattr(dataset, "column_names", None), 0
+    for batch in _read_batches(dataset, batch_size, source):
         columns = columns or list(batch)
         if text_column not in columns:
-            raise DataError(f"the dataset has no column {text_column!r}; its columns are {sorted(columns)}; set "
+            raise DataError(f"{source} has no column {text_column!r}; its columns are {sorted(columns)}; set "
                             "text_column (data.text_column in a config) to the one holding the text.")
-        yield from batch[text_column]
+        texts = batch[text_column]
+        bad = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
+        if bad is not None:
+            raise DataError(f"{source}: column {text_column!r} holds {texts[bad]!r:.60} ({type(texts[bad]).__name__}) "
+                            f"at row {row + bad}, not text; set text_column to a column of strings, or drop the rows "
+                            "without text.")
+        row += len(texts)
+        yield from texts
+
+
+def _read_batches(dataset: Any, batch_size: int, source: str) -> Iterator[dict]:
+    """`dataset.iter(batch_size)`, a file that cannot be parsed (found while streaming) an error naming `source`."""
+    batches = dataset.iter(batch_size=batch_size)
+    while True:
+        with unreadable_as_data_error(source):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
 
 
 def token_rows(texts: Iterable[str], tokenizer: Any, context_length: int, eos_id: int | None = None,
@@ -129,11 +186,8 @@ class TokenBatches:
         self.text_column = text_column
 
     def texts(self) -> Iterator[str]:
-        for row in self.dataset:
-            if self.text_column not in row:
-                raise DataError(f"the dataset has no column {self.text_column!r}; its columns are {sorted(row)}; "
-                                "pass text_column=.")
-            yield row[self.text_column]
+        """The documents of the text column, read anew."""
+        return iter_texts(self.dataset, self.text_column)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         batches = chunk_tokens(token_stream(self.texts(), self.tokenizer), self.context_length, self.batch_size)

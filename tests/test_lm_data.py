@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from decomp_hooks import store
 from decomp_hooks.config import ConfigError
 from decomp_hooks.data import DataError
 from decomp_hooks.lm.data import DataConfig, token_data
@@ -93,9 +94,15 @@ def test_cache_hit_miss_on_change_and_rebuilt_when_damaged(txt_dir, tmp_path, to
     with pytest.warns(UserWarning, match="unreadable.*tokenising again"):
         rebuilt = token_data(_cfg(txt_dir, tmp_path), counting, progress=False)
     assert torch.equal(rebuilt.train, first.train) and not rebuilt.info["cache_hit"]
-    with open(cached, "r+b") as f:  # same length, one token changed
+    with open(cached, "r+b") as f:  # same length, one token changed: the folder's manifest of hashes refuses it
         f.seek(-4, os.SEEK_END)
         f.write((12345).to_bytes(4, "little"))
+    with pytest.warns(UserWarning, match="unreadable.*does not match the SHA-256"):
+        assert torch.equal(token_data(_cfg(txt_dir, tmp_path), counting, progress=False).train, first.train)
+    with open(cached, "r+b") as f:  # and without the manifest, the cache's own record does
+        f.seek(-4, os.SEEK_END)
+        f.write((12345).to_bytes(4, "little"))
+    os.remove(os.path.join(third.info["cache"], store.MARKER))
     with pytest.warns(UserWarning, match="does not match its record"):
         assert torch.equal(token_data(_cfg(txt_dir, tmp_path), counting, progress=False).train, first.train)
     assert token_data(_cfg(txt_dir, tmp_path), counting, progress=False).info["cache_hit"]
@@ -176,3 +183,65 @@ def test_hub_dataset_with_an_eval_split(tmp_path, tokenizer, docs, monkeypatch):
     assert calls[:2] == [("org/corpus", "en", "train", False), ("org/corpus", "en", "validation", False)]
     streamed = token_data(DataConfig(**{**cfg.__dict__, "streaming": True}), tokenizer, batch_size=4, progress=False)
     assert torch.equal(streamed.eval, data.eval) and torch.equal(next(iter(streamed.train)), data.train[:4])
+
+
+NO_NETWORK = """
+import socket, sys, time
+
+attempts = []
+
+
+def refuse(*args, **kwargs):
+    attempts.append(args)
+    raise OSError("network access while loading local files")
+
+
+socket.getaddrinfo, socket.socket.connect, socket.socket.connect_ex = refuse, refuse, refuse
+from transformers import AutoTokenizer
+
+from decomp_hooks.lm.data import DataConfig, token_data
+
+start = time.perf_counter()
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[2])
+for streaming in (False, True):
+    cfg = DataConfig(source=sys.argv[1], context_length=16, eval_rows=2, cache_dir="", streaming=streaming)
+    next(iter(token_data(cfg, tokenizer, batch_size=4, progress=False).train))
+print(f"{time.perf_counter() - start:.2f}")
+sys.exit(f"network attempts: {attempts}" if attempts else 0)
+"""
+
+
+def test_local_files_load_without_touching_the_network(txt_dir, tmp_path, tokenizer):
+    """With HF_HUB_OFFLINE and HF_DATASETS_OFFLINE unset, `datasets` would ask the hub to count the load (10.5 s
+    where a firewall drops packets); a local corpus makes no connection attempt at all, streamed or not."""
+    import subprocess
+    import sys
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_DATASETS_CACHE"] = str(tmp_path / "datasets-cache")
+    done = subprocess.run([sys.executable, "-c", NO_NETWORK, str(txt_dir), str(tmp_path / "tok")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert float(done.stdout.split()[-1]) < 20, done.stdout
+
+
+def test_offline_mode_is_for_local_files_only(txt_dir, tmp_path, tokenizer, monkeypatch):
+    """datasets' offline switch is on while local files load and back as it was after; a hub name loads online."""
+    from decomp_hooks.text import datasets_offline, load_text_dataset
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    seen = []
+    real = datasets.load_dataset
+
+    def load_dataset(*args, **kwargs):
+        seen.append((args[0], datasets.config.HF_HUB_OFFLINE))
+        return real(*args, **kwargs) if args[0] == "text" else datasets.Dataset.from_dict({"text": ["a b c"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    load_text_dataset(str(txt_dir))
+    load_text_dataset("org/corpus")
+    assert seen == [("text", True), ("org/corpus", False)] and datasets.config.HF_HUB_OFFLINE is False
+    with pytest.raises(RuntimeError), datasets_offline():
+        raise RuntimeError
+    assert datasets.config.HF_HUB_OFFLINE is False

@@ -21,7 +21,7 @@ import torch
 
 from decomp_hooks import store
 from decomp_hooks.data import DataError
-from decomp_hooks.lm import config_error, looks_like_path
+from decomp_hooks.lm import config_error, load_tokenizer, looks_like_path
 from decomp_hooks.progress import progress_bar
 from decomp_hooks.text import LOCAL_FORMATS, iter_texts, load_text_dataset, local_files, stdlib_docstrings, token_rows
 
@@ -46,6 +46,18 @@ class DataConfig:
     streaming: bool = False  # tokenise while reading instead of all at once (corpora larger than memory; no cache)
     max_rows: int | None = None  # stop after this many training rows
     cache_dir: str | None = None  # token cache; None: $XDG_CACHE_HOME/decomp-hooks/tokens; "": no cache
+
+    def __post_init__(self) -> None:
+        """Refuse a bad value when the config is read, before any text is read: each error names it and the fix."""
+        if self.source == "" or "" in self.files:
+            raise config_error(f"data.source={self.source!r}, data.files={self.files}: an empty path; name a hub "
+                               f"dataset, a local file or folder, or one of {sorted(NAMED_CORPORA)}.")
+        if self.context_length < 1:
+            raise config_error(f"data.context_length={self.context_length}: must be ≥ 1 (tokens per row).")
+        if self.eval_rows < 0:
+            raise config_error(f"data.eval_rows={self.eval_rows}: must be ≥ 0 (held-out rows).")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise config_error(f"data.max_rows={self.max_rows}: must be ≥ 1, or null for every row.")
 
 
 @dataclass
@@ -79,9 +91,8 @@ class Corpus:
 def token_data(cfg: DataConfig, tokenizer: Any = None, batch_size: int = 32, progress: bool = True) -> TokenData:
     """Training and held-out evaluation rows of `cfg.context_length` tokens of the configured text, tokenised with
     `cfg.tokenizer` or else `tokenizer` (the model's)."""
-    if cfg.context_length < 1 or cfg.eval_rows < 0 or batch_size < 1:
-        raise config_error(f"data.context_length={cfg.context_length}, data.eval_rows={cfg.eval_rows}, "
-                           f"batch_size={batch_size}: use context_length ≥ 1, eval_rows ≥ 0, batch_size ≥ 1.")
+    if batch_size < 1:
+        raise config_error(f"batch_size={batch_size}: must be ≥ 1.")
     tokenizer = data_tokenizer(cfg, tokenizer)
     text = corpus(cfg)
     if not text.named_splits and (cfg.split != "train" or cfg.eval_split is not None):
@@ -98,9 +109,7 @@ def data_tokenizer(cfg: DataConfig, tokenizer: Any = None) -> Any:
         if not path.is_dir():
             raise config_error(f"data.tokenizer {cfg.tokenizer!r}: no such directory ({path.resolve()}); correct the "
                                "path, or drop it to use the model's tokenizer.")
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(str(path), "data.tokenizer")
     if tokenizer is None:
         raise config_error("data: no tokenizer; pass the model's, or set data.tokenizer to a local tokenizer "
                            "directory.")
@@ -136,7 +145,8 @@ def files_corpus(paths: list[str]) -> Corpus:
                                "the path.")
     files = local_files(paths)
     if not files:
-        raise config_error(f"data: {paths} hold no {'/'.join(sorted(LOCAL_FORMATS))} files; name files of those kinds.")
+        raise config_error(f"data: {paths} hold no non-empty {'/'.join(sorted(LOCAL_FORMATS))} files; name files of "
+                           "those kinds that hold text.")
     stats = [(str(f.resolve()), f.stat()) for f in files]
     identity = {"files": [[name, st.st_size, st.st_mtime_ns] for name, st in stats]}
     return Corpus([str(f) for f in files], identity, f"{len(files)} local file(s) ({', '.join(paths)})")
@@ -175,16 +185,18 @@ def cached_rows(cfg: DataConfig, text: Corpus, split: str, tokenizer: Any, limit
     rows = read_cache(folder, key) if folder is not None else None
     if rows is not None:
         return rows, {"cache": str(folder), "cache_hit": True}
-    rows = tokenise(text.dataset(split, False, cfg.name), cfg, tokenizer, limit, progress)
+    rows = tokenise(text.dataset(split, False, cfg.name), cfg, tokenizer, limit, progress, text.description)
     if folder is not None:
         write_cache(folder, key, rows)
     return rows, {"cache": folder and str(folder), "cache_hit": False}
 
 
-def tokenise(dataset: Any, cfg: DataConfig, tokenizer: Any, limit: int | None, progress: bool) -> torch.Tensor:
-    """Up to `limit` rows of the dataset's documents joined by EOS (LongTensor `[rows, context_length]`)."""
-    docs = progress_bar(iter_texts(dataset, cfg.text_column), total=_length(dataset), desc="tokenise", unit="doc",
-                        disable=not progress)
+def tokenise(dataset: Any, cfg: DataConfig, tokenizer: Any, limit: int | None, progress: bool,
+             source: str) -> torch.Tensor:
+    """Up to `limit` rows of the dataset's documents joined by EOS (LongTensor `[rows, context_length]`); `source`
+    names the text in errors."""
+    docs = progress_bar(iter_texts(dataset, cfg.text_column, source=source), total=_length(dataset), desc="tokenise",
+                        unit="doc", disable=not progress)
     blocks, n = [], 0
     for block in token_rows(docs, tokenizer, cfg.context_length):
         blocks.append(block)
@@ -216,6 +228,9 @@ def cache_folder(cache_dir: str | None, key: dict) -> Path | None:
         return None
     xdg = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     root = Path(cache_dir).expanduser() if cache_dir is not None else xdg / "decomp-hooks" / "tokens"
+    if root.exists() and not root.is_dir():
+        raise config_error(f"data.cache_dir {str(root)!r} is a file, not a directory; name a directory, or \"\" for no "
+                           "token cache.")
     return root / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -282,7 +297,7 @@ class StreamedBatches:
 
 def stream_rows(cfg: DataConfig, text: Corpus, split: str, tokenizer: Any) -> Iterator[torch.Tensor]:
     """Single rows (LongTensor `[context_length]`) of a split, tokenised while it streams."""
-    docs = iter_texts(text.dataset(split, True, cfg.name), cfg.text_column)
+    docs = iter_texts(text.dataset(split, True, cfg.name), cfg.text_column, source=text.description)
     for block in token_rows(docs, tokenizer, cfg.context_length):
         yield from block.long()
 

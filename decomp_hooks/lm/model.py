@@ -6,6 +6,7 @@ A string that looks like a path is never looked up on the hub, so a typo is an e
 """
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from decomp_hooks.lm import config_error, looks_like_path
+from decomp_hooks.lm import config_error, load_tokenizer, looks_like_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -29,6 +30,22 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str | None = None  # None: cuda if available, else cpu
     seed: int = 0  # only for assets trained on first use (small_lm)
+
+    def __post_init__(self) -> None:
+        """Refuse a bad value when the config is read, before anything loads: each error names it and the fix."""
+        if self.source == "":
+            raise config_error("model.source='' is empty; name a local model directory or .gguf file, a hub id or one "
+                               f"of the offline assets {sorted(ASSETS)}.")
+        torch_dtype(self.dtype)
+        toolkit_loader(self.toolkit)
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise config_error(f"model.device={self.device!r} is not a torch device; use cpu, cuda, cuda:1, ... or "
+                                   "null (cuda if available, else cpu).") from None
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise config_error(f"model.seed={self.seed!r}: must be an integer in [0, 2³²).")
 
 
 @dataclass
@@ -84,6 +101,12 @@ def load_hf(source: str | None, dtype: torch.dtype, seed: int = 0, progress: boo
     return from_hub(source, dtype)
 
 
+def _asset_hint(source: str) -> str:
+    """' Did you mean ...?' when `source` is close to an offline asset's name (a typo rather than a hub id)."""
+    close = difflib.get_close_matches(source, list(ASSETS), n=1, cutoff=0.7)
+    return f" Did you mean the offline asset {close[0]!r}?" if close else ""
+
+
 def from_local(source: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
     """A model saved with `save_pretrained` (config.json + weights + tokenizer) or a `.gguf` file (or a directory with
     exactly one)."""
@@ -93,7 +116,7 @@ def from_local(source: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
     if path.is_file() and path.suffix != ".gguf":
         raise config_error(f"model.source {source!r} is a file but not a .gguf; name the model's directory instead.")
     folder, gguf = (path.parent, path.name) if path.is_file() else (path, _single_gguf(path))
-    hf, tokenizer = _from_pretrained(str(folder), dtype, **({"gguf_file": gguf} if gguf else {}))
+    hf, tokenizer = _from_pretrained(str(folder), dtype, source, **({"gguf_file": gguf} if gguf else {}))
     return hf, tokenizer, str(path)
 
 
@@ -116,8 +139,8 @@ def from_hub(repo_id: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
     if _hub_offline() and not _cached(repo_id):
         raise config_error(f"model.source {repo_id!r}: there is no local directory of that name and the hub is offline "
                            "(HF_HUB_OFFLINE=1) with no cached copy; correct the path (e.g. ./name for a directory), or "
-                           f"unset HF_HUB_OFFLINE, or pre-download it (`hf download {repo_id}`).")
-    hf, tokenizer = _from_pretrained(repo_id, dtype)
+                           f"unset HF_HUB_OFFLINE, or pre-download it (`hf download {repo_id}`).{_asset_hint(repo_id)}")
+    hf, tokenizer = _from_pretrained(repo_id, dtype, repo_id)
     return hf, tokenizer, repo_id
 
 
@@ -134,16 +157,23 @@ def _cached(repo_id: str) -> bool:
         return False
 
 
-def _from_pretrained(name: str, dtype: torch.dtype, **kwargs: Any) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _from_pretrained(name: str, dtype: torch.dtype, source: str, **kwargs: Any) -> tuple[Any, Any]:
+    """The causal LM and tokenizer saved under `name` (a directory or hub id; `gguf_file=` for GGUF), read in the
+    order config, tokenizer, weights so that each failure is an error naming `source` (the config's value)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     _register_toy_models()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        AutoConfig.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:
-        raise config_error(f"model.source {name!r} has no loadable tokenizer ({err}); save one into it with "
-                           "tokenizer.save_pretrained(dir).") from None
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+        raise config_error(f"model.source {source!r}: its model config cannot be read ({err}); point it at a model "
+                           f"saved with model.save_pretrained(dir) or a GGUF file.{_asset_hint(source)}") from None
+    tokenizer = load_tokenizer(name, "model.source", **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as err:
+        raise config_error(f"model.source {source!r}: the weights cannot be loaded ({err}); save them with "
+                           "model.save_pretrained(dir).") from None
     return model.eval(), tokenizer
 
 

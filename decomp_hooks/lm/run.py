@@ -30,6 +30,9 @@ def run_lm(cfg: DecomposeConfig, out: Path, steps: int | None, device: Any, seed
     if cfg.data is None or (cfg.data.source is None and not cfg.data.files):
         raise ConfigError("the config has a `model:` section but no text: set `data: {source: ...}` (a dataset name, "
                           "local files, or stdlib_docstrings) or pass --data.")
+    if cfg.data.eval_split is None and cfg.data.eval_rows < 1:
+        raise ConfigError(f"data.eval_rows={cfg.data.eval_rows}: a language-model run is evaluated on held-out rows; "
+                          "hold out at least 1 (or name a data.eval_split).")
     _, dev = distributed.setup(resolve_device(device or cfg.model.device))
     loaded = main_first(load_model, cfg.model, dev, progress)
     if loaded.context_length is not None and cfg.data.context_length > loaded.context_length:
