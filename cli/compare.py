@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from decomp_hooks.cli.dashboard import load_run
-from decomp_hooks.cli.export import load_tokens
+from decomp_hooks.cli.export import check_tokens, load_tokens
 from decomp_hooks.cli.options import NumberRange, check_out, device_option
 
 
@@ -58,6 +58,7 @@ def compare_command(run_dir: Path, sae_dir: Path, data_path: Path, out: Path, si
     """
     from decomp_hooks import store
     from decomp_hooks.dashboard import CompareConfig, DashboardError, compare_with_sae
+    from decomp_hooks.data import DataError
     from decomp_hooks.export import load_sae
 
     check_out(out, force, run_dir, sae_dir, data_path)
@@ -67,13 +68,13 @@ def compare_command(run_dir: Path, sae_dir: Path, data_path: Path, out: Path, si
         raise click.BadParameter(str(err), param_hint="SAE_DIR") from None
     dec, tokenizer = load_run(run_dir, model_dir, device)
     site = site or pick_site(dec, sae)
-    data = load_tokens(data_path, tokenizer, context_length, batch_size)
+    data = check_tokens(dec, load_tokens(data_path, tokenizer, context_length, batch_size), data_path)
     cfg = CompareConfig(min_cosine=min_cosine, min_corr=min_corr, top_k=top_k, batch_size=batch_size,
                         max_batches=max_batches)
     try:
         result = compare_with_sae(dec, site, sae, data, out=out, config=cfg, tokenizer=tokenizer, overwrite=force,
                                   progress=not no_progress)
-    except DashboardError as err:
+    except (DashboardError, DataError, store.StoreError) as err:
         raise click.ClickException(str(err)) from None
     s = result.summary()
     click.echo(f"{site} vs {sae_dir}: {s['live_components']}/{s['components']} live components, "

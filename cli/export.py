@@ -47,11 +47,27 @@ def load_tokens(path: Path, tokenizer: Any, context_length: int, batch_size: int
         if tokenizer is None:
             raise click.BadParameter(f"{str(path)!r} is text, and no tokenizer came with --model; pass token ids as a "
                                      "safetensors file, or a --model directory with a tokenizer.", param_hint="--data")
+        from decomp_hooks.data import DataError
         from decomp_hooks.text import TokenBatches
 
-        return TokenBatches(str(path), tokenizer, context_length=context_length, batch_size=batch_size)
+        try:
+            return TokenBatches(str(path), tokenizer, context_length=context_length, batch_size=batch_size)
+        except DataError as err:
+            raise click.BadParameter(str(err), param_hint="--data") from None
     raise click.BadParameter(f"{str(path)!r}: expected a .safetensors file of token ids or text "
                              f"({', '.join(TEXT_SUFFIXES)} files or a directory of them).", param_hint="--data")
+
+
+def check_tokens(dec: Any, data: Any, path: Path) -> Any:
+    """`data` read from --data, refused as a usage error naming the file when it is a tensor the decomposed model
+    cannot read (`check_inputs`: no rows, NaN, floats or ids outside its vocabulary); text is checked batch by batch
+    later."""
+    from decomp_hooks.export.inputs import check_inputs
+    from decomp_hooks.train.preflight import vocab_size
+
+    check_inputs(data, vocab_size(dec.cm.target),
+                 lambda message: click.BadParameter(f"{str(path)!r}: {message}", param_hint="--data"))
+    return data
 
 
 def load_model(path: Path):
@@ -134,6 +150,7 @@ def export_command(run_dir: Path, out_dir: Path, fmt: str, sites: tuple[str, ...
 
     import decomp_hooks as dh
     from decomp_hooks.cli.options import check_out
+    from decomp_hooks.data import DataError
     from decomp_hooks.export import ExportError, load_export
     from decomp_hooks.sites import SiteError
 
@@ -157,7 +174,7 @@ def export_command(run_dir: Path, out_dir: Path, fmt: str, sites: tuple[str, ...
         raise click.ClickException(str(err)) from None
     data = None
     if data_file is not None:
-        data = load_tokens(data_file, tokenizer, context_length, batch_size)
+        data = check_tokens(dec, load_tokens(data_file, tokenizer, context_length, batch_size), data_file)
     elif model is None and samples > 0:
         from decomp_hooks.toy import ToyModel, toy_sampler
 
@@ -169,7 +186,7 @@ def export_command(run_dir: Path, out_dir: Path, fmt: str, sites: tuple[str, ...
             dirs = dec.export(out_dir, format=fmt, sites=list(sites) or None, data=data, overwrite=force,
                               ci_gated=ci_gated, model_name=model_name, tokenizer=tokenizer, batch_size=batch_size,
                               provenance={"source_path": str(path)})
-        except ExportError as err:
+        except (ExportError, DataError) as err:
             if "pattern" in str(err):
                 raise click.BadParameter(str(err), param_hint="--sites") from None
             raise click.ClickException(str(err)) from None

@@ -28,10 +28,18 @@ from decomp_hooks import store
 from decomp_hooks.activations import Moments, site_batches, windows
 from decomp_hooks.adapters import adapter_for
 from decomp_hooks.dashboard import render
-from decomp_hooks.dashboard.build import DashboardError, context_view, example_scale, token_batches, token_stream
+from decomp_hooks.dashboard.build import (
+    DashboardError,
+    config_or_default,
+    context_view,
+    example_scale,
+    token_batches,
+    token_stream,
+)
 from decomp_hooks.dashboard.statistics import ComponentStats
 from decomp_hooks.data import reiterable
 from decomp_hooks.export import neuronpedia as npd
+from decomp_hooks.export.inputs import check_count
 from decomp_hooks.export.read import LoadedSAE, load_sae
 
 
@@ -46,6 +54,17 @@ class CompareConfig:
     n_unexplained: int = 20
     batch_size: int = 16
     max_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse thresholds outside [-1, 1] (NaN included) and sizes that are not positive integers, naming them."""
+        for name in ("min_cosine", "min_corr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1 <= value <= 1:
+                raise DashboardError(f"CompareConfig.{name}={value!r}: must be a number in [-1, 1].")
+        for name in ("top_k", "n_examples", "batch_size"):
+            check_count(f"CompareConfig.{name}", getattr(self, name), DashboardError)
+        check_count("CompareConfig.n_unexplained", self.n_unexplained, DashboardError, minimum=0)
+        check_count("CompareConfig.max_batches", self.max_batches, DashboardError, optional=True)
 
 
 def comparison_space(dec: Any, site: str, sae: LoadedSAE) -> tuple[str, str]:
@@ -248,7 +267,7 @@ def compare_with_sae(dec: Any, site: str, sae: str | Path | LoadedSAE, data: Any
                      progress: bool = True) -> Comparison:
     """Match the components of `site` to the SAE's features over the token ids `data` (streamed); with `out`, write
     `summary.json`, `components.csv`, `features.csv` and the side-by-side page `compare.html` there (atomically)."""
-    cfg = config or CompareConfig()
+    cfg = config_or_default(config, CompareConfig)
     if site not in dec.cm.sites:
         raise DashboardError(f"site {site!r} is not decomposed; the sites are {dec.site_names}.")
     replace = store.replaceable_dir(out, overwrite, DashboardError, inputs=(dec.run_dir,)) if out is not None else False
@@ -296,7 +315,7 @@ def write_comparison(result: Comparison, dec: Any, sae: LoadedSAE, data: Any, st
         y = sae_encode(sae, sae_inputs(dec, site, b.inputs, result.reads)).float().cpu()
         return {"components": [b.ci.cpu(), b.acts.cpu()], "sae": [y, y]}
 
-    contexts = windows(read, token_batches(data, cfg.batch_size, cfg.max_batches), wanted, progress)
+    contexts = windows(read, token_batches(dec, data, cfg.batch_size, cfg.max_batches), wanted, progress)
     features = {f: {"index": f, "freq": float(result.feat_freq[f]),
                     "examples": _feature_examples(contexts["sae"], feats.examples(f), f, tokenizer)}
                 for f in feature_ids}

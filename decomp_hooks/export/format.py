@@ -16,8 +16,10 @@ Formats (the exported SAE's `architecture`):
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,8 @@ ALIASES = {"signed": SIGNED}
 CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
 NEURONPEDIA_FILE, INDEX_FILE = "neuronpedia.json", "export.json"
 INDEX_FORMAT = "decomp-hooks/sae-lens-export"
+#: the longest file name made from a site name (with suffixes and temporary names it stays under 255 bytes)
+MAX_NAME, HASH_CHARS = 128, 10
 RECONSTRUCTION = ("decode(encode(x)) = x V U + b: the site output with all components on, without the delta "
                   "component")
 GATED_RECONSTRUCTION = ("decode(encode(x)) = ((x V) * g(x)) U + b: the site output under its causal-importance mask, "
@@ -61,9 +65,22 @@ def resolve_format(format: str) -> str:
     return name
 
 
-def dir_name(site: str) -> str:
-    """The directory name of a site's SAE (the site name, with characters outside [A-Za-z0-9._-] as '_')."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", site)
+def dir_name(site: str, hashed: bool = False) -> str:
+    """A site's file and directory name: the site name itself where that is safe (only [A-Za-z0-9._-], no leading
+    '.', at most MAX_NAME characters); otherwise, or when `hashed`, a readable prefix (other characters as '_') and
+    a hash of the full name, so that no two sites share a name and none is too long for the file system."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", site)
+    if safe == site and not site.startswith(".") and len(site) <= MAX_NAME and not hashed:
+        return site
+    digest = hashlib.sha256(site.encode()).hexdigest()[:HASH_CHARS]
+    return f"{safe.lstrip('.')[:MAX_NAME - HASH_CHARS - 1]}-{digest}"
+
+
+def dir_names(sites: list[str]) -> dict[str, str]:
+    """Each site's `dir_name`; sites whose names differ only in case get the hashed form, so that they stay apart on
+    case-insensitive file systems too."""
+    folded = Counter(dir_name(s).lower() for s in sites)
+    return {s: dir_name(s, hashed=folded[dir_name(s).lower()] > 1) for s in sites}
 
 
 def feature_tensors(encoder: torch.Tensor, decoder: torch.Tensor, b_dec: torch.Tensor | None = None,

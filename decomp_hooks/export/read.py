@@ -155,7 +155,25 @@ class LoadedSAE:
         register()
         from sae_lens import SAE
 
-        return SAE.load_from_disk(str(self.path), device=device)
+        try:
+            return SAE.load_from_disk(str(self.path), device=device)
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            raise store.StoreError(f"sae-lens cannot load {str(self.path)!r} as a {self.architecture!r} SAE "
+                                   f"({type(err).__name__}: {err}); check its cfg.json against its weights.") from None
+
+
+def check_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse a weights file without `W_enc [d_in, d_sae]`, `W_dec [d_sae, d_out]` and `b_dec [d_out]` of agreeing
+    shapes (and `b_enc [d_sae]` where present), naming what it holds."""
+    missing = [k for k in ("W_enc", "W_dec", "b_dec") if k not in tensors]
+    if missing:
+        raise store.StoreError(f"{str(path)!r} lacks {missing}; it is not an SAE-Lens weights file.")
+    W_enc, W_dec, b_dec, b_enc = (tensors.get(k) for k in ("W_enc", "W_dec", "b_dec", "b_enc"))
+    if W_enc.dim() != 2 or W_dec.dim() != 2 or W_dec.shape[0] != W_enc.shape[1] or \
+            tuple(b_dec.shape) != (W_dec.shape[1],) or (b_enc is not None and tuple(b_enc.shape) != (W_enc.shape[1],)):
+        shapes = {k: list(t.shape) for k, t in tensors.items() if k in ("W_enc", "W_dec", "b_dec", "b_enc")}
+        raise store.StoreError(f"{str(path)!r} holds {shapes}; an SAE-Lens weights file has W_enc [d_in, d_sae], "
+                               "W_dec [d_sae, d_out], b_dec [d_out] and b_enc [d_sae]. It is corrupt or was edited.")
 
 
 def load_sae(path: str | Path) -> LoadedSAE:
@@ -163,22 +181,46 @@ def load_sae(path: str | Path) -> LoadedSAE:
     path = Path(path)
     if not (path / CFG_FILE).is_file():
         hint = " It is an export root; use load_export() or a site subdirectory." if (path / INDEX_FILE).is_file() else ""
-        raise store.StoreError(f"{str(path)!r} is not an SAE-Lens directory: no {CFG_FILE}.{hint}")
+        reason = f"no {CFG_FILE}" if path.exists() else "it does not exist"
+        raise store.StoreError(f"{str(path)!r} is not an SAE-Lens directory: {reason}.{hint}")
     cfg = store.read_json(path / CFG_FILE)
+    if not isinstance(cfg, dict):
+        raise store.StoreError(f"{str(path / CFG_FILE)!r} holds a JSON {type(cfg).__name__}, not an SAE-Lens config "
+                               "(a JSON object with d_in, d_sae, architecture, ...).")
     tensors = store.read_tensors(path / WEIGHTS_FILE)
-    missing = [k for k in ("W_enc", "W_dec", "b_dec") if k not in tensors]
-    if missing:
-        raise store.StoreError(f"{str(path / WEIGHTS_FILE)!r} lacks {missing}; it is not an SAE-Lens weights file.")
+    check_weights(path / WEIGHTS_FILE, tensors)
     sparsity = None
     if (path / SPARSITY_FILE).is_file():
         sparsity = store.read_tensors(path / SPARSITY_FILE).get("sparsity")
     return LoadedSAE(path, cfg, tensors, sparsity)
 
 
+def export_dirs(path: Path) -> dict[str, Path]:
+    """Each site's directory from the export index at `path`, all checked before any is read: the index must be a
+    decomp-hooks export's and every `dir` a plain name inside `path`, so an edited index cannot send reads elsewhere."""
+    index_file = path / INDEX_FILE
+    if not index_file.is_file() and (path / CFG_FILE).is_file():
+        raise store.StoreError(f"{str(path)!r} is one SAE-Lens directory, not an export root (no {INDEX_FILE}); read "
+                               "it with load_sae().")
+    index = store.read_json(index_file)
+    fmt = index.get("format") if isinstance(index, dict) else None
+    if fmt != INDEX_FORMAT or not isinstance(index.get("sites"), dict):
+        raise store.StoreError(f"{str(index_file)!r} is not a decomp-hooks SAE-Lens export index (format {fmt!r}, "
+                               f"expected {INDEX_FORMAT!r} with a 'sites' table); for one SAE-Lens directory use "
+                               "load_sae().")
+    root, dirs = path.resolve(), {}
+    for site, entry in index["sites"].items():
+        name = entry.get("dir") if isinstance(entry, dict) else None
+        plain = isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+        if not plain or (path / name).resolve().parent != root:
+            raise store.StoreError(f"{str(index_file)!r}: site {site!r} has dir {name!r}, which is not a directory "
+                                   f"inside {str(path)!r}; an export names each site's directory by a plain name "
+                                   "beside export.json. The index was edited or is not from decomp-hooks: export "
+                                   "again.")
+        dirs[site] = path / name
+    return dirs
+
+
 def load_export(path: str | Path) -> dict[str, LoadedSAE]:
     """Every SAE of an export directory written by `export_decomposition`, by site name."""
-    path = Path(path)
-    index = store.read_json(path / INDEX_FILE)
-    if index.get("format") != INDEX_FORMAT:
-        raise store.StoreError(f"{str(path)!r} is not a decomp-hooks SAE-Lens export (format {index.get('format')!r}).")
-    return {site: load_sae(path / entry["dir"]) for site, entry in index["sites"].items()}
+    return {site: load_sae(d) for site, d in export_dirs(Path(path)).items()}

@@ -13,6 +13,7 @@ import torch
 from decomp_hooks.activations import site_batches, stream, windows
 from decomp_hooks.data import iter_batches, reiterable
 from decomp_hooks.export.format import SIGNED, ExportError
+from decomp_hooks.export.inputs import checked_batches
 from decomp_hooks.export.neuronpedia import FeatureStats, Windows, feature_values
 
 
@@ -35,8 +36,8 @@ def collect_statistics(dec: Any, names: list[str], format: str, data: Any, batch
     stats = {n: FeatureStats(dec.cm.component(n).C, split, dec.config.ci_alive_threshold, n_examples) for n in names}
     data = reiterable(data)
     seq_len, text, n_prompts, seen = None, True, 0, 0
-    for batch in stream(dec, names, iter_batches(data, batch_size, max_batches), desc="export statistics",
-                        progress=False):
+    batches = checked_batches(dec, data, batch_size, max_batches, ExportError)
+    for batch in stream(dec, names, batches, desc="export statistics", progress=False):
         for n in names:
             stats[n].update(batch.sites[n].ci, batch.sites[n].acts, batch.first)
         ids = batch.tokens

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from decomp_hooks.export.format import (
     TRANSCODER,
     ExportError,
     SAEFiles,
-    dir_name,
+    dir_names,
     feature_layout,
     feature_tensors,
     package_version,
@@ -39,6 +40,7 @@ from decomp_hooks.export.format import (
     sae_cfg,
     sae_metadata,
 )
+from decomp_hooks.export.inputs import check_count
 from decomp_hooks.export.statistics import Statistics, collect_statistics
 
 
@@ -78,7 +80,10 @@ def select_sites(dec: Any, sites: str | list[str] | tuple[str, ...] | None) -> l
     if sites is None:
         chosen = list(names)
     else:
-        patterns = [sites] if isinstance(sites, str) else list(sites)
+        patterns = [sites] if isinstance(sites, str) else list(sites) if isinstance(sites, Iterable) else None
+        if not patterns or not all(isinstance(p, str) for p in patterns):
+            raise ExportError(f"sites={sites!r}: pass fnmatch patterns (a string or a non-empty list of strings), or "
+                              f"None for every site; the sites are {names}.")
         for p in patterns:
             if not any(fnmatch.fnmatchcase(n, p) for n in names):
                 raise ExportError(f"site pattern {p!r} matches no decomposed site; the sites are {names}.")
@@ -120,10 +125,10 @@ def ci_tensors(dec: Any, name: str) -> dict[str, torch.Tensor]:
             for k, v in dec.cm.ci_fns[key(name)].state_dict().items()}
 
 
-def site_files(dec: Any, name: str, fmt: str, context: dict, rid: str, ci_gated: bool = False,
+def site_files(dec: Any, name: str, directory: str, fmt: str, context: dict, rid: str, ci_gated: bool = False,
                statistics: Statistics | None = None, tokenizer: Any = None, dataset: str = "",
                provenance: dict | None = None) -> tuple[SAEFiles, dict]:
-    """The SAE-Lens files of one decomposed site, and its entry in the export index."""
+    """The SAE-Lens files of one decomposed site, and its entry in the export index (`directory`: its name there)."""
     comps, site = dec.cm.component(name), dec.cm.sites[name]
     adapter = adapter_for(dec.model)
     tensors = feature_tensors(comps.V, comps.U, comps.bias, None, fmt)
@@ -164,14 +169,14 @@ def site_files(dec: Any, name: str, fmt: str, context: dict, rid: str, ci_gated:
             neuronpedia = npd.batch_json(
                 stats, statistics.windows[name], tokenizer, tensors["W_dec"], None if unembed is None else unembed.cpu(),
                 model_id=context["model_name"], layer=npd.layer_of(hooks.hook_name or name),
-                sae_set=f"{dec.config.method}-{fmt}", sae_id_suffix=dir_name(name), n_prompts=statistics.n_prompts,
+                sae_set=f"{dec.config.method}-{fmt}", sae_id_suffix=directory, n_prompts=statistics.n_prompts,
                 n_tokens=statistics.n_tokens, dataset=dataset)
     extra.update(provenance or {})
     md = sae_metadata(context["model_name"], **hooks.names(), **extra)
     d_in, d_sae = tensors["W_enc"].shape
     cfg = sae_cfg(fmt, d_in, d_sae, comps.d_out, md, hooks.reshape_activations, ci)
     files = SAEFiles(tensors, cfg, sparsity, neuronpedia)
-    entry = {"dir": dir_name(name), "d_in": d_in, "d_out": comps.d_out, "C": comps.C, "d_sae": d_sae,
+    entry = {"dir": directory, "d_in": d_in, "d_out": comps.d_out, "C": comps.C, "d_sae": d_sae,
              **hooks.names(), "delta_weight_rel_norm": rel, "sparsity": sparsity is not None,
              "neuronpedia": neuronpedia is not None}
     return files, entry
@@ -193,13 +198,14 @@ def export_decomposition(dec: Any, path: str | Path, format: str = TRANSCODER,
     if ci_gated and len(dec.cm.ci_fns) == 0:
         raise ExportError(f"ci_gated=True needs causal-importance functions, and this {dec.config.method} decomposition "
                           "has none; export it ungated.")
+    check_count("batch_size", batch_size, ExportError)
+    check_count("max_batches", max_batches, ExportError, optional=True)
+    check_count("n_examples", n_examples, ExportError, minimum=0)
     names = select_sites(dec, sites)
     if ci_gated and not all(key(n) in dec.cm.ci_fns for n in names):
         raise ExportError(f"ci_gated=True needs a causal-importance function per site, and this decomposition has one "
                           f"global function (ci.type={dec.config.ci.type!r}) that reads every site; export it ungated.")
-    dirs = [dir_name(n) for n in names]
-    if len(set(dirs)) != len(dirs):
-        raise ExportError(f"site names {names} give clashing directory names {dirs}.")
+    dirs = dir_names(names)
     replace = store.replaceable_dir(path, overwrite, ExportError, inputs=(dec.run_dir,))
     context = adapter_for(dec.model).model_context(dec.model, model_name)
     rid = run_id(dec)
@@ -208,7 +214,7 @@ def export_decomposition(dec: Any, path: str | Path, format: str = TRANSCODER,
         statistics = collect_statistics(dec, names, fmt, data, batch_size, max_batches, n_examples)
     if tokenizer is None:
         tokenizer = getattr(dec.model, "tokenizer", None)
-    built = {n: site_files(dec, n, fmt, context, rid, ci_gated, statistics, tokenizer, dataset, provenance)
+    built = {n: site_files(dec, n, dirs[n], fmt, context, rid, ci_gated, statistics, tokenizer, dataset, provenance)
              for n in names}
     index = {"format": INDEX_FORMAT, "version": 1, "sae_format": fmt, "ci_gated": ci_gated, "run_id": rid,
              "method": dec.config.method, "steps": dec.step, "model_name": context["model_name"],
