@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from decomp_hooks.data import DataError, iter_batches, to_device
-from decomp_hooks.train.preflight import describe, preflight, vocab_size
+from decomp_hooks.train.preflight import check_token_ids, describe, preflight, vocab_size
 
 Refusal = Callable[[str], Exception]  # an error class, or any callable that builds the exception from a message
 
@@ -40,9 +40,10 @@ def check_inputs(batch: Any, vocab: int | None, error: Refusal) -> None:
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise error(f"the data is a {describe(ids)}, but the model reads token ids (a vocabulary of {vocab}); pass "
                     "integer token ids (torch.int64), e.g. from the model's tokenizer.")
-    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-        raise error(f"token ids range over [{int(ids.min())}, {int(ids.max())}] but the model's vocabulary has {vocab} "
-                    f"entries (ids 0..{vocab - 1}); tokenize with the model's own tokenizer.")
+    try:
+        check_token_ids(ids, vocab)
+    except DataError as err:
+        raise error(str(err)) from None
 
 
 def check_runs(dec: Any, batch: Any, error: Refusal) -> None:

@@ -27,15 +27,19 @@ def describe(batch: Any) -> str:
     return type(batch).__name__
 
 
-@torch.no_grad()
-def preflight(model: torch.nn.Module, batch: Any) -> None:
-    """Before any training: token ids within the vocabulary, and one plain forward that the batch passes."""
+def check_token_ids(batch: Any, vocab: int | None) -> None:
+    """Refuse integer token ids outside a vocabulary of `vocab` entries (a batch's tensor or its `input_ids`)."""
     ids = batch.get("input_ids") if isinstance(batch, dict) else batch
-    vocab = vocab_size(model)
     if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and vocab is not None and ids.numel():
         if int(ids.max()) >= vocab or int(ids.min()) < 0:
             raise DataError(f"token ids range over [{int(ids.min())}, {int(ids.max())}] but the model's vocabulary has "
-                            f"{vocab} entries; tokenize with the model's own tokenizer.")
+                            f"{vocab} entries (ids 0..{vocab - 1}); tokenize with the model's own tokenizer.")
+
+
+@torch.no_grad()
+def preflight(model: torch.nn.Module, batch: Any) -> None:
+    """Before any training: token ids within the vocabulary, and one plain forward that the batch passes."""
+    check_token_ids(batch, vocab_size(model))
     try:
         call_model(model, batch)
     except (RuntimeError, IndexError, TypeError, ValueError) as err:
