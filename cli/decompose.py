@@ -1,6 +1,7 @@
 """`decomp-hooks decompose CONFIG.yaml`: run a decomposition from a config and print its summary."""
 from __future__ import annotations
 
+import functools
 import shutil
 import signal
 import subprocess
@@ -141,6 +142,8 @@ def decompose_command(config: str | None, model: str | None, data: str | None, s
     except ConfigError as err:
         raise click.BadParameter(str(err), param_hint="CONFIG") from None
     run, finish = runner(cfg)
+    if config is None:  # the default recipe: its context length gives way to a shorter model's
+        run = functools.partial(run, fit_context=True)
     seed = cfg.seed if seed is None else seed
     name = Path(config).stem if config is not None else Path(model.rstrip("/")).name
     out = resume_dir or out or Path("runs") / f"{name}-s{seed}"

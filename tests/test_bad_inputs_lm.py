@@ -243,6 +243,15 @@ def test_the_same_config_runs(root, tmp_path):
     assert (tmp_path / "run" / "eval.json").is_file()
 
 
+def test_the_default_recipe_fits_a_shorter_model_context(root, tmp_path):
+    """Without a config there is nothing for the user to edit: the recipe's 128-token rows shrink to the model's 32."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["decompose", "--model", str(root / "gpt2"), "--data", str(root / "doc.txt"),
+                                       "--steps", "1", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert f"context_length: {N_POSITIONS}" in (out / "config.yaml").read_text()
+
+
 # (id, the `data:` section of a call without data, error class, regex): dh.decompose(model) reads the config's text
 DEFAULT_DATA_CASES = [
     ("data path missing", {"source": "{root}/no_such.txt"}, ConfigError, r"data: '.*/no_such\.txt': no such file"),

@@ -2,6 +2,7 @@
 text (held-out rows for evaluation), decompose, and write the evaluation report (docs/lm.md)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,10 @@ def main_first(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def run_lm(cfg: DecomposeConfig, out: Path, steps: int | None, device: Any, seed: int, resume: bool,
-           progress: bool) -> Decomposition:
-    """Decompose the config's language model on its text (evaluated on held-out rows) into run directory `out`."""
+           progress: bool, fit_context: bool = False) -> Decomposition:
+    """Decompose the config's language model on its text (evaluated on held-out rows) into run directory `out`.
+    `fit_context` (the default recipe, which the user did not write) shortens rows to a shorter model context
+    instead of refusing."""
     import decomp_hooks as dh
     from decomp_hooks.defaults import warn_if_builtin
     from decomp_hooks.lm.data import token_data
@@ -35,6 +38,8 @@ def run_lm(cfg: DecomposeConfig, out: Path, steps: int | None, device: Any, seed
                           "hold out at least 1 (or name a data.eval_split).")
     _, dev = distributed.setup(resolve_device(device or cfg.model.device))
     loaded = main_first(load_model, cfg.model, dev, progress)
+    if loaded.context_length is not None and cfg.data.context_length > loaded.context_length and fit_context:
+        cfg.data = dataclasses.replace(cfg.data, context_length=loaded.context_length)
     if loaded.context_length is not None and cfg.data.context_length > loaded.context_length:
         raise ConfigError(f"data.context_length={cfg.data.context_length} exceeds the model's context "
                           f"{loaded.context_length}; use data.context_length ≤ {loaded.context_length}.")
