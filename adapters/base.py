@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from decomp_hooks.sites import Site
+from decomp_hooks.sites import Site, SiteError
 
 #: Hook points whose activation is a sublayer's contribution to the residual stream.
 RESIDUAL_HOOKS = ("hook_mlp_out", "hook_attn_out")
@@ -117,6 +117,12 @@ class Adapter(ABC):
     def to_hooked_transformer(self, model: Any) -> Any | None:
         """The model as a TransformerLens `HookedSAETransformer` (same weights), or None where there is none."""
         return None
+
+    def set_weight(self, model: Any, site: Site, weight: torch.Tensor) -> None:
+        """Give `model` (a copy of the model `site` was resolved on) the canonical weight `weight` `[d_out, d_in]`
+        at `site`, as a new parameter of its own: a weight the original shares elsewhere stays unchanged there."""
+        raise SiteError(f"site {site.name!r}: writing weights into a {type(model).__name__} is not supported; use the "
+                        "edit's TransformerLens hooks or nnsight edit instead.")
 
 
 def _attribute(obj: Any, path: str) -> Any:

@@ -5,6 +5,7 @@ module; inside a trace the same `SiteComponents.forward` replaces a site's outpu
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -52,3 +53,12 @@ def intervene(dec: Any, model: Any, masks: dict[str, SiteMask] | None = None) ->
             envoy.output = comps(x, masks[name])
         readout[name] = {"ci": ci.detach(), "acts": acts.detach()}
     return nnsight.save(readout)
+
+
+def replace_output(model: Any, site: Any, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    """Inside `with model.trace(...)`: the site's output becomes `fn(input, output)`."""
+    if site.kind.inserted:
+        raise ValueError(f"site {site.name!r}: inserted identities cannot be edited inside an nnsight trace; use "
+                         "edit.model() instead.")
+    envoy = model.get(site.module)
+    envoy.output = fn(envoy.input, envoy.output)

@@ -72,6 +72,30 @@ class ModuleSite:
         return self.layer.register_forward_hook(forward_hook)
 
 
+def set_module_weight(model: nn.Module, path: str, weight: torch.Tensor) -> None:
+    """Give module `path` of `model` the canonical weight `weight` `[d_out, d_in]` as a new parameter (which unties a
+    weight shared with another module); a `TiedLinear` reading or being that module first becomes a plain
+    `nn.Linear`, so the module it is tied to keeps its weight."""
+    layer = model.get_submodule(path)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, TiedLinear) and (module is layer or module.source[0] is layer):
+            model.set_submodule(name, _untied(module))
+    layer = model.get_submodule(path)
+    old = layer.weight
+    new = weight if isinstance(layer, nn.Linear) else weight.T  # Conv1D and nn.Embedding hold W.T
+    layer.weight = nn.Parameter(new.to(old.dtype).contiguous(), requires_grad=old.requires_grad)
+
+
+def _untied(tied: TiedLinear) -> nn.Linear:
+    """A plain `nn.Linear` computing what `tied` computes, with its own copy of the shared weight."""
+    weight = tied.weight.detach()
+    linear = nn.Linear(tied.in_features, tied.out_features, bias=tied.bias is not None, device=weight.device,
+                       dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight.clone(), requires_grad=tied.source[0].weight.requires_grad)
+    linear.bias = tied.bias
+    return linear
+
+
 def sites(model: nn.Module, targets: dict[str, int], identity_targets: dict[str, int] | None = None
           ) -> tuple[list[ModuleSite], dict[str, int]]:
     """Resolve target globs over `model.named_modules()` into sites; returns the sites and C per site name."""
@@ -167,6 +191,13 @@ class TorchAdapter(Adapter):
             return None if out is None else out.weight.detach().T
         except (AttributeError, RuntimeError, TypeError):
             return None
+
+    def set_weight(self, model: Any, site: Site, weight: torch.Tensor) -> None:
+        """The new weight on the copy's module at the site's path (`set_module_weight`)."""
+        if site.kind.inserted:
+            raise SiteError(f"site {site.name!r} is an identity inserted before {site.module!r}, not a weight of the "
+                            "model; it has no weight to write.")
+        set_module_weight(self.module(model), site.module, weight)
 
     def to_hooked_transformer(self, model: Any) -> Any | None:
         """An HF `GPT2LMHeadModel` converted to TransformerLens; None for other models."""

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from decomp_hooks.adapters.base import Adapter, HookNames
-from decomp_hooks.adapters.torch import canonical_weight_fn
+from decomp_hooks.adapters.torch import canonical_weight_fn, set_module_weight
 from decomp_hooks.components import SiteMask
 from decomp_hooks.sites import Site, SiteError, SiteHook, SiteKind, match_targets
 
@@ -410,26 +410,58 @@ class TransformerLensAdapter(Adapter):
         """The model itself when it is a `HookedSAETransformer` (a sae-lens class); None otherwise."""
         return model if any(c.__name__ == "HookedSAETransformer" for c in type(model).__mro__) else None
 
+    def set_weight(self, model: Any, site: Site, weight: torch.Tensor) -> None:
+        """A bridge's HF module takes the weight as a torch module does; a HookedTransformer's parameter at the site's
+        name (`_W_K`/`_W_V` in grouped-query attention) takes it in its own layout."""
+        if _is_class(model, "TransformerBridge"):
+            set_module_weight(model, site.route.write, weight)
+            return
+        path, attr = site.name.rsplit(".", 1)
+        owner = model.get_submodule(path)
+        params = dict(owner.named_parameters(recurse=False))
+        held = [a for a in (f"_{attr}", attr) if a in params and params[a].numel() == site.d_in * site.d_out]
+        if not held:
+            raise SiteError(f"site {site.name!r} is not one parameter of the model (e.g. grouped-query attention with "
+                            "ungroup_grouped_query_attention repeats it per head), so no weight can be written for it; "
+                            "use the edit's fwd_hooks instead.")
+        old = params[held[0]]
+        setattr(owner, held[0], nn.Parameter(_tl_layout(weight, old.shape, held[0]).to(old.dtype).contiguous(),
+                                             requires_grad=old.requires_grad))
+
+
+def _tl_layout(weight: torch.Tensor, shape: torch.Size, attr: str) -> torch.Tensor:
+    """A canonical `[d_out, d_in]` weight in the layout of TL parameter `attr` of `shape`: the inverse of `_heads_in`
+    (W_Q/K/V `[n_heads, d_model, d_head]`), of `_heads_out` (W_O `[n_heads, d_head, d_model]`) and of `.T`."""
+    if len(shape) == 2:
+        return weight.T
+    if attr.endswith("W_O"):
+        return weight.T.reshape(shape)
+    return weight.T.reshape(shape[1], shape[0], shape[2]).permute(1, 0, 2)
+
 
 # -- interventions and caches where the user works -------------------------------------------------------------
 
 def fwd_hooks(dec: Any, masks: dict[str, SiteMask]) -> list[tuple[str, Callable]]:
-    """TL `(hook_name, fn)` pairs for `model.run_with_hooks` running the masked sites through their components.
+    """TL `(hook_name, fn)` pairs for `model.run_with_hooks` running the masked sites through their components
+    (`SiteComponents.forward`; component masks broadcast over `[batch, pos, C]`)."""
+    return site_fwd_hooks(dec, {name: partial(_masked_output, dec.cm.component(name), mask)
+                                for name, mask in masks.items()})
 
-    Each site gets a pair that records its input and one that replaces its output with `SiteComponents.forward`
-    under its mask (component masks broadcast over `[batch, pos, C]`).
-    """
+
+def site_fwd_hooks(dec: Any, fns: dict[str, SiteHook]) -> list[tuple[str, Callable]]:
+    """TL `(hook_name, fn)` pairs that replace each named site's output with `fns[site](input, output)`: per site,
+    one hook records its input and one replaces its output."""
     hooks = []
-    for name, mask in masks.items():
+    for name, fn in fns.items():
         site = dec.cm.sites[name]
         route = getattr(site, "hook_route", None)
         if not isinstance(route, Route):
             why = route or f"its model is a {type(dec.model).__name__}, not a TransformerLens model"
             raise SiteError(f"site {name!r} cannot be reached with TL fwd_hooks: {why}. "
-                            "Use dec.run(tokens, masks=...) for this site instead.")
+                            "Use dec.run(tokens, masks=...) (for an edit: edit.model()) for this site instead.")
         relay = _Relay(site)
         hooks.append((route.read.module, partial(_record_hook, relay, route.read.fn)))
-        hooks.append((route.write, partial(_replace_hook, relay, dec.cm.component(name), mask)))
+        hooks.append((route.write, partial(_replace_hook, relay, fn)))
     return hooks
 
 
@@ -437,7 +469,9 @@ def _record_hook(relay: _Relay, fn: Callable | None, act: torch.Tensor, hook: An
     relay.put(act, fn)
 
 
-def _replace_hook(relay: _Relay, comps: nn.Module, mask: SiteMask, act: torch.Tensor, hook: Any) -> torch.Tensor:
-    def forward(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return comps(x, mask, target_out=target).to(target.dtype)
-    return relay.site.replace(forward, relay.take(), act)
+def _replace_hook(relay: _Relay, fn: SiteHook, act: torch.Tensor, hook: Any) -> torch.Tensor:
+    return relay.site.replace(fn, relay.take(), act)
+
+
+def _masked_output(comps: nn.Module, mask: SiteMask, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return comps(x, mask, target_out=target).to(target.dtype)

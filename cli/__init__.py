@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import click
 
+from decomp_hooks.cli.cluster import cluster_command
 from decomp_hooks.cli.compare import compare_command
 from decomp_hooks.cli.dashboard import dashboard_command
 from decomp_hooks.cli.decompose import decompose_command
 from decomp_hooks.cli.export import export_command
+from decomp_hooks.cli.graph import graph_command
+from decomp_hooks.cli.harvest import harvest_command
 from decomp_hooks.cli.lib import lib_command
 from decomp_hooks.cli.toy import toy_group
 
@@ -23,3 +26,6 @@ main.add_command(lib_command)
 main.add_command(toy_group)
 main.add_command(dashboard_command)
 main.add_command(compare_command)
+main.add_command(cluster_command)
+main.add_command(harvest_command)
+main.add_command(graph_command)

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from decomp_hooks.cli.export import decomposition_dir, load_model, load_tokens
+from decomp_hooks.cli.export import check_tokens, decomposition_dir, load_model, load_tokens
 from decomp_hooks.cli.options import check_out, device_option
 
 
@@ -42,9 +42,12 @@ def parse_components(values: tuple[str, ...]) -> list[int] | None:
 
 @click.command("dashboard")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path), required=True,
+@click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path), default=None,
               help="Token ids as a safetensors file (tensor 'tokens' [n, seq]), or text files / a directory of them "
-                   "(tokenized with --model's tokenizer).")
+                   "(tokenized with --model's tokenizer). Required unless --harvest is given.")
+@click.option("--harvest", "harvest_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A finished `decomp-hooks harvest` of this run: its statistics, top contexts and PMI tokens are "
+                   "shown instead of a pass over --data (native engine).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory (written atomically).")
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Local Hugging Face model directory of a language-model run (as for `export`).")
@@ -62,7 +65,8 @@ def parse_components(values: tuple[str, ...]) -> list[int] | None:
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @device_option
-def dashboard_command(run_dir: Path, data_path: Path, out: Path, model_dir: Path | None, sites: tuple[str, ...],
+def dashboard_command(run_dir: Path, data_path: Path | None, harvest_dir: Path | None, out: Path,
+                      model_dir: Path | None, sites: tuple[str, ...],
                       components: tuple[str, ...], engine: str, n_examples: int, batch_size: int,
                       max_batches: int | None, context_length: int, model_name: str | None, force: bool,
                       no_progress: bool, device: Any) -> None:
@@ -80,17 +84,25 @@ def dashboard_command(run_dir: Path, data_path: Path, out: Path, model_dir: Path
       decomp-hooks dashboard runs/small-lm --model models/small-lm --data text.txt --out dash/
       decomp-hooks dashboard runs/small-lm --model models/small-lm --data text.txt --context-length 64 \\
           --sites 'model.layers.0.*' --components 0,3,5 --out dash/ --force
+      decomp-hooks harvest runs/small-lm --model models/small-lm --data text.txt --tokens 100000 --out harvest/
+      decomp-hooks dashboard runs/small-lm --model models/small-lm --harvest harvest/ --out dash/ --force
     The sae-dashboard engine takes TransformerLens or Hugging Face GPT-2 models (e.g. a GPT-2 run, as in
     docs/dashboards.md) and runs on the cpu:
       decomp-hooks dashboard runs/gpt2-tiny --model models/tiny-gpt2 --data tokens.safetensors \\
           --engine sae-dashboard --sites transformer.h.0.mlp.c_proj --out dash-sd/
     """
     from decomp_hooks.dashboard import DashboardConfig, DashboardError, build_dashboards
+    from decomp_hooks.data import DataError
     from decomp_hooks.export import ExportError
 
-    check_out(out, force, run_dir, data_path)
+    if harvest_dir is not None and (data_path is not None or engine != "native"):
+        raise click.UsageError("--harvest replaces --data, with the native engine: pass one of them.")
+    if data_path is None and harvest_dir is None:
+        raise click.UsageError("pass --data (token ids or text) or --harvest DIR (a finished harvest of RUN_DIR).")
+    check_out(out, force, run_dir, data_path, harvest_dir)
     dec, tokenizer = load_run(run_dir, model_dir, device)
-    data = load_tokens(data_path, tokenizer, context_length, batch_size)
+    data = None if data_path is None else check_tokens(dec, load_tokens(data_path, tokenizer, context_length,
+                                                                         batch_size), data_path)
     chosen = parse_components(components)
     try:
         if engine == "sae-dashboard":
@@ -98,9 +110,9 @@ def dashboard_command(run_dir: Path, data_path: Path, out: Path, model_dir: Path
         else:
             cfg = DashboardConfig(n_examples=n_examples, batch_size=batch_size, max_batches=max_batches)
             pages = build_dashboards(dec, data, out, sites=list(sites) or None, components=chosen, tokenizer=tokenizer,
-                                     config=cfg, model_name=model_name, dataset=str(data_path), overwrite=force,
-                                     progress=not no_progress)
-    except (DashboardError, ExportError) as err:
+                                     config=cfg, model_name=model_name, dataset=str(data_path or harvest_dir),
+                                     overwrite=force, progress=not no_progress, harvest=harvest_dir)
+    except (DashboardError, ExportError, DataError) as err:
         param = "--sites" if "pattern" in str(err) else "--components" if "components" in str(err) else None
         if param:
             raise click.BadParameter(str(err), param_hint=param) from None
@@ -117,22 +129,26 @@ def sae_dashboard_pages(dec: Any, data: Any, out: Path, sites: list[str] | None,
     import torch
 
     from decomp_hooks import store
-    from decomp_hooks.dashboard.build import select_components
+    from decomp_hooks.dashboard.build import DashboardError, select_components
     from decomp_hooks.dashboard.sae_dashboard import hooked_transformer, render_with_sae_dashboard
-    from decomp_hooks.export.format import dir_name
+    from decomp_hooks.export.format import dir_names
+    from decomp_hooks.export.inputs import check_inputs
     from decomp_hooks.export.write import select_sites
+    from decomp_hooks.train.preflight import vocab_size
 
     tokens = data if isinstance(data, torch.Tensor) else torch.cat(list(data))
+    check_inputs(tokens, vocab_size(dec.cm.target), DashboardError)
     names = select_sites(dec, sites)
     tl = hooked_transformer(dec.model)
     if tl.tokenizer is None and tokenizer is not None:
         tl.set_tokenizer(tokenizer)
+    files = dir_names(names)
     pages = {}
     with store.atomic_dir(out, overwrite=out.exists()) as tmp:
         for n in names:
             C = dec.cm.component(n).C
             chosen = select_components(C, components, n)
             features = None if components is None else [f for c in chosen for f in (c, C + c)]
-            render_with_sae_dashboard(dec, n, tokens, tmp / f"{dir_name(n)}.html", model=tl, features=features)
-            pages[n] = out / f"{dir_name(n)}.html"
+            render_with_sae_dashboard(dec, n, tokens, tmp / f"{files[n]}.html", model=tl, features=features)
+            pages[n] = out / f"{files[n]}.html"
     return pages

@@ -6,9 +6,12 @@ already load.
     dec = dh.decompose(model, sampler, targets={"linear1": 20}, config="tms_5-2")
     dec.components["linear1"].V, dec.causal_importance(batch), dec.save("run/decomposition")
 """
+from decomp_hooks.clustering import cluster
 from decomp_hooks.config import APDConfig, CIConfig, ConfigError, DecomposeConfig, LossConfig, ScheduleConfig, TrainConfig, load_config
 from decomp_hooks.decomposition import Decomposition, load
 from decomp_hooks.defaults import default_config
+from decomp_hooks.graph import AttributionGraph, attribution_graph
+from decomp_hooks.harvest import harvest, load_harvest
 from decomp_hooks.lib import LIBConfig, LIBResult, load_lib, local_interaction_basis
 from decomp_hooks.methods import Method, StepOutput, get_method, register
 from decomp_hooks.run import decompose
@@ -17,5 +20,6 @@ from decomp_hooks.store import FingerprintError
 __all__ = [
     "APDConfig", "CIConfig", "ConfigError", "DecomposeConfig", "Decomposition", "FingerprintError", "LossConfig",
     "Method", "ScheduleConfig", "StepOutput", "TrainConfig", "decompose", "default_config", "get_method", "load", "load_config", "register",
-    "LIBConfig", "LIBResult", "load_lib", "local_interaction_basis",
+    "LIBConfig", "LIBResult", "load_lib", "local_interaction_basis", "harvest", "load_harvest", "cluster",
+    "AttributionGraph", "attribution_graph",
 ]

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from decomp_hooks import store
+from decomp_hooks import editing, store
 from decomp_hooks.component_model import ComponentModel
 from decomp_hooks.components import SiteComponents, SiteMask, intervention_mask
 from decomp_hooks.config import DecomposeConfig, from_dict, validate
@@ -134,6 +134,13 @@ class Decomposition:
 
         return intervene(self, model, edits)
 
+    def edit(self, site: str, component: int, write: torch.Tensor | float | None = None,
+             read: torch.Tensor | float | None = None) -> editing.ComponentEdit:
+        """Rewrite or scale component `component`'s write vector u_c (`write`) and/or read vector v_c (`read`): each a
+        new vector (`[d_out]` / `[d_in]`) or a number scaling the current one. The edit gives the edited model as a
+        torch copy (`.model()`), TransformerLens hooks (`.fwd_hooks()`) or an nnsight edit (`.intervene(model)`)."""
+        return editing.edit(self, site, component, write=write, read=read)
+
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write `decomposition.safetensors` + `decomposition.json` into directory `path`, atomically."""
         path = Path(path)
@@ -166,6 +173,15 @@ class Decomposition:
         from decomp_hooks.export import export_decomposition
 
         return export_decomposition(self, path, format=format, sites=sites, data=data, overwrite=overwrite, **options)
+
+    def attribution_graph(self, prompt: Any, target: Any = None, threshold: float = 0.1, **options: Any) -> Any:
+        """The attribution graph of the components on `prompt` (text, token ids or one input vector): nodes are the
+        components with CI above `threshold` per position, the inputs and the `target` outputs (default: the top
+        prediction); edges direct-path attributions, pruned to what carries the influence on the targets. Options
+        and the JSON / HTML it writes: `decomp_hooks.graph.attribution_graph` and docs/graphs.md."""
+        from decomp_hooks.graph import attribution_graph
+
+        return attribution_graph(self, prompt, target=target, threshold=threshold, **options)
 
     def __repr__(self) -> str:
         C = sum(self.cm.component(n).C for n in self.site_names)

@@ -56,6 +56,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     rename, on failure it vanishes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(path)
     if path.exists() and not overwrite:
         raise StoreError(f"{str(path)!r} already exists; choose another path or pass overwrite/--force.")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -73,6 +74,18 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def recover_dir(path: str | Path) -> None:
+    """Put back the previous version of `path` when a process was killed between atomic_dir's two renames (the old
+    directory moved aside, the new one not yet in place), so that no kill ever loses both."""
+    path = Path(path)
+    if path.exists() or not path.parent.is_dir():
+        return
+    aside = sorted(path.parent.glob(f".{path.name}.old.*/x"))
+    if aside:
+        os.replace(aside[-1], path)
+        shutil.rmtree(aside[-1].parent, ignore_errors=True)
 
 
 # -- the manifest: every file's SHA-256, checked whenever one is read back ----------------------------------------

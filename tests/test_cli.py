@@ -51,7 +51,7 @@ def test_toy_train_and_unknown_name(tmp_path):
     assert bad.exit_code == 2 and "unknown toy 'tms_7-3'" in bad.output
 
 
-DEVICE_COMMANDS = [["decompose"], ["export"], ["dashboard"], ["compare"], ["lib"], ["toy", "train"]]
+DEVICE_COMMANDS = [["decompose"], ["export"], ["dashboard"], ["compare"], ["cluster"], ["lib"], ["toy", "train"]]
 DEVICE_RULE = "Torch device (default: cuda if available, else cpu)."
 
 

@@ -166,3 +166,16 @@ def test_damaged_checkpoints_and_toys_fail_clearly(tms52, spd_config, tmp_path):
     (tmp_path / "toy" / "toy.json").unlink()
     with pytest.raises(StoreError, match=r"missing file .*toy.json"):
         load_toy(tmp_path / "toy")
+
+
+def test_a_kill_between_the_two_renames_of_a_replacement_loses_nothing(tmp_path):
+    """atomic_dir moves the old directory aside, then renames the new one in: killed in between, the next write (or
+    a resume) puts the old one back first."""
+    path = tmp_path / "out"
+    with store.atomic_dir(path) as tmp:
+        (tmp / "a.txt").write_text("old")
+    aside = tmp_path / ".out.old.abc123"
+    aside.mkdir()
+    path.rename(aside / "x")  # the state a kill -9 between the renames leaves
+    store.recover_dir(path)
+    assert (path / "a.txt").read_text() == "old" and not aside.exists()

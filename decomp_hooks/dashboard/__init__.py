@@ -10,7 +10,18 @@ CLI renders components exported as ±-split transcoders with sae-dashboard's `Sa
 """
 from __future__ import annotations
 
-from decomp_hooks.dashboard.build import DashboardConfig, DashboardError, build_dashboards
-from decomp_hooks.dashboard.compare import CompareConfig, Comparison, compare_with_sae
+import importlib
+from typing import Any
 
-__all__ = ["CompareConfig", "Comparison", "DashboardConfig", "DashboardError", "build_dashboards", "compare_with_sae"]
+#: public name -> the module defining it, imported on first use so that the statistics module (which the harvest
+#: uses) does not pull in jinja2, the optional `dashboard` extra the pages need
+_EXPORTS = {"DashboardConfig": "build", "DashboardError": "build", "build_dashboards": "build",
+            "CompareConfig": "compare", "Comparison": "compare", "compare_with_sae": "compare"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
