@@ -7,13 +7,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,6 +30,7 @@ from decomp_hooks.dashboard import compare_with_sae  # noqa: E402
 from decomp_hooks.export import ExportError, load_export  # noqa: E402
 from decomp_hooks.export.format import MAX_NAME, dir_name, dir_names  # noqa: E402
 from decomp_hooks.store import StoreError  # noqa: E402
+from faults import kill_when, temporary_dirs  # noqa: E402
 
 CONFIG = {"ci": {"type": "mlp", "hidden": [4]},
           "losses": [{"type": "stochastic_recon"}, {"type": "importance_minimality", "coeff": 1e-3}],
@@ -297,58 +293,22 @@ def test_commands_refuse(lm_run, tmp_path, case, args, code, match):
 
 # -- faults: a command killed with SIGKILL while it writes leaves its output whole or absent -------------------------
 
-SLOWED_CLI = """
-import sys, time
-from decomp_hooks import store
-from decomp_hooks.cli import main
-
-def slowed(write):
-    def slow(*args, **kwargs):
-        write(*args, **kwargs)
-        time.sleep(0.15)  # each state of the output stays long enough for the test to kill the process in it
-    return slow
-
-store.write_text, store.write_json, store.write_tensors = map(slowed, (store.write_text, store.write_json,
-                                                                       store.write_tensors))
-main(sys.argv[1:], prog_name="decomp-hooks")
-"""
-
-
-def temporary_dirs(out: Path) -> set[Path]:
-    """The temporary siblings `.<out>.*` that a writer builds `out` in."""
-    return set(out.parent.glob(f".{out.name}.*"))
-
-
-def kill_when(args: list[str], out: Path, reached) -> None:
-    """Run the command in a subprocess with slowed writes; SIGKILL it once its new temporary output directory
-    satisfies `reached`."""
-    before = temporary_dirs(out)
-    proc = subprocess.Popen([sys.executable, "-c", SLOWED_CLI, *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not any(reached(t) for t in temporary_dirs(out) - before):
-            assert proc.poll() is None, f"the command ended before the kill point: {proc.stderr.read()[-2000:]}"
-            assert time.monotonic() < deadline, "the kill point was not reached in 60 s"
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+def written(name: str):
+    """A kill point: the file `name` is in a new temporary output directory."""
+    return lambda tmps, _: any((t / name).is_file() for t in tmps)
 
 
 def test_export_killed_while_writing_leaves_no_half_written_output(lm_run, tmp_path):
     out = tmp_path / "out"
     site = "transformer.h.0.mlp.c_fc"
     args = ["export", str(lm_run / "run"), str(out), "--model", str(lm_run / "model")]
-    kill_when(args, out, lambda tmp: (tmp / site / "sae_weights.safetensors").is_file())  # a site half written
+    kill_when(args, out, written(f"{site}/sae_weights.safetensors"))  # a site half written
     assert not out.exists()
-    kill_when(args, out, lambda tmp: (tmp / "export.json").is_file())  # everything written but not yet renamed
+    kill_when(args, out, written("export.json"))  # everything written but not yet renamed
     assert not out.exists() and len(temporary_dirs(out)) == 2  # the strays are left beside, in nobody's way
     assert CliRunner().invoke(main, args).exit_code == 0
     old = (out / site / "sae_weights.safetensors").read_bytes()
-    kill_when(args + ["--force"], out, lambda tmp: (tmp / "export.json").is_file())  # killed while replacing
+    kill_when(args + ["--force"], out, written("export.json"))  # killed while replacing
     assert set(load_export(out)) == {site} and (out / site / "sae_weights.safetensors").read_bytes() == old
 
 
@@ -356,6 +316,6 @@ def test_dashboard_killed_while_writing_leaves_no_half_written_output(lm_run, tm
     out = tmp_path / "dash"
     args = ["dashboard", str(lm_run / "run"), "--model", str(lm_run / "model"), "--data",
             str(lm_run / "tokens.safetensors"), "--out", str(out), "--no-progress"]
-    kill_when(args, out, lambda tmp: any(tmp.glob("*.html")))  # the first page written, not the index
+    kill_when(args, out, lambda tmps, _: any(any(t.glob("*.html")) for t in tmps))  # a page, not the index
     assert not out.exists()
     assert CliRunner().invoke(main, args).exit_code == 0 and (out / "index.html").is_file()

@@ -20,6 +20,7 @@ from decomp_hooks.graph import GraphError, attribution_graph
 from decomp_hooks.graph.html import script_json
 from decomp_hooks.graph.prune import prune, prune_keeping
 from decomp_hooks.toy import make_toy, save_toy
+from faults import kill_when
 from graph_schema import errors, schema, schema_errors
 
 CONFIG = {"ci": {"type": "mlp", "hidden": [2]}, "losses": [{"type": "stochastic_recon", "coeff": 1.0}],
@@ -260,6 +261,20 @@ def test_cli_writes_a_graph_for_a_toy_run(tms_dec, tms52, tmp_path):
     assert bad.exit_code == 2 and "target=7 is not an output of the model" in bad.output
     again = CliRunner().invoke(main, ["graph", str(run), "--prompt", "1,0,0,0,0", "--out", str(out)])
     assert again.exit_code == 1 and "already exists" in again.output
+
+
+def test_graph_killed_while_writing_leaves_no_half_written_output(tms_dec, tms52, tmp_path):
+    run, out = tmp_path / "run", tmp_path / "graph"
+    tms_dec.save(run / "decomposition")
+    save_toy(tms52, run / "target")
+    args = ["graph", str(run), "--prompt", "0,0,1,0,0", "--threshold", "0", "--out", str(out), "--device", "cpu"]
+    first_file = lambda tmps, _: any(any(t.glob("*.json")) for t in tmps)  # noqa: E731
+    kill_when(args, out, first_file)  # the graph JSON written, the page and the index not
+    assert not out.exists()
+    assert CliRunner().invoke(main, args).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    kill_when([*args, "--force"], out, lambda tmps, o: any((t / "graph-metadata.json").is_file() for t in tmps))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # killed while replacing: the old graph, whole
 
 
 @pytest.mark.parametrize("kwargs, match", [

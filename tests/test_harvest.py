@@ -6,12 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -31,6 +26,7 @@ from decomp_hooks.dashboard import DashboardConfig, DashboardError, build_dashbo
 from decomp_hooks.dashboard.statistics import add_cofiring  # noqa: E402
 from decomp_hooks.harvest import HarvestConfig, HarvestError  # noqa: E402
 from decomp_hooks.harvest.accumulate import PAD, DenseCounts, FrequentCounts, TokenPMI  # noqa: E402
+from faults import kill_when  # noqa: E402
 
 CONFIG = {
     "ci": {"type": "mlp", "hidden": [4]},
@@ -293,51 +289,6 @@ def test_harvest_and_dashboard_commands(lm_run, tmp_path):
     shown = CliRunner().invoke(main, dash + ["--harvest", str(out)])
     assert shown.exit_code == 0, shown.output
     assert "PMI" in (tmp_path / "d" / "transformer.h.0.mlp.c_fc.html").read_text()
-
-
-SLOWED_CLI = """
-import sys, time
-import torch
-from decomp_hooks import store
-from decomp_hooks.cli import main
-
-torch.set_num_threads(1)
-
-def slowed(write):
-    def slow(*args, **kwargs):
-        write(*args, **kwargs)
-        time.sleep(0.1)  # each state of a checkpoint being written lasts long enough to be killed in
-    return slow
-
-store.write_tensors, store.write_json = slowed(store.write_tensors), slowed(store.write_json)
-main(sys.argv[1:], prog_name="decomp-hooks")
-"""
-
-
-def kill_when(args: list[str], out: Path, reached) -> None:
-    """Run the command in a subprocess with slowed writes; SIGKILL it once `reached(new temporary dirs, out)` holds
-    (a read that races with a rename counts as not yet)."""
-    before = set(out.parent.glob(f".{out.name}.*"))
-
-    def now() -> bool:
-        try:
-            return reached(set(out.parent.glob(f".{out.name}.*")) - before, out)
-        except (OSError, store.StoreError):
-            return False
-
-    proc = subprocess.Popen([sys.executable, "-c", SLOWED_CLI, *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.monotonic() + 60
-        while not now():
-            assert proc.poll() is None, f"the command ended before the kill point: {proc.stderr.read()[-2000:]}"
-            assert time.monotonic() < deadline, "the kill point was not reached in 60 s"
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
 
 
 def batches_in(out: Path) -> int:
