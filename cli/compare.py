@@ -29,12 +29,16 @@ from decomp_hooks.cli.options import NumberRange, check_out, device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Sequences per batch.")
 @click.option("--max-batches", type=click.IntRange(min=1), default=None, help="Read at most this many batches of --data.")
 @click.option("--context-length", type=click.IntRange(min=1), default=128, show_default=True, help="Tokens per sequence for text data.")
+@click.option("--harvest", "harvest_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A finished `decomp-hooks harvest` of RUN_DIR: the components' firing, liveness and top contexts "
+                   "come from it; --data still gives the correlations and the SAE's side.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @device_option
 def compare_command(run_dir: Path, sae_dir: Path, data_path: Path, out: Path, site: str | None, model_dir: Path | None,
                     min_cosine: float, min_corr: float, top_k: int, batch_size: int, max_batches: int | None,
-                    context_length: int, force: bool, no_progress: bool, device: Any) -> None:
+                    context_length: int, harvest_dir: Path | None, force: bool, no_progress: bool,
+                    device: Any) -> None:
     """Match the components of one site in RUN_DIR to the features of the SAE-Lens SAE or transcoder in SAE_DIR
     (cfg.json + sae_weights.safetensors) trained on the same hook: decoder-direction cosine and activation
     correlation over the same tokens of --data. Each component counts as two parts (its positive and negative
@@ -61,7 +65,7 @@ def compare_command(run_dir: Path, sae_dir: Path, data_path: Path, out: Path, si
     from decomp_hooks.data import DataError
     from decomp_hooks.export import load_sae
 
-    check_out(out, force, run_dir, sae_dir, data_path)
+    check_out(out, force, run_dir, sae_dir, data_path, harvest_dir)
     try:
         sae = load_sae(sae_dir)
     except store.StoreError as err:
@@ -73,7 +77,7 @@ def compare_command(run_dir: Path, sae_dir: Path, data_path: Path, out: Path, si
                         max_batches=max_batches)
     try:
         result = compare_with_sae(dec, site, sae, data, out=out, config=cfg, tokenizer=tokenizer, overwrite=force,
-                                  progress=not no_progress)
+                                  progress=not no_progress, harvest=harvest_dir)
     except (DashboardError, DataError, store.StoreError) as err:
         raise click.ClickException(str(err)) from None
     s = result.summary()

@@ -260,6 +260,24 @@ def test_dashboards_read_the_harvest(lm, harvested, tmp_path):
         build_dashboards(other, None, tmp_path / "bad", harvest=harvested, progress=False)
 
 
+def test_compare_reads_the_harvest(lm, harvested, tmp_path):
+    from decomp_hooks.dashboard import CompareConfig, compare_with_sae
+
+    _, dec = lm
+    site = "transformer.h.0.mlp.c_fc"
+    sae = dec.export(tmp_path / "sae", sites=site)[site]
+    cfg = CompareConfig(batch_size=SMALL.batch_size, n_examples=4)
+    scanned = compare_with_sae(dec, site, sae, TOKENS, config=cfg, progress=False)
+    read = compare_with_sae(dec, site, sae, TOKENS, out=tmp_path / "cmp", config=cfg, progress=False,
+                            harvest=harvested.path)
+    assert torch.equal(read.comp_freq, harvested.density[harvested.span(site)].float())
+    assert torch.allclose(read.comp_freq, scanned.comp_freq) and read.summary() == scanned.summary()
+    assert (tmp_path / "cmp" / "compare.html").is_file()
+    other = dh.decompose(lm[0], TOKENS, targets={"transformer.h.0.mlp.c_fc": 3}, config=CONFIG, progress=False)
+    with pytest.raises(DashboardError, match="another decomposition"):
+        compare_with_sae(other, site, sae, TOKENS, progress=False, harvest=harvested)
+
+
 @pytest.fixture(scope="module")
 def lm_run(lm, tmp_path_factory):
     model, dec = lm

@@ -142,13 +142,19 @@ def data_source(dec: Any, sites: list[str], data: Any, cfg: DashboardConfig, pro
     return Source(stats, n_seqs, seq_len, contexts)
 
 
-def harvest_source(dec: Any, sites: list[str], harvest: Harvest | str | Path, cfg: DashboardConfig) -> Source:
-    """The statistics, contexts and PMI tokens of a finished harvest of `dec` (a `Harvest` or its directory)."""
+def open_harvest(dec: Any, harvest: Harvest | str | Path) -> Harvest:
+    """A finished harvest of `dec` (a `Harvest` or its directory), refused as a DashboardError when it is not one."""
     try:
         h = harvest if isinstance(harvest, Harvest) else load_harvest(harvest)
         h.check(dec)
     except (HarvestError, store.StoreError) as err:
         raise DashboardError(str(err)) from None
+    return h
+
+
+def harvest_source(dec: Any, sites: list[str], harvest: Harvest | str | Path, cfg: DashboardConfig) -> Source:
+    """The statistics, contexts and PMI tokens of a finished harvest of `dec` (a `Harvest` or its directory)."""
+    h = open_harvest(dec, harvest)
     stats = {n: h.component_stats(n, cfg.n_examples) for n in sites}
     return Source(stats, h.meta["sequences"], h.meta["seq_len"],
                   lambda shown: {n: h.contexts(n, shown[n]) for n in sites},

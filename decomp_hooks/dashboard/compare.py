@@ -33,6 +33,7 @@ from decomp_hooks.dashboard.build import (
     config_or_default,
     context_view,
     example_scale,
+    open_harvest,
     token_batches,
     token_stream,
 )
@@ -41,6 +42,7 @@ from decomp_hooks.data import reiterable
 from decomp_hooks.export import neuronpedia as npd
 from decomp_hooks.export.inputs import check_count
 from decomp_hooks.export.read import LoadedSAE, load_sae
+from decomp_hooks.harvest import Harvest
 
 
 @dataclass
@@ -264,9 +266,12 @@ def sae_inputs(dec: Any, site: str, x: torch.Tensor, reads: str) -> torch.Tensor
 
 def compare_with_sae(dec: Any, site: str, sae: str | Path | LoadedSAE, data: Any, out: str | Path | None = None,
                      config: CompareConfig | None = None, tokenizer: Any = None, overwrite: bool = False,
-                     progress: bool = True) -> Comparison:
+                     progress: bool = True, harvest: Harvest | str | Path | None = None) -> Comparison:
     """Match the components of `site` to the SAE's features over the token ids `data` (streamed); with `out`, write
-    `summary.json`, `components.csv`, `features.csv` and the side-by-side page `compare.html` there (atomically)."""
+    `summary.json`, `components.csv`, `features.csv` and the side-by-side page `compare.html` there (atomically).
+    `harvest` (a finished harvest of `dec`, or its directory): the components' firing frequencies, liveness and top
+    contexts come from it (its N tokens) instead of from `data`, which still gives the activation correlations and
+    the SAE's side."""
     cfg = config_or_default(config, CompareConfig)
     if site not in dec.cm.sites:
         raise DashboardError(f"site {site!r} is not decomposed; the sites are {dec.site_names}.")
@@ -275,6 +280,7 @@ def compare_with_sae(dec: Any, site: str, sae: str | Path | LoadedSAE, data: Any
     reads, space = comparison_space(dec, site, sae)
     data = reiterable(data)
     C, F = dec.cm.component(site).C, sae.d_sae
+    harvested = open_harvest(dec, harvest) if harvest is not None else None
     stats = ComponentStats(C, dec.config.ci_alive_threshold, cfg.n_examples)
     feats = npd.FeatureStats(F, split=False, threshold=0.0, n_examples=cfg.n_examples)
     moments = Moments(2 * C, F)
@@ -283,31 +289,36 @@ def compare_with_sae(dec: Any, site: str, sae: str | Path | LoadedSAE, data: Any
         for batch in token_stream(dec, [site], data, cfg.batch_size, cfg.max_batches, "compare activations", progress):
             b = batch.sites[site]
             y = sae_encode(sae, sae_inputs(dec, site, b.inputs, reads)).float().cpu()
-            stats.update(b.ci, b.acts, batch.first)
+            if harvested is None:
+                stats.update(b.ci, b.acts, batch.first)
             feats.update(y, y, batch.first)
             moments.update(split_acts(b.ci.cpu(), b.acts.cpu()), y)
             seen += 1
     if seen == 0:
         raise DashboardError("the data yielded no batches; pass token ids [n, seq] with at least one row.")
+    if harvested is not None:
+        stats = harvested.component_stats(site, cfg.n_examples)
     dirs = torch.nn.functional.normalize(sae.W_dec.float(), dim=-1)
     result = Comparison(site, str(sae.path), reads, space, C, component_directions(dec, site, space) @ dirs.T,
                         moments.corr(), stats.frequency(), feats.frequency(), cfg)
     result.assign()
     if out is not None:
-        write_comparison(result, dec, sae, data, stats, feats, out, replace, tokenizer, progress)
+        write_comparison(result, dec, sae, data, stats, feats, out, replace, tokenizer, progress, harvested)
     return result
 
 
 def write_comparison(result: Comparison, dec: Any, sae: LoadedSAE, data: Any, stats: ComponentStats,
-                     feats: npd.FeatureStats, out: str | Path, replace: bool, tokenizer: Any, progress: bool) -> None:
-    """The tables, the summary and the side-by-side page of a comparison."""
+                     feats: npd.FeatureStats, out: str | Path, replace: bool, tokenizer: Any, progress: bool,
+                     harvested: Harvest | None = None) -> None:
+    """The tables, the summary and the side-by-side page of a comparison (the components' contexts from the
+    harvest, where there is one)."""
     cfg, site = result.config, result.site
     tokenizer = tokenizer if tokenizer is not None else getattr(dec.model, "tokenizer", None)
     shown = sorted(result.live_components, key=lambda c: -float(stats.features.fires[c]))
     tops = {c: result.top_features(c) for c in shown}
     unexplained = result.unexplained_features()[:cfg.n_unexplained]
     feature_ids = sorted({m["feature"] for ms in tops.values() for m in ms} | set(unexplained))
-    wanted = {"components": [(c, p) for c in shown for _, p in stats.features.examples(c)],
+    wanted = {"components": [(c, p) for c in shown for _, p in stats.features.examples(c)] if harvested is None else [],
               "sae": [(f, p) for f in feature_ids for _, p in feats.examples(f)]}
 
     def read(ids: torch.Tensor) -> dict[str, list[torch.Tensor]]:
@@ -316,6 +327,8 @@ def write_comparison(result: Comparison, dec: Any, sae: LoadedSAE, data: Any, st
         return {"components": [b.ci.cpu(), b.acts.cpu()], "sae": [y, y]}
 
     contexts = windows(read, token_batches(dec, data, cfg.batch_size, cfg.max_batches), wanted, progress)
+    if harvested is not None:
+        contexts["components"] = harvested.contexts(site, shown)
     features = {f: {"index": f, "freq": float(result.feat_freq[f]),
                     "examples": _feature_examples(contexts["sae"], feats.examples(f), f, tokenizer)}
                 for f in feature_ids}
