@@ -48,6 +48,9 @@ def parse_components(values: tuple[str, ...]) -> list[int] | None:
 @click.option("--harvest", "harvest_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="A finished `decomp-hooks harvest` of this run: its statistics, top contexts and PMI tokens are "
                    "shown instead of a pass over --data (native engine).")
+@click.option("--clusters", "clusters_path", type=click.Path(exists=True, path_type=Path), default=None,
+              help="clusters.json (or its directory) from `decomp-hooks cluster` of this run: adds clusters.html, "
+                   "linked from the index, whose members link to their components.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory (written atomically).")
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Local Hugging Face model directory of a language-model run (as for `export`).")
@@ -65,7 +68,8 @@ def parse_components(values: tuple[str, ...]) -> list[int] | None:
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @device_option
-def dashboard_command(run_dir: Path, data_path: Path | None, harvest_dir: Path | None, out: Path,
+def dashboard_command(run_dir: Path, data_path: Path | None, harvest_dir: Path | None, clusters_path: Path | None,
+                      out: Path,
                       model_dir: Path | None, sites: tuple[str, ...],
                       components: tuple[str, ...], engine: str, n_examples: int, batch_size: int,
                       max_batches: int | None, context_length: int, model_name: str | None, force: bool,
@@ -86,20 +90,25 @@ def dashboard_command(run_dir: Path, data_path: Path | None, harvest_dir: Path |
           --sites 'model.layers.0.*' --components 0,3,5 --out dash/ --force
       decomp-hooks harvest runs/small-lm --model models/small-lm --data text.txt --tokens 100000 --out harvest/
       decomp-hooks dashboard runs/small-lm --model models/small-lm --harvest harvest/ --out dash/ --force
+      decomp-hooks cluster runs/small-lm --model models/small-lm --data text.txt --out clusters/
+      decomp-hooks dashboard runs/small-lm --model models/small-lm --harvest harvest/ --clusters clusters/ \\
+          --out dash/ --force
     The sae-dashboard engine takes TransformerLens or Hugging Face GPT-2 models (e.g. a GPT-2 run, as in
     docs/dashboards.md) and runs on the cpu:
       decomp-hooks dashboard runs/gpt2-tiny --model models/tiny-gpt2 --data tokens.safetensors \\
           --engine sae-dashboard --sites transformer.h.0.mlp.c_proj --out dash-sd/
     """
+    from decomp_hooks.clustering import ClusterError
     from decomp_hooks.dashboard import DashboardConfig, DashboardError, build_dashboards
     from decomp_hooks.data import DataError
+    from decomp_hooks.store import StoreError
     from decomp_hooks.export import ExportError
 
     if harvest_dir is not None and (data_path is not None or engine != "native"):
         raise click.UsageError("--harvest replaces --data, with the native engine: pass one of them.")
     if data_path is None and harvest_dir is None:
         raise click.UsageError("pass --data (token ids or text) or --harvest DIR (a finished harvest of RUN_DIR).")
-    check_out(out, force, run_dir, data_path, harvest_dir)
+    check_out(out, force, run_dir, data_path, harvest_dir, clusters_path)
     dec, tokenizer = load_run(run_dir, model_dir, device)
     data = None if data_path is None else check_tokens(dec, load_tokens(data_path, tokenizer, context_length,
                                                                          batch_size), data_path)
@@ -111,8 +120,9 @@ def dashboard_command(run_dir: Path, data_path: Path | None, harvest_dir: Path |
             cfg = DashboardConfig(n_examples=n_examples, batch_size=batch_size, max_batches=max_batches)
             pages = build_dashboards(dec, data, out, sites=list(sites) or None, components=chosen, tokenizer=tokenizer,
                                      config=cfg, model_name=model_name, dataset=str(data_path or harvest_dir),
-                                     overwrite=force, progress=not no_progress, harvest=harvest_dir)
-    except (DashboardError, ExportError, DataError) as err:
+                                     overwrite=force, progress=not no_progress, harvest=harvest_dir,
+                                     clusters=clusters_path)
+    except (DashboardError, ExportError, DataError, ClusterError, StoreError) as err:
         param = "--sites" if "pattern" in str(err) else "--components" if "components" in str(err) else None
         if param:
             raise click.BadParameter(str(err), param_hint=param) from None

@@ -161,6 +161,20 @@ def test_clusters_json_and_page(net_dec, tmp_path):
     assert read_clusters(tmp_path / "c.json") == data
 
 
+def test_dashboards_link_the_cluster_page(net_dec, tmp_path):
+    from decomp_hooks.dashboard import build_dashboards
+
+    dh.cluster(net_dec, TOKENS, tmp_path / "out", threshold=0.3, alpha=0.5, progress=False)
+    pages = build_dashboards(net_dec, TOKENS, tmp_path / "dash", clusters=tmp_path / "out", progress=False)
+    assert 'href="clusters.html"' in (tmp_path / "dash" / "index.html").read_text()
+    html = (tmp_path / "dash" / "clusters.html").read_text()
+    assert all(f'href="{page.name}#c' in html for page in pages.values())
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ClusterError, match="not a decomp-hooks clusters file"):
+        build_dashboards(net_dec, TOKENS, tmp_path / "dash2", clusters=tmp_path / "bad.json", progress=False)
+    assert not (tmp_path / "dash2").exists()
+
+
 def test_cluster_page_escapes_everything_and_links_members(tmp_path):
     fired, _ = planted([2, 1], tokens=200, p=0.3)
     evil = '<script>alert("x")</script>'

@@ -18,8 +18,10 @@ from decomp_hooks import store
 from decomp_hooks.activations import Contexts, PassBatch, Reader, site_batches, stream, token_ids, windows
 from decomp_hooks.adapters import adapter_for
 from decomp_hooks.dashboard import render
+from decomp_hooks.dashboard.clusters import write_cluster_page
 from decomp_hooks.dashboard.logits import logit_path, top_tokens
 from decomp_hooks.dashboard.statistics import ComponentStats
+from decomp_hooks.clustering import read_clusters
 from decomp_hooks.data import batch_count, reiterable
 from decomp_hooks.export import neuronpedia as npd
 from decomp_hooks.export.format import dir_names
@@ -211,15 +213,18 @@ def component_view(c: int, stats: ComponentStats, contexts: Contexts, tokenizer:
 def build_dashboards(dec: Any, data: Any, out: str | Path, sites: str | list[str] | None = None,
                      components: list[int] | None = None, tokenizer: Any = None, config: DashboardConfig | None = None,
                      model_name: str | None = None, dataset: str = "", overwrite: bool = False,
-                     progress: bool = True, harvest: Harvest | str | Path | None = None) -> dict[str, Path]:
+                     progress: bool = True, harvest: Harvest | str | Path | None = None,
+                     clusters: Any = None) -> dict[str, Path]:
     """Write `<out>/<site>.html` (one page per site), `<out>/<site>.neuronpedia.json`, `index.html` and
     `dashboard.json` atomically; returns `{site: page}`. `data`: token ids (a tensor `[n, seq]` or batches of them,
     e.g. `TokenBatches`), streamed twice (statistics, then the top contexts). `harvest`: a finished harvest of `dec`
     (`decomp_hooks.harvest`, or its directory) whose statistics, top contexts and PMI tokens are shown instead, with
     no pass over data (pass data=None). `components` restricts every site to those indices; only components that
-    fire are shown."""
+    fire are shown. `clusters` (`dh.cluster`'s result, or its clusters.json) adds `clusters.html`, linked from the
+    index, whose members link to their components' cards."""
     cfg = config_or_default(config, DashboardConfig)
     replace = store.replaceable_dir(out, overwrite, DashboardError, inputs=(dec.run_dir,))
+    clusters = read_clusters(clusters) if isinstance(clusters, (str, Path)) else clusters  # refused before the pass
     names = select_sites(dec, sites)
     chosen = {n: select_components(dec.cm.component(n).C, components, n) for n in names}
     tokenizer = tokenizer if tokenizer is not None else getattr(dec.model, "tokenizer", None)
@@ -254,8 +259,11 @@ def build_dashboards(dec: Any, data: Any, out: str | Path, sites: str | list[str
                                  n_tokens=seq_len, dataset=dataset, features=shown[n])
             store.write_json(tmp / f"{files[n]}.neuronpedia.json", npj)
             pages[n], summary[n] = Path(out) / site_info["page"], site_info
+        if clusters is not None:
+            write_cluster_page(clusters, tmp / "clusters.html", pages={n: summary[n]["page"] for n in names})
         store.write_text(tmp / "index.html", render.render("index.html.j2", sites=list(summary.values()),
-                                                           model=context["model_name"], dataset=dataset))
+                                                           model=context["model_name"], dataset=dataset,
+                                                           clusters=clusters is not None))
         store.write_json(tmp / "dashboard.json", {"format": INDEX_FORMAT, "version": 1, "model": context["model_name"],
                                                   "dataset": dataset, "sites": summary,
                                                   "components": {n: shown[n] for n in names}})
