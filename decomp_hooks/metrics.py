@@ -6,6 +6,8 @@ causal importances ``ci`` are [..., C]. All functions are pure and never modify 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,9 @@ def ci_l0(ci: Tensor, threshold: float) -> float:
 
 
 def mmcs_ml2r(V: Tensor, U: Tensor, W: Tensor, group_size: int = 1) -> tuple[float, float]:
-    """Mean max cosine similarity and mean L2 ratio of the best component per feature column ``W[:, j]``.
+    """Mean max cosine similarity and mean L2 ratio of the best component per feature column ``W[:, j]``, among the
+    non-negligible components (`non_negligible`): a dead component of norm ~0 that happens to point along a feature
+    must not stand in for the component that carries it.
 
     Component c's contribution to column j is ``V[j, c] * U[c, :]``; it is never materialised: its dot product with
     ``W[:, j]`` is ``V[j, c] * (U @ W)[c, j]`` and its norm ``|V[j, c]| * ||U[c]||``. With ``group_size`` g > 1
@@ -40,7 +44,8 @@ def mmcs_ml2r(V: Tensor, U: Tensor, W: Tensor, group_size: int = 1) -> tuple[flo
         contrib_norms = V.abs() * U.norm(dim=1)  # [d_in, C]
     w_norms = W.norm(dim=0)  # [d_in]
     cos = dots / (contrib_norms * w_norms[:, None]).clamp_min(_EPS)
-    best_cos, best_c = cos.max(dim=1)
+    live = non_negligible(V, U, group_size=group_size)
+    best_cos, best_c = cos.masked_fill(~live, -math.inf).max(dim=1) if live.any() else cos.max(dim=1)
     ratio = contrib_norms.gather(1, best_c[:, None]).squeeze(1) / w_norms.clamp_min(_EPS)
     return best_cos.mean().item(), ratio.mean().item()
 
@@ -138,10 +143,15 @@ def norms(V: Tensor, U: Tensor, group_size: int = 1) -> Tensor:
     return gram.sum((1, 2)).clamp_min(0).sqrt()
 
 
-def n_non_negligible(V: Tensor, U: Tensor, rel: float = 0.05, group_size: int = 1) -> int:
-    """How many components have norm >= ``rel`` times the site's largest (all-zero components never count)."""
+def non_negligible(V: Tensor, U: Tensor, rel: float = 0.05, group_size: int = 1) -> Tensor:
+    """Which components have norm >= ``rel`` times the site's largest (all-zero components never count), `[C]`."""
     component_norms = norms(V, U, group_size)
-    return int(((component_norms >= rel * component_norms.max()) & (component_norms > 0)).sum())
+    return (component_norms >= rel * component_norms.max()) & (component_norms > 0)
+
+
+def n_non_negligible(V: Tensor, U: Tensor, rel: float = 0.05, group_size: int = 1) -> int:
+    """How many components are non-negligible (`non_negligible`)."""
+    return int(non_negligible(V, U, rel, group_size).sum())
 
 
 def kl_logits(pred_logits: Tensor, target_logits: Tensor) -> Tensor:

@@ -50,6 +50,20 @@ def test_mmcs_ignores_zero_components_and_sign_of_factors(W: torch.Tensor) -> No
     assert ml2r == pytest.approx(1.0, abs=1e-6)
 
 
+def test_a_dead_component_along_a_feature_does_not_stand_in_for_the_live_one(W: torch.Tensor) -> None:
+    """Seen in VPD runs: a component of norm ~1e-3 pointing exactly along feature 0 while the live one is 0.9994
+    aligned; the match (and so ML2R) must be the live component."""
+    V, U = perfect_components(W)
+    tilt = 0.03 * torch.randn(3, generator=torch.Generator().manual_seed(2))
+    U[0] = W[:, 0] + tilt  # the live component of feature 0, slightly off
+    V_dead, U_dead = torch.zeros(5, 1), 1e-3 * W[:, :1].T.clone()
+    V_dead[0, 0] = 1.0
+    mmcs, ml2r = metrics.mmcs_ml2r(torch.cat([V, V_dead], 1), torch.cat([U, U_dead]), W)
+    live_cos = F.cosine_similarity(U[0], W[:, 0], dim=0).item()
+    assert mmcs == pytest.approx((live_cos + 4) / 5, abs=1e-6)
+    assert ml2r == pytest.approx(((U[0].norm() / W[:, 0].norm()).item() + 4) / 5, abs=1e-6)
+
+
 def test_mmcs_penalises_anti_aligned_and_mixed_components(W: torch.Tensor) -> None:
     V, U = perfect_components(W)
     assert metrics.mmcs_ml2r(V, -U, W)[0] == pytest.approx(0.0, abs=1e-6)  # anti-aligned loses to zero ones
