@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from decomp_hooks.cli.dashboard import load_run
+from decomp_hooks.cli.runs import load_run
 from decomp_hooks.cli.export import check_tokens, load_tokens
 from decomp_hooks.cli.options import NumberRange, check_out, device_option
 

@@ -6,27 +6,9 @@ from typing import Any
 
 import click
 
-from decomp_hooks.cli.export import check_tokens, decomposition_dir, load_model, load_tokens
+from decomp_hooks.cli.export import check_tokens, load_tokens
 from decomp_hooks.cli.options import check_out, device_option
-
-
-def load_run(run_dir: Path, model_dir: Path | None, device: Any) -> tuple[Any, Any]:
-    """The decomposition in RUN_DIR re-attached to the --model directory (or its saved toy target) on `device`, and a
-    tokenizer."""
-    import decomp_hooks as dh
-    from decomp_hooks.sites import SiteError
-
-    path = decomposition_dir(run_dir)
-    model = tokenizer = None
-    if model_dir is not None:
-        model, tokenizer = load_model(model_dir)
-    try:
-        return dh.load(path, model=model, device=device), tokenizer
-    except dh.FingerprintError as err:
-        raise click.BadParameter(str(err), param_hint="--model") from None
-    except (SiteError, ValueError) as err:
-        hint = " For a language-model run pass --model <local HF model directory>." if model is None else ""
-        raise click.ClickException(f"{err}{hint}") from None
+from decomp_hooks.cli.runs import load_run
 
 
 def parse_components(values: tuple[str, ...]) -> list[int] | None:

@@ -130,8 +130,10 @@ def export_command(run_dir: Path, out_dir: Path, fmt: str, sites: tuple[str, ...
     run pass --model DIR, a local Hugging Face model directory loaded with
     transformers.AutoModelForCausalLM.from_pretrained(DIR) (plus its tokenizer,
     if it has one, for --data text and the token strings of neuronpedia.json);
-    its weights must be the decomposed ones (checked by fingerprint). Runs on
-    TransformerLens models export from Python: dec.export(...).
+    its weights must be the decomposed ones (checked by fingerprint). Without
+    --model, a run whose config has a `model:` section (e.g. `decompose
+    lm/small_vpd`) loads that model. Runs on TransformerLens models export from
+    Python: dec.export(...).
 
     \b
     Examples:
@@ -148,34 +150,19 @@ def export_command(run_dir: Path, out_dir: Path, fmt: str, sites: tuple[str, ...
     """
     import warnings
 
-    import decomp_hooks as dh
     from decomp_hooks.cli.options import check_out
+    from decomp_hooks.cli.runs import load_run
     from decomp_hooks.data import DataError
     from decomp_hooks.export import ExportError, load_export
-    from decomp_hooks.sites import SiteError
 
     if ci_gated and fmt == "transcoder":
         raise click.BadParameter("--ci-gated needs --format decomp_signed_transcoder (or signed).", param_hint="--ci-gated")
     check_out(out_dir, force, run_dir)
-    path = decomposition_dir(run_dir)
-    model = tokenizer = None
-    if model_dir is not None:
-        model, tokenizer = load_model(model_dir)
-    try:
-        dec = dh.load(path, model=model, device=device)
-    except dh.FingerprintError as err:
-        raise click.BadParameter(str(err), param_hint="--model") from None
-    except SiteError as err:
-        hint = "" if model is None else " (--model must be the model the run decomposed, with the same module names)"
-        raise click.ClickException(f"{err}{hint}") from None
-    except ValueError as err:
-        if model is None:
-            raise click.ClickException(f"{err} For a language-model run pass --model <local HF model directory>.") from None
-        raise click.ClickException(str(err)) from None
+    dec, tokenizer = load_run(run_dir, model_dir, device)
     data = None
     if data_file is not None:
         data = check_tokens(dec, load_tokens(data_file, tokenizer, context_length, batch_size), data_file)
-    elif model is None and samples > 0:
+    elif samples > 0:
         from decomp_hooks.toy import ToyModel, toy_sampler
 
         if isinstance(dec.model, ToyModel):
@@ -185,7 +172,7 @@ def export_command(run_dir: Path, out_dir: Path, fmt: str, sites: tuple[str, ...
         try:
             dirs = dec.export(out_dir, format=fmt, sites=list(sites) or None, data=data, overwrite=force,
                               ci_gated=ci_gated, model_name=model_name, tokenizer=tokenizer, batch_size=batch_size,
-                              provenance={"source_path": str(path)})
+                              provenance={"source_path": str(decomposition_dir(run_dir))})
         except (ExportError, DataError) as err:
             if "pattern" in str(err):
                 raise click.BadParameter(str(err), param_hint="--sites") from None

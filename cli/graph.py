@@ -7,32 +7,11 @@ from typing import Any
 
 import click
 
-from decomp_hooks.cli.dashboard import load_run
-from decomp_hooks.cli.export import decomposition_dir
+from decomp_hooks.cli.runs import load_run
 from decomp_hooks.cli.options import NumberRange, check_out, device_option
 
 #: the option a GraphError is about, by the first word of its message
 PARAMS = {"prompt": "--prompt", "target": "--target", "slug": "--slug"}
-
-
-def load_configured(run_dir: Path, device: Any) -> tuple[Any, Any] | None:
-    """The decomposition in RUN_DIR on the model its config's `model:` section names (a language-model run), with
-    that model's tokenizer; None for runs without one."""
-    import decomp_hooks as dh
-    from decomp_hooks.config import from_dict
-    from decomp_hooks.decomposition import read_meta
-    from decomp_hooks.lm.model import ModelConfig, load_model
-
-    path = decomposition_dir(run_dir)
-    section = read_meta(path)["config"].get("model") or {}
-    if not section.get("source"):
-        return None
-    loaded = load_model(from_dict(ModelConfig, section), device, progress=False)
-    try:
-        return dh.load(path, model=loaded.model, device=device), loaded.tokenizer
-    except dh.FingerprintError as err:
-        raise click.ClickException(f"{err} The configured model {section['source']!r} is not the one this run "
-                                   "decomposed; pass --model <its directory>.") from None
 
 
 def read_prompt(prompt: str, dec: Any) -> Any:
@@ -110,8 +89,7 @@ def graph_command(run_dir: Path, prompt: str, out: Path, model_dir: Path | None,
     from decomp_hooks.graph import GraphError
 
     check_out(out, force, run_dir)
-    loaded = load_configured(run_dir, device) if model_dir is None else None
-    dec, tokenizer = loaded or load_run(run_dir, model_dir, device)
+    dec, tokenizer = load_run(run_dir, model_dir, device)
     try:
         graph = dec.attribution_graph(read_prompt(prompt, dec), target=read_targets(targets, dec), threshold=threshold,
                                       node_threshold=node_threshold, edge_threshold=edge_threshold,

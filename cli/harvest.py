@@ -6,29 +6,9 @@ from typing import Any
 
 import click
 
-from decomp_hooks.cli.dashboard import load_run
-from decomp_hooks.cli.export import check_tokens, decomposition_dir, load_tokens
+from decomp_hooks.cli.runs import load_run
+from decomp_hooks.cli.export import check_tokens, load_tokens
 from decomp_hooks.cli.options import device_option
-
-
-def load_run_model(run_dir: Path, model_dir: Path | None, device: Any) -> tuple[Any, Any]:
-    """The decomposition in RUN_DIR on the --model directory, else on the model its config's `model:` section names
-    (e.g. the small_lm asset), else on its saved toy target; and the model's tokenizer."""
-    import decomp_hooks as dh
-    from decomp_hooks.config import DecomposeConfig, from_dict
-    from decomp_hooks.decomposition import read_meta
-    from decomp_hooks.lm.model import load_model
-
-    path = decomposition_dir(run_dir)
-    source = from_dict(DecomposeConfig, read_meta(path)["config"]).model
-    if model_dir is not None or source is None or source.source is None:
-        return load_run(run_dir, model_dir, device)
-    loaded = load_model(source, device)
-    try:
-        return dh.load(path, model=loaded.model, device=device), loaded.tokenizer
-    except dh.FingerprintError as err:
-        raise click.ClickException(f"{err} (the run's config names model {source.source!r}; pass --model DIR for "
-                                   "another copy)") from None
 
 
 @click.command("harvest")
@@ -83,7 +63,7 @@ def harvest_command(run_dir: Path, data_path: Path, n_tokens: int | None, out: P
     try:
         cfg = HarvestConfig(batch_size=batch_size, top_k=top_k, window=window, pmi_top=pmi_top,
                             token_counts=token_counts, checkpoint_every=checkpoint_every)
-        dec, tokenizer = load_run_model(run_dir, model_dir, device)
+        dec, tokenizer = load_run(run_dir, model_dir, device)
         data = check_tokens(dec, load_tokens(data_path, tokenizer, context_length, batch_size), data_path)
         result = harvest(dec, data, n_tokens, out, cfg, resume=resume, overwrite=force, dataset=str(data_path),
                          progress=not no_progress)

@@ -244,7 +244,8 @@ def test_the_same_config_runs(root, tmp_path):
 
 
 def test_the_default_recipe_fits_a_shorter_model_context(root, tmp_path):
-    """Without a config there is nothing for the user to edit: the recipe's 128-token rows shrink to the model's 32.
+    """Without a config there is nothing for the user to edit: the recipe's 128-token rows shrink to the model's 32;
+    the run's tools then find the model through its config.
     (A 512-token vocabulary keeps the recipe's held-out evaluation, KL over the vocabulary, to seconds.)"""
     from decomp_hooks.toy.lm import train_tokenizer
 
@@ -259,6 +260,8 @@ def test_the_default_recipe_fits_a_shorter_model_context(root, tmp_path):
                                        "--steps", "1", "--out", str(out), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert f"context_length: {N_POSITIONS}" in (out / "config.yaml").read_text()
+    exported = CliRunner().invoke(main, ["export", str(out), str(tmp_path / "sae")])  # no --model: the run's config names it
+    assert exported.exit_code == 0 and (tmp_path / "sae" / "export.json").is_file(), exported.output
 
 
 # (id, the `data:` section of a call without data, error class, regex): dh.decompose(model) reads the config's text
