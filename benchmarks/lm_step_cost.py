@@ -1,5 +1,6 @@
 """The cost of one decomposition step on a language model, as a multiple of one forward + backward of the target on
-the same batch, with tokens per second and peak memory (docs/lm.md#memory-and-speed).
+the same batch, with tokens per second, peak memory and the cost model's floor of the step (benchmarks/cost_model.py)
+beside it as a ratio (docs/lm.md#memory-and-speed).
 
     python benchmarks/lm_step_cost.py lm/small_spd lm/small_vpd
     python benchmarks/lm_step_cost.py lm/smollm2_all --layers 0 1 --c-scale 0.25 --batch-size 4 --context 64
@@ -15,6 +16,7 @@ import argparse
 import time
 
 import torch
+from cost_model import Rates, compute_dtype, model_ms
 
 
 def target_step_s(model: torch.nn.Module, batch: torch.Tensor, repeats: int, device: torch.device) -> float:
@@ -77,10 +79,13 @@ def measure(path: str, args: argparse.Namespace) -> dict:
     steps = [r for r in dec.metrics if "time_per_step_s" in r]
     step = steps[-1]["time_per_step_s"]
     n_tokens = batch.numel()
+    rates = Rates.measure(device, compute_dtype(cfg, device))
+    floor_ms, table = model_ms(dec, batch, rates)
     return {"config": path, "device": str(device), "sites": len(dec.site_names),
             "C": sum(dec.cm.component(n).C for n in dec.site_names), "batch": tuple(batch.shape),
             "target_fwd_bwd_s": base, "step_s": step, "ratio": step / base, "tokens_per_s": n_tokens / step,
-            "peak_memory_mb": steps[-1].get("peak_memory_mb")}
+            "peak_memory_mb": steps[-1].get("peak_memory_mb"), "model_ms": floor_ms, "model_table": table,
+            "rates": rates.label}
 
 
 def main() -> None:
@@ -96,14 +101,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    rows = [measure(path, args) for path in args.configs]
+    for r in rows:
+        print(f"{r['config']}: cost model {r['model_ms']:.1f} ms per step ({r['rates']})\n{r['model_table']}")
     print(f"{'config':<34}{'device':>7}{'sites':>6}{'C':>8}{'batch':>10}{'target f+b s':>13}{'step s':>9}"
-          f"{'× target':>9}{'tokens/s':>10}{'peak MB':>9}")
-    for path in args.configs:
-        r = measure(path, args)
+          f"{'× target':>9}{'tokens/s':>10}{'peak MB':>9}{'model s':>9}{'× model':>8}")
+    for r in rows:
         peak = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
         print(f"{r['config']:<34}{r['device']:>7}{r['sites']:>6}{r['C']:>8}{'x'.join(map(str, r['batch'])):>10}"
-              f"{r['target_fwd_bwd_s']:>13.4f}{r['step_s']:>9.4f}{r['ratio']:>9.1f}{r['tokens_per_s']:>10.0f}{peak:>9}",
-              flush=True)
+              f"{r['target_fwd_bwd_s']:>13.4f}{r['step_s']:>9.4f}{r['ratio']:>9.1f}{r['tokens_per_s']:>10.0f}{peak:>9}"
+              f"{r['model_ms'] / 1000:>9.4f}{1000 * r['step_s'] / r['model_ms']:>8.1f}")
 
 
 if __name__ == "__main__":

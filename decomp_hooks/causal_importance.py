@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -97,82 +96,99 @@ def _mlp1_forward(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch
     return (F.gelu(h.unsqueeze(-1) * w1 + b1) * w2).sum(-1) + b2
 
 
-def _mlp1_backward(dz: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor
-                   ) -> tuple[torch.Tensor, ...]:
-    """dz, ∂h, and the per-position terms whose sums over positions are ∂b1, ∂w1 and ∂w2; GELU' = Φ + x·φ."""
-    pre = h.unsqueeze(-1) * w1 + b1
+def _gelu_parts(pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Φ(pre) and GELU'(pre) = Φ + pre·φ, with one erf and one exp per element (GELU = pre·Φ). φ's exp is written
+    as exp2: inductor stores any reused CPU term containing `exp` (here 52 MB per TMS 40-10 site, its page faults
+    and traffic tripling the backward), and recomputes one containing `exp2` inside the loop that reads it."""
     cdf = 0.5 * (1 + torch.erf(pre * _SQRT_HALF))
-    dpre = dz.unsqueeze(-1) * w2 * (cdf + pre * torch.exp(-0.5 * pre * pre) * _INV_SQRT_2PI)
-    return dz, (dpre * w1).sum(-1), dpre, dpre * h.unsqueeze(-1), dz.unsqueeze(-1) * pre * cdf
+    return cdf, cdf + pre * torch.exp2(pre * pre * _HALF_LOG2E) * _INV_SQRT_2PI
 
 
-_SQRT_HALF, _INV_SQRT_2PI = math.sqrt(0.5), 1 / math.sqrt(2 * math.pi)
-
-#: rows × C × hidden elements of one backward block on CPU (2 MiB of fp32 per [rows, C, hidden] term)
-_CPU_BLOCK_ELEMENTS = 2**19
-
-
-def _mlp1_grads(kernel: Callable, rows: list[torch.Tensor], h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
-                w2: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Gradients for (h, w1, b1, w2, b2): the backward kernel on blocks of rows (positions), its per-position terms
-    summed block by block. On CPU the blocks keep those [rows, C, hidden] terms in cache; written out whole they cost
-    page faults and memory traffic (52 MB each at batch 4096, C 200, hidden 16: over half of a TMS 40-10 step)."""
-    C = h.shape[-1]
-    flat = [r.contiguous().view(-1, C) for r in (*rows, h)]
-    n = flat[0].shape[0]
-    block = max(_CPU_BLOCK_ELEMENTS // (C * w1.shape[-1]) if h.device.type == "cpu" else n, 1)
-    dhs, sums = [], []
-    for i in range(0, max(n, 1), block):  # one (empty) block for an empty batch
-        dz, dh, dpre, dw1, dw2 = kernel(*(f[i:i + block] for f in flat), w1, b1, w2)
-        dhs.append(dh)
-        sums.append([dw1.sum(0), dpre.sum(0), dw2.sum(0), dz.sum(0)])
-    dh = dhs[0] if len(dhs) == 1 else torch.cat(dhs)
-    return dh.view(h.shape).to(h.dtype), *(sum(parts[1:], parts[0]) for parts in zip(*sums))
+def _mlp1_forward_with_slope(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """z and its slope ∂z/∂h = Σ w1 w2 GELU'(pre) in one pass: the backward's ∂h is then ∂z·slope, with no second
+    pass over the [positions, C, hidden] elements for it."""
+    pre = h.unsqueeze(-1) * w1 + b1
+    cdf, slope = _gelu_parts(pre)
+    return (pre * cdf * w2).sum(-1) + b2, (slope * (w1 * w2)).sum(-1)
 
 
-class _MLP1(torch.autograd.Function):
-    """The one-hidden-layer per-component MLP with a hand-written backward: its elementwise parts are two functions
-    that torch.compile fuses into one loop each, and the sums over positions stay plain reductions."""
+def _mlp1_param_grads(dz_t: torch.Tensor, h_t: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """∂w1, ∂b1, ∂w2 from ∂z and h laid out [C, positions]: sums over the contiguous last dim, which the compiler
+    turns into one vectorised loop per (component, hidden unit) without writing the [C, hidden, positions] terms."""
+    pre = h_t.unsqueeze(1) * w1.unsqueeze(-1) + b1.unsqueeze(-1)  # [C, hidden, positions], never stored
+    cdf, slope = _gelu_parts(pre)
+    dpre = dz_t.unsqueeze(1) * w2.unsqueeze(-1) * slope
+    return (dpre * h_t.unsqueeze(1)).sum(-1), dpre.sum(-1), (dz_t.unsqueeze(1) * pre * cdf).sum(-1)
 
-    @staticmethod
-    def forward(ctx, h, w1, b1, w2, b2, kernels):
-        ctx.save_for_backward(h, w1, b1, w2)
-        ctx.backward_kernel = kernels[1]
-        return kernels[0](h, w1, b1, w2, b2)
 
-    @staticmethod
-    def backward(ctx, dz):
-        h, w1, b1, w2 = ctx.saved_tensors
-        return (*_mlp1_grads(ctx.backward_kernel, [dz], h, w1, b1, w2), None)
+_SQRT_HALF, _INV_SQRT_2PI, _HALF_LOG2E = math.sqrt(0.5), 1 / math.sqrt(2 * math.pi), -0.5 * math.log2(math.e)
 
 
 def _mlp1_importances(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """σ_lower(z), σ_upper(z) and z of the one-hidden-layer MLP, in one pass."""
-    z = _mlp1_forward(h, w1, b1, w2, b2)
-    return (*_leaky_hard_pair_forward(z), z)
+                      ) -> tuple[torch.Tensor, ...]:
+    """σ_lower(z), σ_upper(z), z and ∂z/∂h of the one-hidden-layer MLP, in one pass."""
+    z, slope = _mlp1_forward_with_slope(h, w1, b1, w2, b2)
+    return (*_leaky_hard_pair_forward(z), z, slope)
 
 
-def _mlp1_importances_backward(d_lower: torch.Tensor, d_upper: torch.Tensor, z: torch.Tensor, h: torch.Tensor,
-                               w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """∂z through both sigmoids, then the MLP's backward."""
-    return _mlp1_backward(_leaky_hard_pair_backward(z, d_lower, d_upper), h, w1, b1, w2)
+class _MLP1Kernels:
+    """The compiled pieces of the one-hidden-layer MLP: its forward (without and with the slope), the parameter
+    gradients, and the forward and backward through both leaky-hard sigmoids."""
+
+    def __init__(self, compiled: bool = True, **kwargs):
+        wrap = (lambda fn, **extra: torch.compile(fn, **kwargs, **extra)) if compiled else (lambda fn, **extra: fn)
+        self.forward = wrap(_mlp1_forward)
+        self.forward_with_slope = wrap(_mlp1_forward_with_slope)
+        # keep the [C, hidden, positions] terms, which read five tensors, inside the loop of the three sums (inductor
+        # stores a term read more than 4 times): 8 ms instead of 22 for TMS 40-10's sites on 2 cores
+        self.param_grads = wrap(_mlp1_param_grads, options={**kwargs.get("options", {}), "realize_reads_threshold": 64})
+        self.importances = wrap(_mlp1_importances)
+        self.pair_backward = wrap(_leaky_hard_pair_backward)
+
+    def grads(self, dz: torch.Tensor, slope: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+              w2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Gradients for (h, w1, b1, w2, b2) from ∂z: ∂h elementwise from the saved slope, the rest summed over
+        positions in one compiled pass."""
+        C = h.shape[-1]
+        dz_t, h_t = dz.reshape(-1, C).t().contiguous(), h.reshape(-1, C).t().contiguous()
+        dw1, db1, dw2 = self.param_grads(dz_t, h_t.to(w1.dtype), w1, b1, w2)
+        return (dz * slope).to(h.dtype), dw1, db1, dw2, dz_t.sum(1)
 
 
-class _MLP1Importances(torch.autograd.Function):
-    """The one-hidden-layer MLP and both leaky-hard sigmoids as one compiled kernel each way."""
+class _MLP1(torch.autograd.Function):
+    """The one-hidden-layer per-component MLP with a hand-written backward, each part one compiled loop."""
 
     @staticmethod
     def forward(ctx, h, w1, b1, w2, b2, kernels):
-        lower, upper, z = kernels[0](h, w1, b1, w2, b2)
-        ctx.save_for_backward(h, w1, b1, w2, z)
-        ctx.backward_kernel = kernels[1]
+        z, slope = kernels.forward_with_slope(h, w1, b1, w2, b2)
+        ctx.save_for_backward(h, w1, b1, w2, slope)
+        ctx.kernels = kernels
+        return z
+
+    @staticmethod
+    def backward(ctx, dz):
+        h, w1, b1, w2, slope = ctx.saved_tensors
+        return (*ctx.kernels.grads(dz.contiguous(), slope, h, w1, b1, w2), None)
+
+
+class _MLP1Importances(torch.autograd.Function):
+    """The one-hidden-layer MLP and both leaky-hard sigmoids as one compiled kernel forward; backward, ∂z through
+    both sigmoids, then the MLP's gradients."""
+
+    @staticmethod
+    def forward(ctx, h, w1, b1, w2, b2, kernels):
+        lower, upper, z, slope = kernels.importances(h, w1, b1, w2, b2)
+        ctx.save_for_backward(h, w1, b1, w2, z, slope)
+        ctx.kernels = kernels
         return lower, upper
 
     @staticmethod
     def backward(ctx, d_lower, d_upper):
-        h, w1, b1, w2, z = ctx.saved_tensors
-        return (*_mlp1_grads(ctx.backward_kernel, [*_dense_grads(z, d_lower, d_upper), z], h, w1, b1, w2), None)
+        h, w1, b1, w2, z, slope = ctx.saved_tensors
+        dz = ctx.kernels.pair_backward(z, *_dense_grads(z, d_lower, d_upper))
+        return (*ctx.kernels.grads(dz, slope, h, w1, b1, w2), None)
 
 
 class PerComponentMLP(nn.Module):
@@ -187,28 +203,31 @@ class PerComponentMLP(nn.Module):
         self.biases = nn.ParameterList(nn.Parameter(torch.zeros(C, b)) for b in dims[1:])
         self.w_out = _kaiming((C, dims[-1]), dims[-1], 1.0)
         self.b_out = nn.Parameter(torch.zeros(C))
-        self.kernels: tuple | None = None
-        self.importance_kernels: tuple | None = None
+        self.kernels: _MLP1Kernels | None = None
 
     def compile(self, **kwargs) -> None:
         """With one hidden layer (the paper's), fuse the elementwise forward and backward with torch.compile; deeper
         MLPs compile as a whole."""
         if len(self.weights) != 1:
             return super().compile(**kwargs)
-        self.kernels = (torch.compile(_mlp1_forward, **kwargs), torch.compile(_mlp1_backward, **kwargs))
-        self.importance_kernels = (torch.compile(_mlp1_importances, **kwargs),
-                                   torch.compile(_mlp1_importances_backward, **kwargs))
+        self.kernels = _MLP1Kernels(**kwargs)
+
+    def _params(self) -> tuple[torch.Tensor, ...]:
+        return self.weights[0].squeeze(1), self.biases[0], self.w_out, self.b_out
 
     def leaky_hard_importances(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """`(σ_lower(z), σ_upper(z))` of this MLP's z in one fused kernel each way, once compiled; else None."""
-        if self.importance_kernels is None:
+        if self.kernels is None:
             return None
-        return _MLP1Importances.apply(h, self.weights[0].squeeze(1), self.biases[0], self.w_out, self.b_out,
-                                      self.importance_kernels)
+        if not torch.is_grad_enabled():
+            return tuple(self.kernels.importances(h, *self._params())[:2])
+        return _MLP1Importances.apply(h, *self._params(), self.kernels)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.kernels is not None:
-            return _MLP1.apply(h, self.weights[0].squeeze(1), self.biases[0], self.w_out, self.b_out, self.kernels)
+            if not torch.is_grad_enabled():
+                return self.kernels.forward(h, *self._params())
+            return _MLP1.apply(h, *self._params(), self.kernels)
         x = h.unsqueeze(-1)  # [..., C, 1]
         for w, b in zip(self.weights, self.biases):
             x = F.gelu(torch.einsum("...ca,cab->...cb", x, w) + b)

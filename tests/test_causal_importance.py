@@ -71,13 +71,10 @@ def _value_and_grads(fn, h):
 
 
 @pytest.mark.parametrize("real_compile", [False, True])
-@pytest.mark.parametrize("rows_per_block", [None, 2])
-def test_fused_per_component_mlp_matches_autograd(real_compile, rows_per_block, monkeypatch):
-    """The compiled path's hand-written backward (GELU' = Φ + xφ) gives autograd's gradients for h and every parameter,
-    over several leading (position) dims, in one block of rows or in blocks of 2 (the last one short); with
-    real_compile the torch.compile'd kernels are checked too."""
-    if rows_per_block:
-        monkeypatch.setattr(causal_importance, "_CPU_BLOCK_ELEMENTS", rows_per_block * 4 * 5)
+def test_fused_per_component_mlp_matches_autograd(real_compile):
+    """The compiled path's hand-written backward (∂h from the forward's slope, the parameter sums over positions in a
+    [C, positions] layout) gives autograd's gradients for h and every parameter, over several leading (position)
+    dims; with real_compile the torch.compile'd kernels are checked too, else the same functions in float64."""
     torch.manual_seed(0)
     dtype = torch.float32 if real_compile else torch.float64
     plain = PerComponentMLP(6, 4, [5]).to(dtype)
@@ -86,8 +83,7 @@ def test_fused_per_component_mlp_matches_autograd(real_compile, rows_per_block, 
     if real_compile:
         fused.compile()
     else:
-        from decomp_hooks.causal_importance import _mlp1_backward, _mlp1_forward
-        fused.kernels = (_mlp1_forward, _mlp1_backward)
+        fused.kernels = causal_importance._MLP1Kernels(compiled=False)
     h = torch.randn(3, 7, 4, dtype=dtype, requires_grad=True)
     tol = {"rtol": 1e-5, "atol": 1e-5} if real_compile else {"rtol": 1e-12, "atol": 1e-12}
     for a, b in zip(_value_and_grads(plain, h), _value_and_grads(fused, h)):
@@ -116,12 +112,9 @@ def test_fused_sigmoid_pair_matches_the_two_sigmoids():
     torch.testing.assert_close(only_lower.grad, grad_of(lower_leaky_hard_sigmoid, z, d_lower))
 
 
-@pytest.mark.parametrize("rows_per_block", [None, 2])
-def test_fused_mlp_importances_match_mlp_then_sigmoids(rows_per_block, monkeypatch):
-    """The compiled MLP + both sigmoids in one kernel each way: the values and gradients (to h and every parameter)
-    of the plain MLP followed by the two leaky-hard sigmoids, with the backward in one block of rows or in several."""
-    if rows_per_block:
-        monkeypatch.setattr(causal_importance, "_CPU_BLOCK_ELEMENTS", rows_per_block * 4 * 5)
+def test_fused_mlp_importances_match_mlp_then_sigmoids():
+    """The compiled MLP + both sigmoids in one kernel forward: the values and gradients (to h and every parameter) of
+    the plain MLP followed by the two leaky-hard sigmoids, and the same values without gradients (evaluation)."""
     torch.manual_seed(0)
     plain, fused = PerComponentMLP(6, 4, [5]), PerComponentMLP(6, 4, [5])
     fused.load_state_dict(plain.state_dict())
@@ -136,6 +129,10 @@ def test_fused_mlp_importances_match_mlp_then_sigmoids(rows_per_block, monkeypat
         results.append((lower, upper, *torch.autograd.grad(loss, [h, *fn.parameters()])))
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        for a, b in zip(fused.leaky_hard_importances(h), results[0][:2]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused(h), z, rtol=1e-5, atol=1e-5)
     assert PerComponentMLP(6, 4, [5]).leaky_hard_importances(h) is None  # not compiled
 
 
