@@ -87,6 +87,27 @@ def test_persistent_sources_survive_checkpoint_and_resume_bit_for_bit(tms52, tmp
     assert resumed.method.adversary.t == whole.method.adversary.t
 
 
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_source_gradient_from_the_main_backward_is_the_adversarial_loss_gradient(tms52, micro_batches):
+    """The sources' gradient read after the step's one backward (divided by the term's weight: coefficient over
+    micro-batches) equals ∂(adversarial loss)/∂r taken alone, as the ascent needs it."""
+    cfg = {**VPD_5_2, "losses": [{**lc, "coeff": 3.0} if lc["type"] == "persistent_pgd_recon" else lc
+                                 for lc in VPD_5_2["losses"]],
+           "train": {**VPD_5_2["train"], "steps": 1, "micro_batch_size": 64 // micro_batches}}
+    dec = dh.decompose(tms52, toy_sampler(tms52), config=cfg, progress=False)
+    vpd, losses = dec.method, []
+    recon = vpd.recon
+    vpd.recon = lambda ctx, masks: losses.append(recon(ctx, masks)) or losses[-1]
+    out = vpd.loss(dec.cm, toy_sampler(tms52)(64 // micro_batches), 0.5)
+    leaves, _, _ = vpd.pending[-1]
+    alone = torch.autograd.grad(losses[-1], list(leaves.values()), retain_graph=True)  # the adversarial loss's
+    (out.total / micro_batches).backward()
+    assert vpd.weight_in_total == 3.0 / micro_batches
+    for leaf, expected in zip(leaves.values(), alone):
+        assert expected.abs().max() > 0
+        torch.testing.assert_close(vpd._loss_grad(leaf), expected, rtol=1e-5, atol=1e-7)
+
+
 def test_frequency_minimality_is_the_beta_part_of_importance_minimality(tms52):
     from decomp_hooks.component_model import CausalImportance
 
@@ -102,6 +123,9 @@ def test_bad_vpd_values_name_the_key():
         dh.load_config({**VPD_5_2, "vpd": {"betas": [0.5, 1.0]}})
     with pytest.raises(ConfigError, match="persistent_pgd_recon"):  # SPD has no adversary to keep
         dh.load_config({**VPD_5_2, "method": "spd"})
+    no_adversary = [{**lc, "coeff": 0.0} if lc["type"] == "persistent_pgd_recon" else lc for lc in VPD_5_2["losses"]]
+    with pytest.raises(ConfigError, match=r"losses\[1\].coeff=0 for persistent_pgd_recon"):
+        dh.load_config({**VPD_5_2, "losses": no_adversary})
 
 
 # -- global CI functions -----------------------------------------------------------------------------------------

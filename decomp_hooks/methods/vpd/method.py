@@ -2,8 +2,9 @@
 masks `g + (1 − g)·r` whose sources r persist across steps (docs/methods/vpd.md).
 
 Each step: `warmup_updates` Adam ascent updates of the sources on the reconstruction loss, then the loss at the
-current sources enters the total (its gradient reaches the components and CI functions through g), its gradient
-with respect to the sources is taken before the main backward and applied after the optimizer step.
+current sources enters the total (its gradient reaches the components and CI functions through g); the same
+backward gives its gradient with respect to the sources (divided by the term's weight in the total), applied after
+the optimizer step.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class VPD(SPD):
         self.adversary = PersistentSources(cfg.vpd)
         self.micro_batches = self.batch_shards // world_size
         self.micro = 0  # which micro-batch of this step comes next
-        self.pending: list[tuple[dict[str, torch.Tensor], float, slice]] = []
+        self.pending: list[tuple[dict[str, torch.Tensor], float, slice]] = []  # (source leaves, lr, rows)
 
     @classmethod
     def validate(cls, cfg: DecomposeConfig) -> None:
@@ -44,6 +45,10 @@ class VPD(SPD):
         check(len(v.betas) == 2 and all(0 <= b < 1 for b in v.betas), f"vpd.betas={v.betas}: two values in [0, 1).")
         check(v.eps > 0, f"vpd.eps={v.eps}: must be > 0.")
         check(v.warmup_updates >= 0, f"vpd.warmup_updates={v.warmup_updates}: must be ≥ 0.")
+        for i, lc in enumerate(cfg.losses):
+            check(lc.type != "persistent_pgd_recon" or lc.coeff > 0,
+                  f"losses[{i}].coeff=0 for persistent_pgd_recon: an adversary that nothing trains against; remove "
+                  "the term (or give it a coefficient > 0).")
 
     def adversarial_recon(self, ctx: StepContext, frac: float) -> torch.Tensor:
         """The persistent adversary's reconstruction loss on this micro-batch (after its warm-up updates). The
@@ -64,8 +69,7 @@ class VPD(SPD):
             self.adversary.ascend(self._source_grads(detached, mine, group, detach_ci=True), lr, t0 + k + 1, rows)
         leaves = {n: s[rows].detach().requires_grad_(True) for n, s in sources.items()}
         loss = self.recon(ctx, pgd_masks(self, ctx, leaves, group, False))
-        grads = torch.autograd.grad(loss, list(leaves.values()), retain_graph=True)
-        self.pending.append((dict(zip(leaves, grads)), lr, rows))
+        self.pending.append((leaves, lr, rows))  # the main backward fills their .grad, read in after_step
         return loss
 
     def _source_grads(self, ctx: StepContext, sources: dict[str, torch.Tensor], group: dict,
@@ -80,10 +84,22 @@ class VPD(SPD):
         the main backward."""
         if self.pending:
             t = self.adversary.t + self.cfg.vpd.warmup_updates + 1
-            for grads, lr, rows in self.pending:
-                self.adversary.ascend(grads, lr, t, rows)
+            for leaves, lr, rows in self.pending:
+                self.adversary.ascend({n: self._loss_grad(r) for n, r in leaves.items()}, lr, t, rows)
             self.adversary.t = t
         self.pending, self.micro = [], 0
+
+    @property
+    def weight_in_total(self) -> float:
+        """d(backward's objective)/d(adversarial loss): the term's coefficient over the micro-batches that the
+        trainer's backward divides each micro-batch's total by."""
+        coeff = next(lc.coeff for lc in self.cfg.losses if lc.type == "persistent_pgd_recon")
+        return coeff / self.micro_batches
+
+    def _loss_grad(self, leaf: torch.Tensor) -> torch.Tensor:
+        """∂(adversarial loss)/∂r of one micro-batch's sources: the gradient the main backward left on the leaf,
+        divided by the term's weight in that backward."""
+        return torch.zeros_like(leaf) if leaf.grad is None else leaf.grad / self.weight_in_total
 
     def step_log(self, frac: float) -> dict[str, float]:
         return {**super().step_log(frac), "adversary_lr": self.adversary.lr(frac)}
