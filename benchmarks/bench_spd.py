@@ -1,4 +1,5 @@
-"""Time per SPD step and peak memory on the toy targets and one SmolLM2-135M MLP site, as a table, with the machine.
+"""Time per SPD step and peak memory on the toy targets and one SmolLM2-135M MLP site, as a table, with the machine,
+and beside each toy's step the floor the cost model puts on it (benchmarks/cost_model.py) and their ratio.
 
     python benchmarks/bench_spd.py                          # TMS 5-2, TMS 40-10, ResidMLP 1L, SmolLM2 site; CPU (+ CUDA)
     python benchmarks/bench_spd.py --no-smollm2 --threads 2 # toys only
@@ -30,6 +31,7 @@ import subprocess
 import sys
 
 import torch
+from cost_model import Rates, compute_dtype, model_ms
 
 CASES = {"tms_5-2": "tms_5-2", "tms_40-10": "tms_40-10", "resid_mlp1": "resid_mlp1",
          "vpd_tms_5-2": "vpd_tms_5-2", "vpd_tms_40-10": "vpd_tms_40-10",
@@ -65,8 +67,13 @@ def run_case(name: str, steps: int, device: str, threads: int) -> dict:
     dec = dh.decompose(model, data, config=config, steps=steps, device=device, progress=False)
     times = [r["time_per_step_s"] for r in dec.metrics if "time_per_step_s" in r][1:]
     ms = 1000 * statistics.median(times)
+    peak = peak_memory_mb(torch.device(device))
+    floor = None
+    if not name.startswith("smollm2"):  # the cost model of the same step, after the timed ones
+        rates = Rates.measure(torch.device(device), compute_dtype(dec.config, torch.device(device)))
+        floor = model_ms(dec, data(dec.config.train.batch_size), rates)[0]
     return {"case": name, "device": device, "threads": threads, "ms_per_step": ms, "steps_per_s": 1000 / ms,
-            "peak_memory_mb": peak_memory_mb(torch.device(device)), "reference_ms": REFERENCE_MS.get(name)}
+            "peak_memory_mb": peak, "reference_ms": REFERENCE_MS.get(name), "model_ms": floor}
 
 
 def smollm2_site(random_weights: bool):
@@ -130,13 +137,19 @@ def run_in(tree: str | None, name: str, steps: int, device: str, threads: int) -
 
 
 def print_comparison(rows: list[dict], baseline: str) -> None:
-    """Per case: the median ms/step here and in the baseline over the alternating rounds, each round, the ratio."""
-    print(f"{'case':12s} {'device':6s} {'here ms':>9s} {'base ms':>9s} {'here/base':>9s}  rounds here | base (ms)")
+    """Per case: the median ms/step here and in the baseline over the alternating rounds, their ratio, the cost
+    model's floor of the step (this tree's, measured in its rounds) and each tree's step over it, each round."""
+    print(f"{'case':14s} {'device':6s} {'here ms':>8s} {'base ms':>8s} {'here/base':>9s} {'model ms':>8s} "
+          f"{'here/model':>10s} {'base/model':>10s}  rounds here | base (ms)")
     for case, device in dict.fromkeys((r["case"], r["device"]) for r in rows):
-        here = [r["ms_per_step"] for r in rows if (r["case"], r["device"], r["tree"]) == (case, device, "here")]
-        base = [r["ms_per_step"] for r in rows if (r["case"], r["device"], r["tree"]) == (case, device, "base")]
+        mine = [r for r in rows if (r["case"], r["device"]) == (case, device)]
+        here = [r["ms_per_step"] for r in mine if r["tree"] == "here"]
+        base = [r["ms_per_step"] for r in mine if r["tree"] == "base"]
+        floors = [r["model_ms"] for r in mine if r["tree"] == "here" and r.get("model_ms")]
         h, b = statistics.median(here), statistics.median(base)
-        print(f"{case:12s} {device:6s} {h:9.1f} {b:9.1f} {h / b:9.3f}  "
+        m = statistics.median(floors) if floors else None
+        ratios = f"{h / m:10.2f} {b / m:10.2f}" if m else f"{'-':>10s} {'-':>10s}"
+        print(f"{case:14s} {device:6s} {h:8.1f} {b:8.1f} {h / b:9.3f} {m or float('nan'):8.1f} {ratios}  "
               f"{' '.join(f'{x:.1f}' for x in here)} | {' '.join(f'{x:.1f}' for x in base)}")
     print(f"baseline: {baseline}")
 
@@ -174,12 +187,15 @@ def main() -> None:
     if args.baseline:
         print_comparison(rows, args.baseline)
         return
-    print(f"{'case':12s} {'device':6s} {'threads':>7s} {'ms/step':>9s} {'steps/s':>8s} {'peak MiB':>9s} {'ref ms':>7s} {'speed-up':>8s}")
+    print(f"{'case':14s} {'device':6s} {'threads':>7s} {'ms/step':>9s} {'steps/s':>8s} {'peak MiB':>9s} {'ref ms':>7s} "
+          f"{'speed-up':>8s} {'model ms':>8s} {'× model':>8s}")
     for r in rows:
         ref = r["reference_ms"] if r["device"] == "cpu" else None  # the reference was timed on a 2-core CPU
         speedup = f"{ref / r['ms_per_step']:.2f}x" if ref else "-"
-        print(f"{r['case']:12s} {r['device']:6s} {r['threads']:7d} {r['ms_per_step']:9.1f} {r['steps_per_s']:8.2f} "
-              f"{r['peak_memory_mb']:9.0f} {ref or '-':>7} {speedup:>8s}")
+        floor = r.get("model_ms")
+        model = f"{floor:8.1f} {r['ms_per_step'] / floor:8.2f}" if floor else f"{'-':>8s} {'-':>8s}"
+        print(f"{r['case']:14s} {r['device']:6s} {r['threads']:7d} {r['ms_per_step']:9.1f} {r['steps_per_s']:8.2f} "
+              f"{r['peak_memory_mb']:9.0f} {ref or '-':>7} {speedup:>8s} {model}")
 
 
 if __name__ == "__main__":

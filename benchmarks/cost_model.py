@@ -12,7 +12,7 @@ the adversary's source gradients, the backward):
 - transcendental evaluations (erf, exp, exp2, tanh, sigmoid, log, GELU: elements of their outputs), at the rate of
   `torch.erf` on 1M cache-resident elements;
 - memory traffic: the operands and results of those GEMMs (every other elementwise op is assumed fused away), at
-  the bandwidth of a 256 MiB copy.
+  the bandwidth of a 64 MiB copy.
 A phase's time is the roofline max(GEMM time + transcendentals / erf rate, bytes / bandwidth); the step's is their
 sum: an implementation whose every GEMM ran as fast as it runs alone, whose transcendentals ran at the vector
 units' rate, and which never touched memory but for its GEMMs. Rates are measured in the same process, on the same
@@ -51,7 +51,7 @@ class Rates:
     def measure(cls, device: torch.device, dtype: torch.dtype = torch.float32) -> "Rates":
         a, b = (torch.randn(2048, 2048, device=device, dtype=dtype) for _ in range(2))
         x = torch.randn(2**20, device=device)
-        big = torch.empty(2**26, device=device)  # 256 MiB
+        big = torch.empty(2**24, device=device)  # 64 MiB: past any core's or GPU's L2
         out = torch.empty_like(big)
         gemm = 2 * 2048**3 / best_time(lambda: a @ b, device)
         trans = x.numel() / best_time(lambda: torch.erf(x), device)

@@ -90,6 +90,21 @@ def test_fused_per_component_mlp_matches_autograd(real_compile):
         torch.testing.assert_close(b, a, **tol)
 
 
+def test_fused_mlp_takes_bf16_inner_acts_as_under_autocast():
+    """Under bf16 autocast the inner acts arrive in bf16 while the MLP's parameters stay fp32: the compiled path
+    computes in fp32, returns ∂h in bf16 and fp32 parameter gradients, equal to the plain MLP's on the same input."""
+    torch.manual_seed(0)
+    plain, fused = PerComponentMLP(6, 4, [5]), PerComponentMLP(6, 4, [5])
+    fused.load_state_dict(plain.state_dict())
+    fused.compile()
+    h = torch.randn(3, 7, 4).to(torch.bfloat16).requires_grad_(True)
+    h32 = h.detach().float().requires_grad_(True)
+    got, want = _value_and_grads(fused, h), _value_and_grads(plain, h32)
+    assert got[1].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in got[2:])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.float(), b, rtol=1e-2, atol=1e-2)
+
+
 def test_fused_sigmoid_pair_matches_the_two_sigmoids():
     """LeakyHardPair: same values, and the gradient to z from both outputs (one-sided leak included) as the pair of
     separate sigmoids, on every region of z and both signs of the upstream gradients."""
