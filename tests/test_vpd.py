@@ -215,3 +215,25 @@ def test_two_ranks_keep_their_own_sources_and_checkpoint_both(tmp_path):
     for rank, whole in ((0, a), (1, b)):  # each rank resumed its own sources from its file: bit for bit
         resumed = load_file(str(tmp_path / f"resumed{rank}.safetensors"))
         assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_paper_4l_recipe_names_the_papers_components_on_its_architecture():
+    """lm/vpd_paper_4l on the paper's 4-layer GELU-MLP Llama shape (vocabulary cut to 64): its 24 matrices with the
+    paper's C per matrix, 38,912 in all, and the paper's CI function and coefficients."""
+    from decomp_hooks.adapters import resolve
+    from decomp_hooks.toy.lm import SimpleLlamaConfig, SimpleLlamaForCausalLM
+
+    cfg = dh.load_config("lm/vpd_paper_4l")
+    shape = SimpleLlamaConfig(vocab_size=64, hidden_size=768, num_hidden_layers=4, num_attention_heads=6,
+                              intermediate_size=3072, max_position_embeddings=512)
+    with torch.device("meta"):
+        model = SimpleLlamaForCausalLM(shape)
+    _, sites, cs = resolve(model, cfg.targets)
+    assert len(sites) == 24 and sum(cs.values()) == 38_912
+    assert {n.rsplit(".", 1)[-1]: c for n, c in cs.items()} == {
+        "q_proj": 512, "k_proj": 512, "v_proj": 1024, "o_proj": 1024, "c_fc": 3072, "down_proj": 3584}
+    assert (cfg.ci.type, cfg.ci.d_model, cfg.ci.n_blocks, cfg.ci.n_heads, cfg.ci.d_ffn) == (
+        "global_shared_transformer", 2048, 8, 16, 8192)
+    assert {lc.type: lc.coeff for lc in cfg.losses} == {
+        "faithfulness": 1e7, "stochastic_recon_subset": 0.5, "persistent_pgd_recon": 0.5, "importance_minimality": 2e-4}
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.data.context_length) == (400_000, 64, 512)
