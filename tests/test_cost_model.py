@@ -4,7 +4,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-
 import decomp_hooks as dh
 from decomp_hooks.toy import toy_sampler
 
