@@ -16,7 +16,7 @@ import argparse
 import time
 
 import torch
-from cost_model import Rates, compute_dtype, model_ms
+from cost_model import Rates, compute_dtype, model_ms, sync
 
 
 def target_step_s(model: torch.nn.Module, batch: torch.Tensor, repeats: int, device: torch.device) -> float:
@@ -39,11 +39,6 @@ def target_step_s(model: torch.nn.Module, batch: torch.Tensor, repeats: int, dev
     for p, flag in zip(params, flags):
         p.requires_grad_(flag)
     return sorted(times[2:])[len(times[2:]) // 2]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def measure(path: str, args: argparse.Namespace) -> dict:
