@@ -138,12 +138,15 @@ class _MLP1Kernels:
     gradients, and the forward and backward through both leaky-hard sigmoids."""
 
     def __init__(self, compiled: bool = True, **kwargs):
-        wrap = (lambda fn, **extra: torch.compile(fn, **kwargs, **extra)) if compiled else (lambda fn, **extra: fn)
+        def wrap(fn, **options):
+            if not compiled:
+                return fn
+            return torch.compile(fn, **{**kwargs, "options": {**kwargs.get("options", {}), **options}})
         self.forward = wrap(_mlp1_forward)
         self.forward_with_slope = wrap(_mlp1_forward_with_slope)
         # keep the [C, hidden, positions] terms, which read five tensors, inside the loop of the three sums (inductor
         # stores a term read more than 4 times): 8 ms instead of 22 for TMS 40-10's sites on 2 cores
-        self.param_grads = wrap(_mlp1_param_grads, options={**kwargs.get("options", {}), "realize_reads_threshold": 64})
+        self.param_grads = wrap(_mlp1_param_grads, realize_reads_threshold=64)
         self.importances = wrap(_mlp1_importances)
         self.pair_backward = wrap(_leaky_hard_pair_backward)
 
