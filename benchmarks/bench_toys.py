@@ -5,10 +5,13 @@ rate, the adversarial (PGD) reconstruction, CI-L0 and time per step; several con
     python benchmarks/bench_toys.py resid_mlp1 --seeds 1
     python benchmarks/bench_toys.py tms_40-10-id --device cuda --fp32 --seeds 3 --workers 3
     python benchmarks/bench_toys.py tms_5-2 vpd_tms_5-2 --seeds 10 --workers 2
+    python benchmarks/bench_toys.py --report runs/a/tms_40-10.jsonl runs/b/vpd_tms_40-10.jsonl
 
 Each seed trains its own target (toy seed = seed, so every config of one seed sees the same target) and decomposes
 it with that seed; workers run seeds in parallel, one torch thread each. Results go to one JSON-lines file per config
-and a table on stdout; with several configs, a last table sets them side by side per seed. SIGTERM or Ctrl-C stops
+and a table on stdout; with several configs, a last table sets them side by side per seed, and with two it says on
+which seeds the second has the lower PGD-probe reconstruction at no higher CI-L0 (VPD against SPD). `--report` prints
+the same tables from JSON-lines files already written (seeds gathered over several runs; a seed's last line counts). SIGTERM or Ctrl-C stops
 every running seed at a checkpoint and starts no further one; the same command with `--resume` continues them.
 """
 from __future__ import annotations
@@ -83,7 +86,8 @@ def stop_on_signal(stop: multiprocessing.synchronize.Event) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("configs", nargs="+", metavar="CONFIG", help="one or more toy configs, run on the same seeds")
+    parser.add_argument("configs", nargs="+", metavar="CONFIG",
+                        help="one or more toy configs, run on the same seeds (with --report: their .jsonl results)")
     parser.add_argument("--seeds", type=int, default=10, help="number of seeds, 0..N-1")
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="override train.steps")
@@ -94,7 +98,11 @@ def main() -> None:
     parser.add_argument("--fp32", action="store_true", help="on CUDA: no bf16 autocast, no TF32 (the CPU runs' arithmetic)")
     parser.add_argument("--resume", action="store_true",
                         help="continue each seed's run in --out from its last checkpoint (written on SIGTERM too)")
+    parser.add_argument("--report", action="store_true", help="run nothing: print the tables of these results files")
     args = parser.parse_args()
+    if args.report:
+        report(args.configs)
+        return
     threads = args.threads or max(1, (torch.get_num_threads()) // args.workers)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -122,6 +130,19 @@ def main() -> None:
         print_side_by_side(results)
 
 
+def report(paths: list[str]) -> None:
+    """The tables of `main` from results files: per file, the last line of each seed."""
+    results = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise SystemExit(f"--report: {path} is not a file; pass the .jsonl results that a run wrote under --out")
+        last = {r["seed"]: r for r in map(json.loads, Path(path).read_text().splitlines())}
+        results[path] = sorted(last.values(), key=lambda r: r["seed"])
+        print_config(path, results[path], results[path][0]["threads"], results[path][0]["device"], str(Path(path).parent))
+    if len(paths) > 1:
+        print_side_by_side(results)
+
+
 def print_config(config: str, results: list[dict], threads: int, device: str, out: str) -> None:
     """Every metric of every seed of one config, and its pass count."""
     keys = [k for k in results[0] if k not in ("config", "device", "threads", "target_train_s", "autocast_bf16")]
@@ -135,18 +156,32 @@ def print_config(config: str, results: list[dict], threads: int, device: str, ou
 
 
 def print_side_by_side(results: dict[str, list[dict]]) -> None:
-    """Per seed, each config's verdict, final PGD-probe reconstruction and total CI-L0 (same seed: same target)."""
+    """Per seed, each config's verdict, final PGD-probe reconstruction and total CI-L0 (same seed: same target); with
+    two configs, whether the second's PGD probe is lower at no higher CI-L0, and on how many seeds."""
     names = [Path(c).stem for c in results]
     by_seed = {c: {r["seed"]: r for r in rs} for c, rs in results.items()}
     seeds = sorted(set().union(*(set(v) for v in by_seed.values())))
-    print("seed | " + " | ".join(f"{n} pass, pgd_probe, CI-L0" for n in names))
+    pair = len(names) == 2
+    print("seed | " + " | ".join(f"{n} pass, pgd_probe, CI-L0" for n in names)
+          + (f" | {names[1]} PGD lower at no higher CI-L0 (PGD ratio, CI-L0 ratio)" if pair else ""))
+    wins = compared = 0
     for seed in seeds:
+        rows = [by_seed[c].get(seed) for c in results]
         cells = []
-        for c in results:
-            r = by_seed[c].get(seed)
+        for r in rows:
             pgd = "-" if r is None or r["pgd_probe"] is None else f"{r['pgd_probe']:.4g}"
             cells.append("-" if r is None else f"{r['pass']}, {pgd}, {r['ci_l0']:.3f}")
+        if pair and None not in rows and rows[0]["pgd_probe"] and rows[1]["pgd_probe"] is not None:
+            a, b = rows
+            win = b["pgd_probe"] < a["pgd_probe"] and b["ci_l0"] <= a["ci_l0"]
+            wins, compared = wins + win, compared + 1
+            cells.append(f"{'yes' if win else 'no'} ({b['pgd_probe'] / a['pgd_probe']:.2f}, {b['ci_l0'] / a['ci_l0']:.2f})")
         print(f"{seed} | " + " | ".join(cells))
+    if pair:
+        counts = [f"{n}: {sum(r['pass'] for r in by_seed[c].values())}/{len(by_seed[c])} pass"
+                  for n, c in zip(names, results)]
+        print(f"\n{'; '.join(counts)}; {names[1]} has the lower PGD probe at no higher CI-L0 on {wins} of {compared} "
+              f"seeds run by both")
 
 
 if __name__ == "__main__":
