@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from decomp_hooks.config import LossConfig, load_config
 from decomp_hooks.sites import SiteError
 from decomp_hooks.methods.spd.method import SPD
 from decomp_hooks.methods.spd.terms.pgd import pgd_recon
-from decomp_hooks.methods.spd.terms.importance_minimality import annealed_p, importance_minimality
+from decomp_hooks.methods.spd.terms.importance_minimality import annealed_beta, annealed_p, importance_minimality
 from decomp_hooks.toy import toy_sampler
 from decomp_hooks.toy.evaluate import passes, toy_metrics
 
@@ -68,6 +69,25 @@ def test_p_annealing():
     lc = LossConfig(type="importance_minimality", pnorm=2.0, p_anneal_final_p=0.5, p_anneal_start_frac=0.2, p_anneal_end_frac=0.6)
     assert annealed_p(lc, 0.1) == 2.0 and annealed_p(lc, 0.9) == 0.5
     assert math.isclose(annealed_p(lc, 0.4), 1.25)
+
+
+def test_beta_annealing_sets_the_frequency_weight_of_each_step():
+    """β runs from `beta` to `beta_anneal_final` over its window; the term at progress t equals the unannealed term
+    at β(t), and the trainer logs β(t)."""
+    lc = LossConfig(type="importance_minimality", pnorm=1.0, beta=1.0, beta_anneal_final=0.5,
+                    beta_anneal_start_frac=0.2, beta_anneal_end_frac=0.5)
+    assert annealed_beta(lc, 0.1) == 1.0 and annealed_beta(lc, 0.9) == 0.5 and math.isclose(annealed_beta(lc, 0.35), 0.75)
+    assert annealed_beta(LossConfig(type="importance_minimality", beta=0.3), 0.9) == 0.3
+    spd = SPD(load_config({"targets": {"linear1": 4}, "losses": [{"type": "stochastic_recon"}, vars(lc)]}))
+    g = torch.rand(6, 4)
+    ci = {"s": CausalImportance(lower=g, upper=g)}
+    ctx = types.SimpleNamespace(ci=ci)
+    got = spd.term(lc, ctx, 0.35)
+    assert torch.allclose(got, importance_minimality(ci, 1.0, lc.eps, 0.75, 1))
+    assert not torch.allclose(got, importance_minimality(ci, 1.0, lc.eps, 1.0, 1))
+    assert spd.step_log(0.35)["importance_beta"] == annealed_beta(lc, 0.35)
+    fixed = {"targets": {"linear1": 4}, "losses": [{"type": "importance_minimality", "beta": 0.5}]}
+    assert "importance_beta" not in SPD(load_config(fixed)).step_log(0.35)
 
 
 ALL_TERMS = ["faithfulness", "importance_minimality", "stochastic_recon", "stochastic_recon_layerwise",

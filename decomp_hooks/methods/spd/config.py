@@ -17,6 +17,9 @@ class LossConfig:
     p_anneal_end_frac: float = 1.0
     eps: float = 1e-12
     beta: float = 0.0
+    beta_anneal_start_frac: float = 1.0
+    beta_anneal_final: float | None = None
+    beta_anneal_end_frac: float = 1.0
     site_coeffs: dict[str, float] = field(default_factory=dict)  # fnmatch glob -> multiplier on those sites (others 1)
     # *_subset terms
     routing: str = "uniform_k_subset"

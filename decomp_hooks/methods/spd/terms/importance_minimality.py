@@ -11,13 +11,25 @@ from decomp_hooks.methods.spd.config import LossConfig
 from decomp_hooks.methods.spd.terms.base import Term
 
 
+def linear_anneal(start: float, final: float | None, start_frac: float, end_frac: float, frac: float) -> float:
+    """v(t) = v₀ + (v_f − v₀)·clip((t/T − f_s)/(f_e − f_s), 0, 1); v₀ throughout when `final` is None."""
+    if final is None:
+        return start
+    t = min(max((frac - start_frac) / max(end_frac - start_frac, 1e-12), 0.0), 1.0)
+    return start + (final - start) * t
+
+
 def annealed_p(loss: LossConfig, frac: float) -> float:
-    """p(t) = p₀ + (p_f − p₀)·clip((t/T − f_s)/(f_e − f_s), 0, 1)."""
-    if loss.p_anneal_final_p is None:
-        return loss.pnorm
-    span = max(loss.p_anneal_end_frac - loss.p_anneal_start_frac, 1e-12)
-    t = min(max((frac - loss.p_anneal_start_frac) / span, 0.0), 1.0)
-    return loss.pnorm + (loss.p_anneal_final_p - loss.pnorm) * t
+    """The minimality exponent p at progress `frac` (`pnorm` annealed to `p_anneal_final_p`)."""
+    return linear_anneal(loss.pnorm, loss.p_anneal_final_p, loss.p_anneal_start_frac, loss.p_anneal_end_frac, frac)
+
+
+def annealed_beta(loss: LossConfig, frac: float) -> float:
+    """The frequency term's weight β at progress `frac` (`beta` annealed to `beta_anneal_final`): a strong frequency
+    term while components form keeps a feature from splitting, a weaker one later gives back CI-L0 and adversarial
+    reconstruction."""
+    return linear_anneal(loss.beta, loss.beta_anneal_final, loss.beta_anneal_start_frac, loss.beta_anneal_end_frac,
+                         frac)
 
 
 def minimality(ci: dict[str, CausalImportance], p: float, eps: float, importance: float, frequency: float,
@@ -45,7 +57,7 @@ def importance_minimality(ci: dict[str, CausalImportance], p: float, eps: float,
 
 
 def _importance(spd, ctx, lc: LossConfig, frac: float) -> torch.Tensor:
-    return importance_minimality(ctx.ci, annealed_p(lc, frac), lc.eps, lc.beta, spd.batch_shards,
+    return importance_minimality(ctx.ci, annealed_p(lc, frac), lc.eps, annealed_beta(lc, frac), spd.batch_shards,
                                  spd.site_weights(ctx, lc))
 
 
