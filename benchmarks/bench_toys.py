@@ -40,9 +40,14 @@ def init_worker(stop: multiprocessing.synchronize.Event) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def stopped() -> bool:
+    """In a worker: whether the parent has asked to start no further seed."""
+    return _stop is not None and _stop.is_set()
+
+
 def run_seed(config: str, seed: int, steps: int | None, device: str, out_root: str, threads: int, fp32: bool,
              resume: bool = False) -> dict | None:
-    if _stop is not None and _stop.is_set():  # stopped: neither train this seed's target nor decompose it
+    if stopped():  # neither train this seed's target nor decompose it
         return None
     torch.set_num_threads(threads)
     import decomp_hooks as dh
@@ -56,7 +61,7 @@ def run_seed(config: str, seed: int, steps: int | None, device: str, out_root: s
     model, _ = make_toy(cfg.target.toy, seed=seed, steps=cfg.target.steps, device=device, progress=False)
     target_s = time.perf_counter() - start
     out = Path(out_root) / f"{Path(config).stem}-s{seed}"
-    if _stop is not None and _stop.is_set():  # stopped while the target trained
+    if stopped():  # while the target trained
         return None
     dec = dh.decompose(model, toy_sampler(model, device), config=cfg, steps=steps, seed=seed, device=device,
                        out_dir=out, resume=resume and (out / "checkpoints").exists(), progress=False)
