@@ -1,0 +1,127 @@
+"""Finished toy decompositions of two configs re-evaluated on many fresh batches: per seed, the PGD probe and the total
+CI-L0 of each with standard errors, and the paired difference (one target per seed; the same batches and the same
+PGD starts for both configs).
+
+A run's own final evaluation reads one batch (2,048 or 4,096 rows), and its CI-L0 moves from batch to batch by about
+as much as VPD and SPD differ on some seeds. This loads each seed's saved decomposition from `bench_toys.py --out`
+directories (`<root>/<config>-s<seed>/decomposition`, the first root that has it), retrains that seed's target (the
+load refuses it if its weights differ from the ones decomposed) and evaluates `--batches` batches.
+
+    python benchmarks/reeval_toys.py resid_mlp1 vpd_resid_mlp1 --runs runs/toys --seeds 10 --batches 20
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+METRICS = ("pgd_probe", "ci_l0")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("configs", nargs=2, metavar="CONFIG", help="the baseline config, then the one compared with it")
+    parser.add_argument("--runs", nargs="+", default=["runs/bench"], metavar="ROOT",
+                        help="bench_toys.py --out directories, searched in order for each seed's run")
+    parser.add_argument("--seeds", type=int, default=10, help="number of seeds, from --first-seed")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--batches", type=int, default=20, help="evaluation batches per seed (each the configs' size)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="append one JSON line per seed to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    records = []
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        record = reevaluate(args.configs, seed, [Path(r) for r in args.runs], args.batches)
+        records.append(record)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(record) + "\n")
+    print_table(args.configs, records)
+
+
+def reevaluate(configs: list[str], seed: int, roots: list[Path], batches: int) -> dict:
+    """One seed: both configs' decompositions on its retrained target, `batches` shared batches each."""
+    import decomp_hooks as dh
+    from decomp_hooks.toy import make_toy, toy_sampler
+
+    cfgs = [dh.load_config(c) for c in configs]
+    targets = {(c.target.toy, c.target.steps) for c in cfgs}
+    if len(targets) != 1:
+        raise SystemExit(f"{configs[0]} and {configs[1]} decompose different targets {sorted(targets)}; pair configs "
+                         "of the same toy.")
+    (toy, steps), = targets
+    model, _ = make_toy(toy, seed=seed, steps=steps, progress=False)
+    decs = [dh.load(find_run(Path(c).stem, seed, roots), model=copy.deepcopy(model)) for c in configs]
+    rows = cfgs[0].train.eval_batch_size or cfgs[0].train.batch_size
+    per_batch = evaluate(decs, toy_sampler(model), batches, rows, seed)
+    record: dict = {"seed": seed, "batches": batches, "rows": rows}
+    for c, values in zip(configs, per_batch):
+        record[Path(c).stem] = {m: mean_se(values[m]) for m in METRICS}
+    for m in METRICS:
+        record[f"{m}_difference"] = mean_se([b - a for a, b in zip(per_batch[0][m], per_batch[1][m])])
+    return record
+
+
+def find_run(stem: str, seed: int, roots: list[Path]) -> Path:
+    """The saved decomposition of `stem` on `seed` in the first root that holds it."""
+    for root in roots:
+        if (path := root / f"{stem}-s{seed}" / "decomposition").is_dir():
+            return path
+    raise SystemExit(f"no {stem}-s{seed}/decomposition under {', '.join(map(str, roots))}; run bench_toys.py "
+                     f"{stem} --first-seed {seed} --seeds 1 --out <root> first, or pass its --out with --runs.")
+
+
+def evaluate(decs: list, sampler, batches: int, rows: int, seed: int) -> list[dict[str, list[float]]]:
+    """Per decomposition, the PGD probe and total CI-L0 on each batch, under the config's own evaluation settings
+    (autocast included); every decomposition sees the same batch and the same random PGD start."""
+    from decomp_hooks.train import autocast
+
+    out: list[dict[str, list[float]]] = [{m: [] for m in METRICS} for _ in decs]
+    for b in tqdm(range(batches), desc=f"seed {seed}", leave=False):
+        torch.manual_seed(1_000_003 * (seed + 1) + b)
+        batch = sampler(rows)
+        for dec, values in zip(decs, out):
+            torch.manual_seed(7_919 * (seed + 1) + b)
+            with torch.no_grad(), autocast(dec.device, dec.config.train):
+                metrics = dec.method.evaluate(dec.cm, batch)
+            values["pgd_probe"].append(metrics["pgd_probe"])
+            values["ci_l0"].append(sum(v for k, v in metrics.items() if k.startswith("l0/")))
+    return out
+
+
+def mean_se(values: list[float]) -> list[float]:
+    """[mean, standard error of the mean]."""
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return [statistics.fmean(values), se]
+
+
+def print_table(configs: list[str], records: list[dict]) -> None:
+    """Per seed: both configs' figures ± standard errors, the paired CI-L0 difference, and the comparison."""
+    a, b = (Path(c).stem for c in configs)
+    print(f"seed | {a}: PGD probe, CI-L0 | {b}: PGD probe, CI-L0 | PGD ratio | CI-L0 {b} − {a} | "
+          f"{b} PGD lower at no higher CI-L0")
+    wins = 0
+    for r in records:
+        (pa, _), (pb, _), (d, se) = r[a]["pgd_probe"], r[b]["pgd_probe"], r["ci_l0_difference"]
+        win = pb < pa and d <= 0
+        wins += win
+        cells = [f"{cell(r[c]['pgd_probe'], '.3e')}, {cell(r[c]['ci_l0'], '.3f')}" for c in (a, b)]
+        print(f"{r['seed']} | {' | '.join(cells)} | {pb / pa:.3f} | {d:+.3f} ± {se:.3f} | {'yes' if win else 'no'}")
+    rows = records[0]["rows"] * records[0]["batches"] if records else 0
+    print(f"\n{b} has the lower PGD probe at no higher CI-L0 on {wins} of {len(records)} seeds "
+          f"({rows} rows per seed; ± one standard error over batches)")
+
+
+def cell(value: list[float], fmt: str) -> str:
+    return f"{value[0]:{fmt}} ± {value[1]:{fmt}}"
+
+
+if __name__ == "__main__":
+    main()

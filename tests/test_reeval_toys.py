@@ -1,0 +1,42 @@
+"""benchmarks/reeval_toys.py: saved toy decompositions re-evaluated on shared batches, on their own targets only."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+import decomp_hooks as dh
+from decomp_hooks.toy import toy_sampler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from reeval_toys import find_run, reevaluate  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def runs(tms52, tmp_path_factory):
+    """A bench_toys-style root holding a short tms_5-2 decomposition of seed 0's target."""
+    root = tmp_path_factory.mktemp("runs")
+    cfg = dh.load_config("tms_5-2")
+    cfg.train.faithfulness_warmup_steps, cfg.train.compile = 0, False
+    dh.decompose(tms52, toy_sampler(tms52), config=cfg, steps=3, seed=0, out_dir=root / "tms_5-2-s0", progress=False)
+    return root
+
+
+def test_both_configs_see_the_same_batches_and_pgd_starts(runs):
+    record = reevaluate(["tms_5-2", "tms_5-2"], 0, [runs], batches=3)
+    assert record["pgd_probe_difference"] == [0.0, 0.0] and record["ci_l0_difference"] == [0.0, 0.0]
+    pgd, se = record["tms_5-2"]["pgd_probe"]
+    assert pgd > 0 and se > 0  # three different batches
+    assert record["rows"] == dh.load_config("tms_5-2").train.batch_size
+
+
+def test_refuses_a_decomposition_of_another_seeds_target(runs):
+    (runs / "tms_5-2-s1").symlink_to(runs / "tms_5-2-s0")
+    with pytest.raises(dh.FingerprintError):
+        reevaluate(["tms_5-2", "tms_5-2"], 1, [runs], batches=1)
+
+
+def test_names_the_missing_run_and_how_to_make_it(runs):
+    with pytest.raises(SystemExit, match="no tms_5-2-s7/decomposition.*bench_toys.py tms_5-2 --first-seed 7"):
+        find_run("tms_5-2", 7, [runs])
