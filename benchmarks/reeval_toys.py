@@ -113,7 +113,7 @@ def print_table(configs: list[str], records: list[dict]) -> None:
         win = pb < pa and d <= 0
         wins += win
         cells = [f"{cell(r[c]['pgd_probe'], '.3e')}, {cell(r[c]['ci_l0'], '.3f')}" for c in (a, b)]
-        print(f"{r['seed']} | {' | '.join(cells)} | {pb / pa:.3f} | {d:+.3f} ± {se:.3f} | {'yes' if win else 'no'}")
+        print(f"{r['seed']} | {' | '.join(cells)} | {pb / pa:.3f} | {d:+.4f} ± {se:.4f} | {'yes' if win else 'no'}")
     rows = records[0]["rows"] * records[0]["batches"] if records else 0
     print(f"\n{b} has the lower PGD probe at no higher CI-L0 on {wins} of {len(records)} seeds "
           f"({rows} rows per seed; ± one standard error over batches)")
