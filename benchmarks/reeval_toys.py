@@ -17,9 +17,12 @@ import json
 import math
 import statistics
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
+
+import decomp_hooks as dh
 
 METRICS = ("pgd_probe", "ci_l0")
 
@@ -48,7 +51,6 @@ def main() -> None:
 
 def reevaluate(configs: list[str], seed: int, roots: list[Path], batches: int) -> dict:
     """One seed: both configs' decompositions on its retrained target, `batches` shared batches each."""
-    import decomp_hooks as dh
     from decomp_hooks.toy import make_toy, toy_sampler
 
     cfgs = [dh.load_config(c) for c in configs]
@@ -78,7 +80,8 @@ def find_run(stem: str, seed: int, roots: list[Path]) -> Path:
                      f"{stem} --first-seed {seed} --seeds 1 --out <root> first, or pass its --out with --runs.")
 
 
-def evaluate(decs: list, sampler, batches: int, rows: int, seed: int) -> list[dict[str, list[float]]]:
+def evaluate(decs: list[dh.Decomposition], sampler: Callable[[int], torch.Tensor], batches: int, rows: int,
+             seed: int) -> list[dict[str, list[float]]]:
     """Per decomposition, the PGD probe and total CI-L0 on each batch, under the config's own evaluation settings
     (autocast included); every decomposition sees the same batch and the same random PGD start."""
     from decomp_hooks.train import autocast
@@ -120,6 +123,7 @@ def print_table(configs: list[str], records: list[dict]) -> None:
 
 
 def cell(value: list[float], fmt: str) -> str:
+    """`mean ± standard error` in one format."""
     return f"{value[0]:{fmt}} ± {value[1]:{fmt}}"
 
 
