@@ -35,13 +35,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10, help="number of seeds, from --first-seed")
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--batches", type=int, default=20, help="evaluation batches per seed (each the configs' size)")
+    parser.add_argument("--pgd-scope", choices=("unique_per_datapoint", "shared_across_batch"), default=None,
+                        help="the PGD probe's sources: per position, or one per site for the whole batch "
+                             "(default: each config's train.eval_pgd_scope)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="append one JSON line per seed to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     records = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        record = reevaluate(args.configs, seed, [Path(r) for r in args.runs], args.batches)
+        record = reevaluate(args.configs, seed, [Path(r) for r in args.runs], args.batches, args.pgd_scope)
         records.append(record)
         if args.out:
             with open(args.out, "a") as f:
@@ -49,8 +52,9 @@ def main() -> None:
     print_table(args.configs, records)
 
 
-def reevaluate(configs: list[str], seed: int, roots: list[Path], batches: int) -> dict:
-    """One seed: both configs' decompositions on its retrained target, `batches` shared batches each."""
+def reevaluate(configs: list[str], seed: int, roots: list[Path], batches: int, pgd_scope: str | None = None) -> dict:
+    """One seed: both configs' decompositions on its retrained target, `batches` shared batches each; `pgd_scope`
+    overrides the configs' PGD-probe scope."""
     from decomp_hooks.toy import make_toy, toy_sampler
 
     cfgs = [dh.load_config(c) for c in configs]
@@ -61,9 +65,12 @@ def reevaluate(configs: list[str], seed: int, roots: list[Path], batches: int) -
     (toy, steps), = targets
     model, _ = make_toy(toy, seed=seed, steps=steps, progress=False)
     decs = [dh.load(find_run(Path(c).stem, seed, roots), model=copy.deepcopy(model)) for c in configs]
+    for dec in decs:
+        dec.method.cfg.train.eval_pgd_scope = pgd_scope or dec.method.cfg.train.eval_pgd_scope
     rows = cfgs[0].train.eval_batch_size or cfgs[0].train.batch_size
     per_batch = evaluate(decs, toy_sampler(model), batches, rows, seed)
-    record: dict = {"seed": seed, "batches": batches, "rows": rows}
+    record: dict = {"seed": seed, "batches": batches, "rows": rows,
+                    "pgd_scope": [dec.method.cfg.train.eval_pgd_scope for dec in decs]}
     for c, values in zip(configs, per_batch):
         record[Path(c).stem] = {m: mean_se(values[m]) for m in METRICS}
     for m in METRICS:

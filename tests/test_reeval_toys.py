@@ -29,12 +29,21 @@ def test_both_configs_see_the_same_batches_and_pgd_starts(runs):
     pgd, se = record["tms_5-2"]["pgd_probe"]
     assert pgd > 0 and se > 0  # three different batches
     assert record["rows"] == dh.load_config("tms_5-2").train.batch_size
+    assert record["pgd_scope"] == ["unique_per_datapoint"] * 2  # the config's own
+
+
+def test_pgd_scope_overrides_the_configs(runs):
+    own = reevaluate(["tms_5-2", "tms_5-2"], 0, [runs], batches=2)
+    shared = reevaluate(["tms_5-2", "tms_5-2"], 0, [runs], batches=2, pgd_scope="shared_across_batch")
+    assert shared["pgd_scope"] == ["shared_across_batch"] * 2
+    assert shared["ci_l0_difference"] == [0.0, 0.0] and shared["tms_5-2"]["ci_l0"] == own["tms_5-2"]["ci_l0"]
+    assert shared["tms_5-2"]["pgd_probe"][0] != own["tms_5-2"]["pgd_probe"][0]  # one source per site, not per row
 
 
 def test_refuses_a_decomposition_of_another_seeds_target(runs):
     (runs / "tms_5-2-s1").symlink_to(runs / "tms_5-2-s0")
     with pytest.raises(dh.FingerprintError):
-        reevaluate(["tms_5-2", "tms_5-2"], 1, [runs], batches=1)
+        reevaluate(["tms_5-2", "tms_5-2"], 1, [runs], batches=2)
 
 
 def test_names_the_missing_run_and_how_to_make_it(runs):
