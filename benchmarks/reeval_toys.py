@@ -65,8 +65,9 @@ def reevaluate(configs: list[str], seed: int, roots: list[Path], batches: int, p
     (toy, steps), = targets
     model, _ = make_toy(toy, seed=seed, steps=steps, progress=False)
     decs = [dh.load(find_run(Path(c).stem, seed, roots), model=copy.deepcopy(model)) for c in configs]
-    for dec in decs if pgd_scope else []:
-        dec.method.cfg.train.eval_pgd_scope = pgd_scope
+    if pgd_scope:
+        for dec in decs:
+            dec.method.cfg.train.eval_pgd_scope = pgd_scope
     rows = cfgs[0].train.eval_batch_size or cfgs[0].train.batch_size
     per_batch = evaluate(decs, toy_sampler(model), batches, rows, seed)
     record: dict = {"seed": seed, "batches": batches, "rows": rows,
