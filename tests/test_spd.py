@@ -11,11 +11,12 @@ from torch import nn
 import decomp_hooks as dh
 from decomp_hooks.adapters import resolve
 from decomp_hooks.component_model import CausalImportance, ComponentModel
-from decomp_hooks.config import LossConfig, load_config
+from decomp_hooks.config import ConfigError, LossConfig, load_config
 from decomp_hooks.sites import SiteError
 from decomp_hooks.methods.spd.method import SPD
 from decomp_hooks.methods.spd.terms.pgd import pgd_recon
-from decomp_hooks.methods.spd.terms.importance_minimality import annealed_beta, annealed_p, importance_minimality
+from decomp_hooks.methods.spd.terms.importance_minimality import (annealed_beta, annealed_gamma, annealed_p,
+                                                                  importance_minimality)
 from decomp_hooks.toy import toy_sampler
 from decomp_hooks.toy.evaluate import passes, toy_metrics
 
@@ -89,6 +90,27 @@ def test_beta_annealing_sets_the_frequency_weight_of_each_step():
     fixed = {"targets": {"linear1": 4}, "losses": [{"type": "importance_minimality", "beta": 0.5}]}
     assert "importance_beta" not in SPD(load_config(fixed)).step_log(0.35)
 
+
+
+def test_smooth_l0_counts_important_components_as_its_width_anneals():
+    """With `gamma`, ψ(g) = g²/(g² + γ²) replaces (g + ε)^p; γ anneals linearly, is logged instead of p, and as it
+    falls a partly important component costs nearly as much as a fully important one."""
+    lc = LossConfig(type="importance_minimality", gamma=1.0, gamma_anneal_final=0.01, gamma_anneal_start_frac=0.0,
+                    beta=0.5)
+    assert annealed_gamma(lc, 0.0) == 1.0 and math.isclose(annealed_gamma(lc, 0.5), 0.505)
+    assert annealed_gamma(LossConfig(type="importance_minimality"), 0.5) is None
+    g = torch.tensor([[0.0, 0.3, 1.0], [0.0, 0.0, 1.0]])
+    ci = {"s": CausalImportance(lower=g, upper=g)}
+    spd = SPD(load_config({"targets": {"linear1": 3}, "losses": [vars(lc)]}))
+    got = spd.term(lc, types.SimpleNamespace(ci=ci), 0.5)
+    gamma = annealed_gamma(lc, 0.5)
+    mu = (g.square() / (g.square() + gamma**2)).mean(0)
+    torch.testing.assert_close(got, (mu + 0.5 * mu * torch.log2(1 + 2 * mu)).sum())
+    assert spd.step_log(0.5) == {"importance_gamma": gamma}
+    late = importance_minimality(ci, 1.0, 1e-12, 0.0, 1, gamma=0.01)
+    assert late.item() == pytest.approx(0.5 + 1.0, rel=1e-3)  # the 0.3 value counts as a whole component
+    with pytest.raises(ConfigError, match=r"losses\[0\].gamma_anneal_final needs a starting width"):
+        load_config({"targets": {"linear1": 3}, "losses": [{"type": "importance_minimality", "gamma_anneal_final": 0.01}]})
 
 ALL_TERMS = ["faithfulness", "importance_minimality", "stochastic_recon", "stochastic_recon_layerwise",
              "stochastic_recon_subset", "ci_masked_recon", "ci_masked_recon_layerwise", "ci_masked_recon_subset",

@@ -20,6 +20,10 @@ class LossConfig:
     beta_anneal_start_frac: float = 1.0
     beta_anneal_final: float | None = None
     beta_anneal_end_frac: float = 1.0
+    gamma: float | None = None  # smooth-L0 width (null: the p-norm)
+    gamma_anneal_start_frac: float = 1.0
+    gamma_anneal_final: float | None = None
+    gamma_anneal_end_frac: float = 1.0
     site_coeffs: dict[str, float] = field(default_factory=dict)  # fnmatch glob -> multiplier on those sites (others 1)
     # *_subset terms
     routing: str = "uniform_k_subset"

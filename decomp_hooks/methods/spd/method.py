@@ -17,7 +17,7 @@ from decomp_hooks.methods.base import Method, StepOutput
 from decomp_hooks.methods.spd.config import LossConfig
 from decomp_hooks.methods.spd.context import StepContext
 from decomp_hooks.methods.spd.terms import TERMS, Term
-from decomp_hooks.methods.spd.terms.importance_minimality import annealed_beta, annealed_p
+from decomp_hooks.methods.spd.terms.importance_minimality import annealed_beta, annealed_gamma, annealed_p
 from decomp_hooks.methods.spd.terms.pgd import pgd_probe
 from decomp_hooks.lm.metrics import ce_summary, lm_metrics
 from decomp_hooks.metrics import ci_l0, kl_logits, mse
@@ -37,7 +37,8 @@ def validate_loss(loss: LossConfig, where: str, terms: dict[str, Term]) -> None:
     check(0 < loss.pnorm < math.inf, f"{where}.pnorm={loss.pnorm}: must be finite and > 0.")
     check(loss.p_anneal_final_p is None or 0 < loss.p_anneal_final_p < math.inf,
           f"{where}.p_anneal_final_p={loss.p_anneal_final_p}: must be finite and > 0 (or null: no annealing).")
-    fracs = ("p_anneal_start_frac", "p_anneal_end_frac", "beta_anneal_start_frac", "beta_anneal_end_frac", "routing_p")
+    fracs = ("p_anneal_start_frac", "p_anneal_end_frac", "beta_anneal_start_frac", "beta_anneal_end_frac",
+             "gamma_anneal_start_frac", "gamma_anneal_end_frac", "routing_p")
     for key in fracs:
         check(0 <= getattr(loss, key) <= 1, f"{where}.{key}={getattr(loss, key)}: must be in [0, 1].")
     check(0 <= loss.beta < math.inf, f"{where}.beta={loss.beta}: must be finite and ≥ 0.")
@@ -45,6 +46,13 @@ def validate_loss(loss: LossConfig, where: str, terms: dict[str, Term]) -> None:
           f"{where}.beta_anneal_final={loss.beta_anneal_final}: must be finite and ≥ 0 (or null: no annealing).")
     check(loss.beta_anneal_final is None or loss.type == "importance_minimality",
           f"{where}.beta_anneal_final: only importance_minimality has a β; remove it from {loss.type!r}.")
+    for key in ("gamma", "gamma_anneal_final"):
+        value = getattr(loss, key)
+        check(value is None or 0 < value < math.inf, f"{where}.{key}={value}: must be finite and > 0 (or null).")
+    check(loss.gamma_anneal_final is None or loss.gamma is not None,
+          f"{where}.gamma_anneal_final needs a starting width: set {where}.gamma too.")
+    check(loss.gamma is None or loss.type in MINIMALITY_TERMS,
+          f"{where}.gamma: only the minimality terms take a smooth-L0 width; remove it from {loss.type!r}.")
     check(0 < loss.eps < 1, f"{where}.eps={loss.eps}: must be in (0, 1).")
     check(0 < loss.step_size < math.inf, f"{where}.step_size={loss.step_size}: must be finite and > 0.")
     check(not loss.site_coeffs or loss.type in MINIMALITY_TERMS,
@@ -108,19 +116,21 @@ class SPD(Method):
         return StepOutput(total, terms, {n: c.lower.detach() for n, c in ctx.ci.items()}, self.step_log(frac))
 
     def step_log(self, frac: float) -> dict[str, float]:
-        """Schedules worth logging at progress `frac`: the minimality exponent p, and β where it is annealed."""
-        p = self.current_p(frac)
-        log = {} if p is None else {"importance_p": p}
+        """Schedules worth logging at progress `frac`: the minimality exponent p (or the smooth-L0 width γ), and β
+        where it is annealed."""
+        minimality = next((lc for lc in self.cfg.losses if lc.type in MINIMALITY_TERMS), None)
+        if minimality is None:
+            log = {}
+        elif minimality.gamma is None:
+            log = {"importance_p": annealed_p(minimality, frac)}
+        else:
+            log = {"importance_gamma": annealed_gamma(minimality, frac)}
         annealed = [lc for lc in self.cfg.losses if lc.beta_anneal_final is not None]
         return {**log, "importance_beta": annealed_beta(annealed[0], frac)} if annealed else log
 
     def term(self, lc: LossConfig, ctx: StepContext, frac: float) -> torch.Tensor:
         """The raw value of one configured loss term."""
         return self.terms[lc.type].fn(self, ctx, lc, frac)
-
-    def current_p(self, frac: float) -> float | None:
-        """The importance-minimality exponent at progress `frac`, or None without that term."""
-        return next((annealed_p(lc, frac) for lc in self.cfg.losses if lc.type in MINIMALITY_TERMS), None)
 
     def site_weights(self, ctx: StepContext, lc: LossConfig) -> dict[str, float]:
         """The importance-minimality multiplier per site from `lc.site_coeffs`, resolved against the sites once."""
