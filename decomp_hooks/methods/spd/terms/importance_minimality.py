@@ -1,7 +1,8 @@
 """Importance minimality, few components causally important per input (an annealed p-norm, or a smooth L0 count
-with an annealed width), and frequency minimality, which penalises components that are important often so that one feature is not split among many
-(docs/methods/spd.md#importance-minimality). The β of importance_minimality folds the frequency term in with
-coefficient β·coeff; `frequency_minimality` is the same term on its own, with its own coefficient."""
+with an annealed width), and frequency minimality, which penalises components that are important often so that one
+feature is not split among many (docs/methods/spd.md#importance-minimality). The β of importance_minimality folds the
+frequency term in with coefficient β·coeff; `frequency_minimality` is the same term on its own, with its own
+coefficient."""
 from __future__ import annotations
 
 import torch
