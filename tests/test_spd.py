@@ -91,7 +91,6 @@ def test_beta_annealing_sets_the_frequency_weight_of_each_step():
     assert "importance_beta" not in SPD(load_config(fixed)).step_log(0.35)
 
 
-
 def test_smooth_l0_counts_important_components_as_its_width_anneals():
     """With `gamma`, ψ(g) = g²/(g² + γ²) replaces (g + ε)^p; γ anneals linearly, is logged instead of p, and as it
     falls a partly important component costs nearly as much as a fully important one."""
@@ -111,6 +110,7 @@ def test_smooth_l0_counts_important_components_as_its_width_anneals():
     assert late.item() == pytest.approx(0.5 + 1.0, rel=1e-3)  # the 0.3 value counts as a whole component
     with pytest.raises(ConfigError, match=r"losses\[0\].gamma_anneal_final needs a starting width"):
         load_config({"targets": {"linear1": 3}, "losses": [{"type": "importance_minimality", "gamma_anneal_final": 0.01}]})
+
 
 ALL_TERMS = ["faithfulness", "importance_minimality", "stochastic_recon", "stochastic_recon_layerwise",
              "stochastic_recon_subset", "ci_masked_recon", "ci_masked_recon_layerwise", "ci_masked_recon_subset",
