@@ -7,6 +7,10 @@ as much as VPD and SPD differ on some seeds. This loads each seed's saved decomp
 directories (`<root>/<config>-s<seed>/decomposition`, the first root that has it), retrains that seed's target (the
 load refuses it if its weights differ from the ones decomposed) and evaluates `--batches` batches.
 
+Batches and PGD starts depend only on the seed and the batch index, so a baseline evaluated once can stand in for its
+decomposition later: `--baseline-record` takes the first config's figures from an earlier `--out` file (same batches,
+PGD scope and rows), and the differences are then of the means, with unpaired standard errors.
+
     python benchmarks/reeval_toys.py resid_mlp1 vpd_resid_mlp1 --runs runs/toys --seeds 10 --batches 20
 """
 from __future__ import annotations
@@ -38,13 +42,19 @@ def main() -> None:
     parser.add_argument("--pgd-scope", choices=("unique_per_datapoint", "shared_across_batch"), default=None,
                         help="the PGD probe's sources: per position, or one per site for the whole batch "
                              "(default: each config's train.eval_pgd_scope)")
+    parser.add_argument("--baseline-record", default=None, metavar="JSONL",
+                        help="take the first config's per-seed figures from this earlier --out file instead of "
+                             "re-evaluating its decomposition")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="append one JSON line per seed to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    baselines = read_baselines(args.baseline_record, seeds) if args.baseline_record else {}
     records = []
-    for seed in range(args.first_seed, args.first_seed + args.seeds):
-        record = reevaluate(args.configs, seed, [Path(r) for r in args.runs], args.batches, args.pgd_scope)
+    for seed in seeds:
+        record = reevaluate(args.configs, seed, [Path(r) for r in args.runs], args.batches, args.pgd_scope,
+                            baselines.get(seed))
         records.append(record)
         if args.out:
             with open(args.out, "a") as f:
@@ -52,9 +62,10 @@ def main() -> None:
     print_table(args.configs, records)
 
 
-def reevaluate(configs: list[str], seed: int, roots: list[Path], batches: int, pgd_scope: str | None = None) -> dict:
+def reevaluate(configs: list[str], seed: int, roots: list[Path], batches: int, pgd_scope: str | None = None,
+               baseline: dict | None = None) -> dict:
     """One seed: both configs' decompositions on its retrained target, `batches` shared batches each; `pgd_scope`
-    overrides the configs' PGD-probe scope."""
+    overrides the configs' PGD-probe scope. With a `baseline` record the first config is read from it, not evaluated."""
     from decomp_hooks.toy import make_toy, toy_sampler
 
     cfgs = [dh.load_config(c) for c in configs]
@@ -64,7 +75,8 @@ def reevaluate(configs: list[str], seed: int, roots: list[Path], batches: int, p
                          "of the same toy.")
     (toy, steps), = targets
     model, _ = make_toy(toy, seed=seed, steps=steps, progress=False)
-    decs = [dh.load(find_run(Path(c).stem, seed, roots), model=copy.deepcopy(model)) for c in configs]
+    evaluated = configs[1:] if baseline is not None else configs
+    decs = [dh.load(find_run(Path(c).stem, seed, roots), model=copy.deepcopy(model)) for c in evaluated]
     if pgd_scope:
         for dec in decs:
             dec.method.cfg.train.eval_pgd_scope = pgd_scope
@@ -72,10 +84,35 @@ def reevaluate(configs: list[str], seed: int, roots: list[Path], batches: int, p
     per_batch = evaluate(decs, toy_sampler(model), batches, rows, seed)
     record: dict = {"seed": seed, "batches": batches, "rows": rows,
                     "pgd_scope": [dec.method.cfg.train.eval_pgd_scope for dec in decs]}
-    for c, values in zip(configs, per_batch):
+    for c, values in zip(evaluated, per_batch):
         record[Path(c).stem] = {m: mean_se(values[m]) for m in METRICS}
+    if baseline is not None:
+        return with_baseline(record, baseline, Path(configs[0]).stem, Path(configs[1]).stem)
     for m in METRICS:
         record[f"{m}_difference"] = mean_se([b - a for a, b in zip(per_batch[0][m], per_batch[1][m])])
+    return record
+
+
+def read_baselines(path: str, seeds: range) -> dict[int, dict]:
+    """An earlier `--out` file's records by seed; every seed asked for must be there."""
+    with open(path) as f:
+        records = {r["seed"]: r for r in map(json.loads, filter(str.strip, f))}
+    if missing := [s for s in seeds if s not in records]:
+        raise SystemExit(f"{path} has no record of seed(s) {missing}; drop them from --seeds or rerun the baseline.")
+    return records
+
+
+def with_baseline(record: dict, baseline: dict, a: str, b: str) -> dict:
+    """`record` (config `b` only) completed with config `a`'s figures from an earlier record of the same batches:
+    differences of the means, standard errors combined as for independent samples."""
+    same = baseline["batches"] == record["batches"] and baseline["rows"] == record["rows"]
+    if a not in baseline or not same or baseline["pgd_scope"][0] != record["pgd_scope"][0]:
+        raise SystemExit(f"the baseline record of seed {record['seed']} is not {a} on {record['batches']} batches of "
+                         f"{record['rows']} rows with {record['pgd_scope'][0]} PGD sources; rerun it or match them.")
+    record = {**record, a: baseline[a], "pgd_scope": [baseline["pgd_scope"][0], *record["pgd_scope"]], "paired": False}
+    for m in METRICS:
+        (ma, sa), (mb, sb) = baseline[a][m], record[b][m]
+        record[f"{m}_difference"] = [mb - ma, math.hypot(sa, sb)]
     return record
 
 

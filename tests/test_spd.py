@@ -55,6 +55,23 @@ def test_importance_minimality_site_weights_scale_their_sites(tms52, spd_config)
         spd.term(LossConfig(type="importance_minimality", site_coeffs={"hidden*": 0.1}), ctx, 0.0)
 
 
+
+def test_layerwise_recon_site_weights_pick_and_scale_sites(tms52, spd_config):
+    """On a `*_layerwise` term `site_coeffs` weights each site's forward in the mean over sites; a site at 0 is not
+    run, and a term with every site at 0 is an error that says so."""
+    cm, spd = spd_setup(tms52, spd_config)
+    ctx = spd.prepare(cm, toy_sampler(tms52)(64))
+    alone = {n: spd.recon(ctx, spd.masks(ctx, "ci", {n: None})) for n in ("linear1", "linear2")}
+    term = LossConfig(type="ci_masked_recon_layerwise")
+    torch.testing.assert_close(spd.term(term, ctx, 0.0), (alone["linear1"] + alone["linear2"]) / 2)
+    term.site_coeffs = {"linear1": 0.0}
+    torch.testing.assert_close(spd.term(term, ctx, 0.0), alone["linear2"] / 2)
+    term.site_coeffs = {"linear1": 0.5}
+    torch.testing.assert_close(spd.term(term, ctx, 0.0), (0.5 * alone["linear1"] + alone["linear2"]) / 2)
+    term.site_coeffs = {"linear*": 0.0}
+    with pytest.raises(ConfigError, match=r"set every site to 0"):
+        spd.term(term, ctx, 0.0)
+
 def test_keep_freed_memory_applies_on_linux_cpu_only():
     import platform
 

@@ -24,6 +24,7 @@ class LossConfig:
     gamma_anneal_start_frac: float = 1.0
     gamma_anneal_final: float | None = None
     gamma_anneal_end_frac: float = 1.0
+    # the minimality terms, stochastic_recon_layerwise and ci_masked_recon_layerwise
     site_coeffs: dict[str, float] = field(default_factory=dict)  # fnmatch glob -> multiplier on those sites (others 1)
     # *_subset terms
     routing: str = "uniform_k_subset"

@@ -19,6 +19,7 @@ from decomp_hooks.methods.spd.context import StepContext
 from decomp_hooks.methods.spd.terms import TERMS, Term
 from decomp_hooks.methods.spd.terms.importance_minimality import annealed_beta, annealed_gamma, annealed_p
 from decomp_hooks.methods.spd.terms.pgd import pgd_probe
+from decomp_hooks.methods.spd.terms.reconstruction import LAYERWISE_TERMS
 from decomp_hooks.lm.metrics import ce_summary, lm_metrics
 from decomp_hooks.metrics import ci_l0, kl_logits, mse
 from decomp_hooks.sites import match_targets
@@ -55,8 +56,9 @@ def validate_loss(loss: LossConfig, where: str, terms: dict[str, Term]) -> None:
           f"{where}.gamma: only the minimality terms take a smooth-L0 width; remove it from {loss.type!r}.")
     check(0 < loss.eps < 1, f"{where}.eps={loss.eps}: must be in (0, 1).")
     check(0 < loss.step_size < math.inf, f"{where}.step_size={loss.step_size}: must be finite and > 0.")
-    check(not loss.site_coeffs or loss.type in MINIMALITY_TERMS,
-          f"{where}.site_coeffs: only the minimality terms take per-site multipliers; remove it from {loss.type!r}.")
+    check(not loss.site_coeffs or loss.type in MINIMALITY_TERMS + LAYERWISE_TERMS,
+          f"{where}.site_coeffs: only {', '.join(MINIMALITY_TERMS + LAYERWISE_TERMS)} take per-site multipliers; "
+          f"remove it from {loss.type!r}.")
     for pattern, w in loss.site_coeffs.items():
         check(w >= 0, f"{where}.site_coeffs[{pattern!r}]={w}: must be ≥ 0.")
     check(loss.routing in ROUTINGS, f"{where}.routing={loss.routing!r}; use 'uniform_k_subset' or 'static_probability'.")
@@ -133,7 +135,7 @@ class SPD(Method):
         return self.terms[lc.type].fn(self, ctx, lc, frac)
 
     def site_weights(self, ctx: StepContext, lc: LossConfig) -> dict[str, float]:
-        """The importance-minimality multiplier per site from `lc.site_coeffs`, resolved against the sites once."""
+        """The per-site multiplier of a term from `lc.site_coeffs`, resolved against the sites once."""
         key = tuple(lc.site_coeffs.items())
         if key not in self._site_weights:
             self._site_weights[key] = match_targets(ctx.ci, lc.site_coeffs, what="site")
