@@ -227,10 +227,10 @@ def model_ms(dec: Any, batch: Any, rates: Rates) -> tuple[float, str]:
 
 
 def compute_dtype(cfg: Any, device: torch.device) -> torch.dtype:
-    """The dtype a run's GEMMs use: bf16 under autocast (`train.autocast_bf16_cpu` on CPUs, `autocast_bf16` on
-    CUDA), else fp32."""
-    bf16 = cfg.train.autocast_bf16_cpu if device.type == "cpu" else cfg.train.autocast_bf16
-    return torch.bfloat16 if bf16 else torch.float32
+    """The dtype a run's GEMMs use: bf16 where it runs under autocast (`uses_autocast`), else fp32."""
+    from decomp_hooks.train.runtime import uses_autocast
+
+    return torch.bfloat16 if uses_autocast(device, cfg.train) else torch.float32
 
 
 def main() -> None:

@@ -9,7 +9,9 @@ load refuses it if its weights differ from the ones decomposed) and evaluates `-
 
 Batches and PGD starts depend only on the seed and the batch index, so a baseline evaluated once can stand in for its
 decomposition later: `--baseline-record` takes the first config's figures from an earlier `--out` file (same batches,
-PGD scope and rows), and the differences are then of the means, with unpaired standard errors.
+PGD scope and rows), and the differences are then of the means, with unpaired standard errors. Records name the
+arithmetic (`bf16`: the ResidMLP configs evaluate under bf16 autocast only on CPUs with bf16 units), and a baseline
+evaluated in another one is pointed out.
 
     python benchmarks/reeval_toys.py resid_mlp1 vpd_resid_mlp1 --runs runs/toys --seeds 10 --batches 20
 """
@@ -67,6 +69,7 @@ def reevaluate(configs: list[str], seed: int, roots: list[Path], batches: int, p
     """One seed: both configs' decompositions on its retrained target, `batches` shared batches each; `pgd_scope`
     overrides the configs' PGD-probe scope. With a `baseline` record the first config is read from it, not evaluated."""
     from decomp_hooks.toy import make_toy, toy_sampler
+    from decomp_hooks.train.runtime import uses_autocast
 
     cfgs = [dh.load_config(c) for c in configs]
     targets = {(c.target.toy, c.target.steps) for c in cfgs}
@@ -83,7 +86,8 @@ def reevaluate(configs: list[str], seed: int, roots: list[Path], batches: int, p
     rows = cfgs[0].train.eval_batch_size or cfgs[0].train.batch_size
     per_batch = evaluate(decs, toy_sampler(model), batches, rows, seed)
     record: dict = {"seed": seed, "batches": batches, "rows": rows,
-                    "pgd_scope": [dec.method.cfg.train.eval_pgd_scope for dec in decs]}
+                    "pgd_scope": [dec.method.cfg.train.eval_pgd_scope for dec in decs],
+                    "bf16": [uses_autocast(dec.device, dec.config.train) for dec in decs]}
     for c, values in zip(evaluated, per_batch):
         record[Path(c).stem] = {m: mean_se(values[m]) for m in METRICS}
     if baseline is not None:
@@ -109,7 +113,12 @@ def with_baseline(record: dict, baseline: dict, a: str, b: str) -> dict:
     if a not in baseline or not same or baseline["pgd_scope"][0] != record["pgd_scope"][0]:
         raise SystemExit(f"the baseline record of seed {record['seed']} is not {a} on {record['batches']} batches of "
                          f"{record['rows']} rows with {record['pgd_scope'][0]} PGD sources; rerun it or match them.")
-    record = {**record, a: baseline[a], "pgd_scope": [baseline["pgd_scope"][0], *record["pgd_scope"]], "paired": False}
+    if baseline.get("bf16", [None])[0] != record["bf16"][0]:
+        arithmetic = {True: "bf16", False: "fp32", None: "unrecorded"}[baseline.get("bf16", [None])[0]]
+        print(f"note: seed {record['seed']}'s baseline was evaluated in {arithmetic} arithmetic, this run in "
+              f"{'bf16' if record['bf16'][0] else 'fp32'} (train.autocast_bf16_cpu and this CPU's bf16 units)")
+    record = {**record, a: baseline[a], "pgd_scope": [baseline["pgd_scope"][0], *record["pgd_scope"]],
+              "bf16": [baseline.get("bf16", [None])[0], *record["bf16"]], "paired": False}
     for m in METRICS:
         (ma, sa), (mb, sb) = baseline[a][m], record[b][m]
         record[f"{m}_difference"] = [mb - ma, math.hypot(sa, sb)]

@@ -66,7 +66,7 @@ class TrainConfig:
     grad_clip_components: float | None = None
     grad_clip_ci_fns: float | None = None
     autocast_bf16: bool = True  # on CUDA; parameters stay fp32
-    autocast_bf16_cpu: bool = False  # on CPUs with bf16 matrix units (AMX/AVX512-BF16) matmuls run ~3× faster
+    autocast_bf16_cpu: bool = False  # bf16 on CPUs with bf16 units (AMX/AVX512-BF16), ~3× faster; fp32 elsewhere
     compile: bool = False  # torch.compile the CI functions: ~2× faster steps after a few seconds of compilation
     tf32: bool = True  # on CUDA, TF32 matmuls inside the training step (the faithfulness warmup stays fp32)
     threads: int | None = None  # CPU torch threads for the run (None: chosen for the work size, docs/usage.md)

@@ -20,6 +20,7 @@ from decomp_hooks.lm.capacity import fill_default_c
 from decomp_hooks.methods import get_method
 from decomp_hooks.train import Trainer, set_seed
 from decomp_hooks.train.held_out import HeldOut
+from decomp_hooks.train.runtime import uses_autocast
 from decomp_hooks.train.run_lock import run_lock
 
 
@@ -136,5 +137,5 @@ def eval_batch_size(cfg: DecomposeConfig, world_size: int) -> int:
 def _provenance(cfg: DecomposeConfig, device: torch.device, cm: ComponentModel, world_size: int) -> dict:
     return {"method": cfg.method, "seed": cfg.seed, "device": str(device), "world_size": world_size,
             "parallel": ("fsdp2" if cfg.train.fsdp else "ddp") if world_size > 1 else None,
-            "autocast_bf16": cfg.train.autocast_bf16 if device.type == "cuda" else cfg.train.autocast_bf16_cpu, "dtype": "float32",
+            "autocast_bf16": uses_autocast(device, cfg.train), "dtype": "float32",
             "versions": package_versions(), "target_class": type(cm.target).__name__}

@@ -1,6 +1,8 @@
 """benchmarks/reeval_toys.py: saved toy decompositions re-evaluated on shared batches, on their own targets only."""
 from __future__ import annotations
 
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import decomp_hooks as dh
 from decomp_hooks.toy import toy_sampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from reeval_toys import find_run, reevaluate  # noqa: E402
+from reeval_toys import find_run, read_baselines, reevaluate  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +51,20 @@ def test_refuses_a_decomposition_of_another_seeds_target(runs):
 def test_names_the_missing_run_and_how_to_make_it(runs):
     with pytest.raises(SystemExit, match="no tms_5-2-s7/decomposition.*bench_toys.py tms_5-2 --first-seed 7"):
         find_run("tms_5-2", 7, [runs])
+
+
+def test_a_baseline_record_stands_in_for_its_decomposition(runs, tmp_path):
+    """Batches and PGD starts follow the seed and batch index only, so a later evaluation repeats the recorded figures;
+    the differences are then of the means with unpaired standard errors, and a record of other batches is refused."""
+    earlier = reevaluate(["tms_5-2", "tms_5-2"], 0, [runs], batches=2, pgd_scope="shared_across_batch")
+    path = tmp_path / "baseline.jsonl"
+    path.write_text(json.dumps(earlier) + "\n")
+    baseline = read_baselines(str(path), range(0, 1))[0]
+    later = reevaluate(["tms_5-2", "tms_5-2"], 0, [runs], batches=2, pgd_scope="shared_across_batch", baseline=baseline)
+    assert later["paired"] is False and later["tms_5-2"] == earlier["tms_5-2"] and later["bf16"] == [False, False]
+    se = earlier["tms_5-2"]["pgd_probe"][1]
+    assert later["pgd_probe_difference"] == [0.0, math.hypot(se, se)]
+    with pytest.raises(SystemExit, match="not tms_5-2 on 3 batches"):
+        reevaluate(["tms_5-2", "tms_5-2"], 0, [runs], batches=3, pgd_scope="shared_across_batch", baseline=baseline)
+    with pytest.raises(SystemExit, match=r"no record of seed\(s\) \[1\]"):
+        read_baselines(str(path), range(0, 2))

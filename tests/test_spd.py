@@ -83,6 +83,22 @@ def test_keep_freed_memory_applies_on_linux_cpu_only():
     assert not keep_freed_memory(torch.device("meta"), TrainConfig())
 
 
+
+def test_cpu_bf16_autocast_only_where_the_cpu_has_bf16_units(monkeypatch):
+    """`autocast_bf16_cpu` runs bf16 on CPUs with AMX/AVX512-BF16; elsewhere (emulated bf16, ~12× slower) fp32 with a
+    warning that names the setting. CUDA follows `autocast_bf16` alone."""
+    from decomp_hooks.config import TrainConfig
+    from decomp_hooks.train import runtime
+
+    cpu, asked = torch.device("cpu"), TrainConfig(autocast_bf16_cpu=True)
+    monkeypatch.setattr(runtime, "cpu_has_bf16_units", lambda: True)
+    assert runtime.uses_autocast(cpu, asked) and not runtime.uses_autocast(cpu, TrainConfig())
+    assert isinstance(runtime.autocast(cpu, asked), torch.autocast)
+    monkeypatch.setattr(runtime, "cpu_has_bf16_units", lambda: False)
+    with pytest.warns(UserWarning, match="train.autocast_bf16_cpu: false"):
+        assert not runtime.uses_autocast(cpu, asked)
+    assert runtime.uses_autocast(torch.device("cuda"), TrainConfig(autocast_bf16=True))
+
 def test_p_annealing():
     lc = LossConfig(type="importance_minimality", pnorm=2.0, p_anneal_final_p=0.5, p_anneal_start_frac=0.2, p_anneal_end_frac=0.6)
     assert annealed_p(lc, 0.1) == 2.0 and annealed_p(lc, 0.9) == 0.5
