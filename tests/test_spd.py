@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import types
+import warnings
 
 import pytest
 import torch
@@ -95,7 +96,11 @@ def test_cpu_bf16_autocast_only_where_the_cpu_has_bf16_units(monkeypatch):
     assert runtime.uses_autocast(cpu, asked) and not runtime.uses_autocast(cpu, TrainConfig())
     assert isinstance(runtime.autocast(cpu, asked), torch.autocast)
     monkeypatch.setattr(runtime, "cpu_has_bf16_units", lambda: False)
+    runtime.warn_no_bf16_units.cache_clear()
     with pytest.warns(UserWarning, match="train.autocast_bf16_cpu: false"):
+        assert not runtime.uses_autocast(cpu, asked)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
         assert not runtime.uses_autocast(cpu, asked)
     assert runtime.uses_autocast(torch.device("cuda"), TrainConfig(autocast_bf16=True))
 

@@ -50,10 +50,16 @@ def uses_autocast(device: torch.device, train: TrainConfig) -> bool:
         return False
     if cpu_has_bf16_units():
         return True
+    warn_no_bf16_units()
+    return False
+
+
+@functools.cache
+def warn_no_bf16_units() -> None:
+    """Say once per process that `autocast_bf16_cpu` falls back to fp32 here, and why."""
     warnings.warn("train.autocast_bf16_cpu is true but this CPU has no bf16 matrix units (AMX or AVX512-BF16), where "
                   "torch emulates bf16 matmuls many times slower than fp32: running in fp32. Set "
-                  "train.autocast_bf16_cpu: false to silence this.", stacklevel=2)
-    return False
+                  "train.autocast_bf16_cpu: false to silence this.", stacklevel=3)
 
 
 def autocast(device: torch.device, train: TrainConfig):
