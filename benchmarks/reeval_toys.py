@@ -113,12 +113,13 @@ def with_baseline(record: dict, baseline: dict, a: str, b: str) -> dict:
     if a not in baseline or not same or baseline["pgd_scope"][0] != record["pgd_scope"][0]:
         raise SystemExit(f"the baseline record of seed {record['seed']} is not {a} on {record['batches']} batches of "
                          f"{record['rows']} rows with {record['pgd_scope'][0]} PGD sources; rerun it or match them.")
-    if baseline.get("bf16", [None])[0] != record["bf16"][0]:
-        arithmetic = {True: "bf16", False: "fp32", None: "unrecorded"}[baseline.get("bf16", [None])[0]]
+    bf16 = baseline.get("bf16", [None])[0]  # None: recorded before records named their arithmetic
+    if bf16 != record["bf16"][0]:
+        arithmetic = {True: "bf16", False: "fp32", None: "unrecorded"}[bf16]
         print(f"note: seed {record['seed']}'s baseline was evaluated in {arithmetic} arithmetic, this run in "
               f"{'bf16' if record['bf16'][0] else 'fp32'} (train.autocast_bf16_cpu and this CPU's bf16 units)")
     record = {**record, a: baseline[a], "pgd_scope": [baseline["pgd_scope"][0], *record["pgd_scope"]],
-              "bf16": [baseline.get("bf16", [None])[0], *record["bf16"]], "paired": False}
+              "bf16": [bf16, *record["bf16"]], "paired": False}
     for m in METRICS:
         (ma, sa), (mb, sb) = baseline[a][m], record[b][m]
         record[f"{m}_difference"] = [mb - ma, math.hypot(sa, sb)]
