@@ -7,8 +7,10 @@ rate, the adversarial (PGD) reconstruction, CI-L0 and time per step; several con
     python benchmarks/bench_toys.py tms_5-2 vpd_tms_5-2 --seeds 10 --workers 2
     python benchmarks/bench_toys.py --report runs/a/tms_40-10.jsonl runs/b/vpd_tms_40-10.jsonl
 
-Each seed trains its own target (toy seed = seed, so every config of one seed sees the same target) and decomposes
-it with that seed; workers run seeds in parallel, one torch thread each. Results go to one JSON-lines file per config
+Each seed trains its own target (toy seed = seed, so every config of one seed sees the same target), keeps it in
+`<out>/<config>-s<seed>/target` (a rerun or `--resume` reloads it, so a run continued on a machine whose BLAS would
+train other bits decomposes the same weights) and decomposes it with that seed; workers run seeds in parallel, one
+torch thread each. Results go to one JSON-lines file per config
 and a table on stdout; with several configs, a last table sets them side by side per seed, and with two it says on
 which seeds the second has the lower PGD-probe reconstruction at no higher CI-L0 (VPD against SPD), as each run's
 final evaluation (one batch) measured them; `reeval_toys.py` compares the saved decompositions on many shared batches.
@@ -47,22 +49,39 @@ def stopped() -> bool:
     return _stop is not None and _stop.is_set()
 
 
+def seed_target(toy: str, seed: int, steps: int | None, device: str, saved: Path) -> torch.nn.Module:
+    """The seed's target, reloaded from `saved` where an earlier run of this seed left it, else trained and saved
+    there: a run resumed on another machine, whose BLAS trains other bits, decomposes the very same weights."""
+    from decomp_hooks import store
+    from decomp_hooks.toy import load_toy, make_toy, save_toy
+
+    if (saved / "toy.json").is_file():
+        meta = store.read_json(saved / "toy.json")
+        if (meta.get("preset"), meta.get("seed"), meta.get("steps")) != (toy, seed, steps):
+            raise SystemExit(f"{saved} holds the target {meta.get('preset')} (seed {meta.get('seed')}, steps "
+                             f"{meta.get('steps')}), not {toy} (seed {seed}, steps {steps}); pass another --out.")
+        return load_toy(saved, device)
+    model, _ = make_toy(toy, seed=seed, steps=steps, device=device, progress=False)
+    save_toy(model, saved, preset=toy, seed=seed, steps=steps)
+    return model
+
+
 def run_seed(config: str, seed: int, steps: int | None, device: str, out_root: str, threads: int, fp32: bool,
              resume: bool = False) -> dict | None:
     if stopped():  # neither train this seed's target nor decompose it
         return None
     torch.set_num_threads(threads)
     import decomp_hooks as dh
-    from decomp_hooks.toy import make_toy, toy_sampler
+    from decomp_hooks.toy import toy_sampler
     from decomp_hooks.toy.evaluate import passes, toy_metrics, toy_plots
 
     cfg = dh.load_config(config)
     if fp32:
         cfg.train.autocast_bf16, cfg.train.tf32 = False, False
-    start = time.perf_counter()
-    model, _ = make_toy(cfg.target.toy, seed=seed, steps=cfg.target.steps, device=device, progress=False)
-    target_s = time.perf_counter() - start
     out = Path(out_root) / f"{Path(config).stem}-s{seed}"
+    start = time.perf_counter()
+    model = seed_target(cfg.target.toy, seed, cfg.target.steps, device, out / "target")
+    target_s = time.perf_counter() - start
     if stopped():  # while the target trained
         return None
     dec = dh.decompose(model, toy_sampler(model, device), config=cfg, steps=steps, seed=seed, device=device,

@@ -4,8 +4,9 @@ PGD starts for both configs).
 
 A run's own final evaluation reads one batch (2,048 or 4,096 rows), and its CI-L0 moves from batch to batch by about
 as much as VPD and SPD differ on some seeds. This loads each seed's saved decomposition from `bench_toys.py --out`
-directories (`<root>/<config>-s<seed>/decomposition`, the first root that has it), retrains that seed's target (the
-load refuses it if its weights differ from the ones decomposed) and evaluates `--batches` batches.
+directories (`<root>/<config>-s<seed>/decomposition`, the first root that has it) onto that seed's target (the one
+saved beside the first config's run, else retrained; the load refuses it if its weights differ from the ones
+decomposed) and evaluates `--batches` batches.
 
 Batches and PGD starts depend only on the seed and the batch index, so a baseline evaluated once can stand in for its
 decomposition later: `--baseline-record` takes the first config's figures from an earlier `--out` file (same batches,
@@ -68,7 +69,7 @@ def reevaluate(configs: list[str], seed: int, roots: list[Path], batches: int, p
                baseline: dict | None = None) -> dict:
     """One seed: both configs' decompositions on its retrained target, `batches` shared batches each; `pgd_scope`
     overrides the configs' PGD-probe scope. With a `baseline` record the first config is read from it, not evaluated."""
-    from decomp_hooks.toy import make_toy, toy_sampler
+    from decomp_hooks.toy import load_toy, make_toy, toy_sampler
     from decomp_hooks.train.runtime import uses_autocast
 
     cfgs = [dh.load_config(c) for c in configs]
@@ -77,9 +78,14 @@ def reevaluate(configs: list[str], seed: int, roots: list[Path], batches: int, p
         raise SystemExit(f"{configs[0]} and {configs[1]} decompose different targets {sorted(targets)}; pair configs "
                          "of the same toy.")
     (toy, steps), = targets
-    model, _ = make_toy(toy, seed=seed, steps=steps, progress=False)
     evaluated = configs[1:] if baseline is not None else configs
-    decs = [dh.load(find_run(Path(c).stem, seed, roots), model=copy.deepcopy(model)) for c in evaluated]
+    runs = [find_run(Path(c).stem, seed, roots) for c in evaluated]
+    saved = runs[0].parent / "target"  # bench_toys.py keeps each seed's target beside its run
+    if (saved / "toy.json").is_file():
+        model = load_toy(saved)
+    else:
+        model, _ = make_toy(toy, seed=seed, steps=steps, progress=False)
+    decs = [dh.load(run, model=copy.deepcopy(model)) for run in runs]
     if pgd_scope:
         for dec in decs:
             dec.method.cfg.train.eval_pgd_scope = pgd_scope

@@ -42,7 +42,7 @@ def run_toy(cfg: DecomposeConfig, out: Path, steps: int | None, device: str | No
         else:
             click.echo(f"training target {cfg.target.toy} (seed {cfg.target.seed}) ...")
             model, _ = make_toy(cfg.target.toy, seed=cfg.target.seed, steps=cfg.target.steps, progress=progress)
-            trained = {"preset": cfg.target.toy, "seed": cfg.target.seed}
+            trained = {"preset": cfg.target.toy, "seed": cfg.target.seed, "steps": cfg.target.steps}
         if not saved.exists():
             save_toy(model, saved, **trained)
     distributed.barrier()

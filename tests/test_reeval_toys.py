@@ -1,17 +1,20 @@
 """benchmarks/reeval_toys.py: saved toy decompositions re-evaluated on shared batches, on their own targets only."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import decomp_hooks as dh
-from decomp_hooks.toy import toy_sampler
+from decomp_hooks.toy import save_toy, toy_sampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_toys import seed_target  # noqa: E402
 from reeval_toys import find_run, read_baselines, reevaluate  # noqa: E402
 
 
@@ -68,3 +71,37 @@ def test_a_baseline_record_stands_in_for_its_decomposition(runs, tmp_path):
         reevaluate(["tms_5-2", "tms_5-2"], 0, [runs], batches=3, pgd_scope="shared_across_batch", baseline=baseline)
     with pytest.raises(SystemExit, match=r"no record of seed\(s\) \[1\]"):
         read_baselines(str(path), range(0, 2))
+
+
+def other_bits(model):
+    """The same toy with slightly other weights: what another machine's BLAS may train from the same seed."""
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.01)
+    return other
+
+
+def test_a_seeds_target_is_saved_once_and_reloaded(tms52, tmp_path):
+    saved = tmp_path / "tms_5-2-s0" / "target"
+    save_toy(other_bits(tms52), saved, preset="tms_5-2", seed=0)
+    reloaded = seed_target("tms_5-2", 0, None, "cpu", saved)  # not retrained: the saved bits
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(),
+                                                  other_bits(tms52).state_dict().values()))
+    with pytest.raises(SystemExit, match=r"holds the target tms_5-2 \(seed 0, steps None\), not tms_5-2 \(seed 1"):
+        seed_target("tms_5-2", 1, None, "cpu", saved)
+    fresh = seed_target("tms_5-2", 0, 30, "cpu", tmp_path / "short" / "target")
+    assert json.loads((tmp_path / "short" / "target" / "toy.json").read_text())["steps"] == 30
+    assert not all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), tms52.state_dict().values()))
+
+
+def test_the_target_saved_beside_a_run_is_the_one_evaluated(tms52, tmp_path):
+    """A run made on another machine is evaluated on its own saved target; a retrained one would be refused."""
+    target = other_bits(tms52)
+    cfg = dh.load_config("tms_5-2")
+    cfg.train.faithfulness_warmup_steps, cfg.train.compile = 0, False
+    dh.decompose(target, toy_sampler(target), config=cfg, steps=3, seed=0, out_dir=tmp_path / "tms_5-2-s0",
+                 progress=False)
+    save_toy(target, tmp_path / "tms_5-2-s0" / "target", preset="tms_5-2", seed=0)
+    record = reevaluate(["tms_5-2", "tms_5-2"], 0, [tmp_path], batches=2)
+    assert record["pgd_probe_difference"] == [0.0, 0.0] and record["tms_5-2"]["pgd_probe"][0] > 0

@@ -135,6 +135,26 @@ def test_resume_checks_the_checkpoints_own_config_too(tmp_path):
         dh.decompose(mlp(), sample, config=changed, out_dir=out, resume=True, progress=False)
 
 
+def test_resume_on_other_arithmetic_warns_and_goes_on(tmp_path, monkeypatch):
+    """A checkpoint records what it was computed in; resumed where the same config computes otherwise (a CPU
+    without bf16 units, a GPU), the run continues with a warning naming both, and a like-for-like resume is silent."""
+    import warnings
+
+    from decomp_hooks.train import loop
+
+    out = tmp_path / "run"
+    dh.decompose(mlp(), sample, config=CONFIG, steps=3, out_dir=out, progress=False)
+    state = json.loads(next((out / "checkpoints").glob("step-*/state.json")).read_text())
+    assert state["arithmetic"] == "cpu, fp32"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dh.decompose(mlp(), sample, config=CONFIG, steps=6, out_dir=out, resume=True, progress=False)
+    monkeypatch.setattr(loop, "arithmetic", lambda device, train: "cpu, bf16 autocast")
+    with pytest.warns(UserWarning, match=r"computed in cpu, fp32 and this process computes in cpu, bf16 autocast"):
+        dec = dh.decompose(mlp(), sample, config=CONFIG, steps=9, out_dir=out, resume=True, progress=False)
+    assert dec.final_metrics()["step"] == 9
+
+
 def test_files_and_folders_take_the_umask(tmp_path):
     import os
 

@@ -76,14 +76,17 @@ def make_toy(
     return model, toy_sampler(model, device)
 
 
-def save_toy(model: ToyModel, path: str | os.PathLike[str], preset: str | None = None, seed: int | None = None) -> None:
+def save_toy(model: ToyModel, path: str | os.PathLike[str], preset: str | None = None, seed: int | None = None,
+             steps: int | None = None) -> None:
     """Write `model.safetensors` + `toy.json` into directory `path`, atomically (built aside, then renamed in).
 
-    `preset` and `seed` say how the target was trained; without `preset` the first preset with the same shape is named
-    (presets that share a shape, like `tms_40-10` and `tms_40-10-apd`, differ only in their training recipe)."""
+    `preset`, `seed` and `steps` (None: the preset's own) say how the target was trained; without `preset` the first
+    preset with the same shape is named (presets that share a shape, like `tms_40-10` and `tms_40-10-apd`, differ only
+    in their training recipe)."""
     if preset is None:
         preset = next((name for name, (config, _) in TOYS.items() if config == model.config), None)
-    meta = {"kind": _kind_name(model.config), "preset": preset, "seed": seed, "config": asdict(model.config)}
+    meta = {"kind": _kind_name(model.config), "preset": preset, "seed": seed, "steps": steps,
+            "config": asdict(model.config)}
     with store.atomic_dir(path, overwrite=True) as tmp:
         store.write_tensors(tmp / "model.safetensors", model.state_dict())
         store.write_json(tmp / "toy.json", meta)

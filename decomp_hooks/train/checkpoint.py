@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,10 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 class Checkpoints:
     """The checkpoint directory of one run directory, as seen by one rank (rank 0 alone writes)."""
 
-    def __init__(self, out_dir: Path, cfg: DecomposeConfig, rank: int = 0, world_size: int = 1):
+    def __init__(self, out_dir: Path, cfg: DecomposeConfig, rank: int = 0, world_size: int = 1,
+                 arithmetic: str | None = None):
         self.out_dir, self.cfg, self.rank, self.world_size = out_dir, cfg, rank, world_size
+        self.arithmetic = arithmetic  # runtime.arithmetic of this process: recorded, and compared on resume
         self.root = out_dir / "checkpoints"
 
     def ensure_out_dir(self) -> None:
@@ -78,6 +81,15 @@ class Checkpoints:
             raise store.StoreError(f"cannot resume {str(self.out_dir)!r} with a changed config ({shown}; from "
                                    f"{where}). Only {', '.join(RESUMABLE)} may change on resume; use the run's "
                                    "config.yaml, or start a new out_dir.")
+
+    def check_arithmetic(self, saved: str | None, path: Path) -> None:
+        """Warn when the checkpoint was computed in other arithmetic than this process will use (another CPU or
+        device, same config): the run goes on, but no longer as an uninterrupted one would, bit for bit."""
+        if saved is not None and self.arithmetic is not None and saved != self.arithmetic:
+            warnings.warn(f"checkpoint {str(path)!r} was computed in {saved} and this process computes in "
+                          f"{self.arithmetic} (another CPU or device); the resumed run continues, but will not repeat "
+                          "an uninterrupted run bit for bit. Resume on the kind of machine that wrote it for that.",
+                          stacklevel=3)
 
     def rng_state(self) -> tuple[dict[str, torch.Tensor], Any]:
         """This process's RNG state, or with several ranks every rank's, under keys `rank<r>.rng.*`."""
@@ -139,7 +151,8 @@ class Checkpoints:
                 shutil.move(f, tmp / f.name)
             store.write_json(tmp / "state.json", {"step": step, "optimizer": opt_meta, "rng": rng_meta,
                                                   "world_size": self.world_size, "fingerprints": fingerprints,
-                                                  "data": data_state, "config": self.cfg.to_dict()})
+                                                  "data": data_state, "config": self.cfg.to_dict(),
+                                                  "arithmetic": self.arithmetic})
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         for old in sorted(self.root.glob("step-*"))[:-self.cfg.train.keep_checkpoints]:
@@ -165,6 +178,7 @@ class Checkpoints:
                                      "bit: same seed, device and thread count), or start a new out_dir.")
         store.require_finite({k: v for k, v in tensors.items() if k.startswith("model.")}, path / "state.safetensors")
         self.check_unchanged(meta.get("config"), str(path / "state.json"))
+        self.check_arithmetic(meta.get("arithmetic"), path)
         self.set_rng_state(tensors, meta["rng"], meta.get("world_size", 1))
         self.set_method_state(method, tensors, path)
         params = dict(cm.named_parameters())

@@ -26,8 +26,8 @@ from decomp_hooks.progress import duration, progress_bar
 from decomp_hooks.train.checkpoint import Checkpoints
 from decomp_hooks.train.held_out import HeldOut
 from decomp_hooks.train.preflight import preflight
-from decomp_hooks.train.runtime import (autocast, keep_freed_memory, peak_memory_mb, positions, restore_threads,
-                                        run_threads, set_seed, stop_on_signal, tf32)
+from decomp_hooks.train.runtime import (arithmetic, autocast, keep_freed_memory, peak_memory_mb, positions,
+                                        restore_threads, run_threads, set_seed, stop_on_signal, tf32)
 from decomp_hooks.train.schedule import lr_at
 
 
@@ -76,7 +76,8 @@ class Trainer:
         self.held_out = held_out
         self.out_dir, self.extra_eval, self.progress = out_dir, evaluate, progress
         self.rank, self.world_size = rank, world_size
-        self.checkpoints = Checkpoints(out_dir, cfg, rank, world_size) if out_dir is not None else None
+        self.checkpoints = (Checkpoints(out_dir, cfg, rank, world_size, arithmetic(device, cfg.train))
+                            if out_dir is not None else None)
         self.step_loss: nn.Module | None = None
         self.opt: torch.optim.Optimizer | None = None
         self.step = 0

@@ -62,6 +62,15 @@ def warn_no_bf16_units() -> None:
                   "train.autocast_bf16_cpu: false to silence this.", stacklevel=3)
 
 
+def arithmetic(device: torch.device, train: TrainConfig) -> str:
+    """What a run's steps compute in on this machine (device type, bf16 autocast or fp32, TF32), as checkpoints
+    record it: the same config computes differently on a CPU without bf16 units or on a GPU."""
+    parts = [device.type, "bf16 autocast" if uses_autocast(device, train) else "fp32"]
+    if device.type == "cuda" and train.tf32:
+        parts.append("TF32")
+    return ", ".join(parts)
+
+
 def autocast(device: torch.device, train: TrainConfig):
     """bf16 autocast (parameters stay fp32) where `uses_autocast`; else a no-op."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if uses_autocast(device, train) else nullcontext()
