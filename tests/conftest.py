@@ -1,8 +1,9 @@
-"""Shared fixtures: offline hub, one torch thread for tiny models, a quickly trained TMS 5-2 target, the GPT-2
-tokenizer."""
+"""Shared fixtures: offline hub, one torch thread for tiny models, subprocesses that end with their test, a quickly
+trained TMS 5-2 target, the GPT-2 tokenizer."""
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 import torch
@@ -29,6 +30,23 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def spawn():
+    """`subprocess.Popen` for a test: whatever is still running when the test ends (a failed assertion included) is
+    killed, so no run outlives its test and slows the next ones."""
+    procs: list[subprocess.Popen] = []
+
+    def start(*args, **kwargs) -> subprocess.Popen:
+        procs.append(subprocess.Popen(*args, **kwargs))
+        return procs[-1]
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="session")

@@ -186,7 +186,7 @@ def test_writes_never_follow_a_planted_link(tmp_path):
     assert victim.read_text() == "precious" and not (out / "metrics.jsonl").is_symlink()
 
 
-def test_sigterm_stops_the_cli_cleanly_with_the_resume_command(tmp_path):
+def test_sigterm_stops_the_cli_cleanly_with_the_resume_command(tmp_path, spawn):
     import signal
 
     from decomp_hooks.config import config_path
@@ -195,8 +195,8 @@ def test_sigterm_stops_the_cli_cleanly_with_the_resume_command(tmp_path):
     cfg.write_text(config_path("tms_5-2").read_text().replace("steps: 10000", "steps: 100000")
                    .replace("batch_size: 4096", "batch_size: 64").replace("checkpoint_every: 2500", "checkpoint_every: 20"))
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "decomp_hooks.cli", "decompose", str(cfg), "--out", str(out),
-                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = spawn([sys.executable, "-m", "decomp_hooks.cli", "decompose", str(cfg), "--out", str(out), "--no-progress"],
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     while not list((out / "checkpoints").glob("step-*")):  # glob of a missing folder is empty
         assert proc.poll() is None and time.time() < deadline, "the run never checkpointed"

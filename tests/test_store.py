@@ -5,7 +5,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -115,18 +114,18 @@ RUN = textwrap.dedent("""
 """)
 
 
-def run_script(tmp_path, *args):
+def run_script(spawn, tmp_path, *args):
     script = tmp_path / "run.py"
     script.write_text(RUN)
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    return subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env, cwd=os.getcwd())
+    return spawn([sys.executable, str(script), *map(str, args)], env=env, cwd=os.getcwd())
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_killed_run_resumes_bit_for_bit(tms52, tmp_path, sig):
+def test_killed_run_resumes_bit_for_bit(tms52, tmp_path, sig, spawn):
     save_toy(tms52, tmp_path / "target")
-    assert run_script(tmp_path, tmp_path / "target", tmp_path / "full", "fast", "new").wait(120) == 0
-    proc = run_script(tmp_path, tmp_path / "target", tmp_path / "cut", "slow", "new")
+    assert run_script(spawn, tmp_path, tmp_path / "target", tmp_path / "full", "fast", "new").wait(120) == 0
+    proc = run_script(spawn, tmp_path, tmp_path / "target", tmp_path / "cut", "slow", "new")
     deadline = time.time() + 120
     while not list((tmp_path / "cut" / "checkpoints").glob("step-*0001*")) and time.time() < deadline:
         time.sleep(0.05)
@@ -134,7 +133,7 @@ def test_killed_run_resumes_bit_for_bit(tms52, tmp_path, sig):
     proc.send_signal(sig)
     proc.wait(60)
     assert not (tmp_path / "cut" / "decomposition").exists()
-    assert run_script(tmp_path, tmp_path / "target", tmp_path / "cut", "fast", "resume").wait(120) == 0
+    assert run_script(spawn, tmp_path, tmp_path / "target", tmp_path / "cut", "fast", "resume").wait(120) == 0
     full = dh.load(tmp_path / "full" / "decomposition", model=tms52)
     cut = dh.load(tmp_path / "cut" / "decomposition", model=tms52)
     for name in full.site_names:
