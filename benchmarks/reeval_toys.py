@@ -67,8 +67,9 @@ def main() -> None:
 
 def reevaluate(configs: list[str], seed: int, roots: list[Path], batches: int, pgd_scope: str | None = None,
                baseline: dict | None = None) -> dict:
-    """One seed: both configs' decompositions on its retrained target, `batches` shared batches each; `pgd_scope`
-    overrides the configs' PGD-probe scope. With a `baseline` record the first config is read from it, not evaluated."""
+    """One seed: both configs' decompositions on its target (saved beside the run, else retrained), `batches` shared
+    batches each; `pgd_scope` overrides the configs' PGD-probe scope. With a `baseline` record the first config is
+    read from it, not evaluated."""
     from decomp_hooks.toy import load_toy, make_toy, toy_sampler
     from decomp_hooks.train.runtime import uses_autocast
 
