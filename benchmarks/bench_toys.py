@@ -14,8 +14,8 @@ torch thread each. Results go to one JSON-lines file per config and a table on s
 table sets them side by side per seed, and with two it says on which seeds the second has the lower PGD-probe
 reconstruction at no higher CI-L0 (VPD against SPD), as each run's final evaluation (one batch) measured them;
 `reeval_toys.py` compares the saved decompositions on many shared batches. `--report` prints the same tables from
-JSON-lines files already written (seeds gathered over several runs; a seed's last line counts). SIGTERM or Ctrl-C stops every running seed at a checkpoint and starts no further one; the same
-command with `--resume` continues them.
+JSON-lines files already written (seeds gathered over several runs; a seed's last line counts). SIGTERM or Ctrl-C
+stops every running seed at a checkpoint and starts no further one; the same command with `--resume` continues them.
 """
 from __future__ import annotations
 
